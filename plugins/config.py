@@ -1,0 +1,203 @@
+"""Model configuration: field names follow HF ``DeepseekV3Config`` (ARCHITECTURE.md, "Contracts").
+
+A YAML file under ``configs/`` holds the model in its ``model:`` section; other sections
+(training recipe, data) belong to the launcher. Every error is one line naming the file and key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot run; the message names the file and the key."""
+
+
+@dataclass
+class YarnScaling:
+    """YaRN context extension (report 4.3): factor s, original window, ramp betas and mscales."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 1.0
+
+
+@dataclass
+class ModelConfig:
+    """DeepSeek-V3 shape (report 4.2) plus the two loss weights the model applies itself."""
+
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    intermediate_size: int = 18432
+    moe_intermediate_size: int = 2048
+    num_hidden_layers: int = 61
+    num_attention_heads: int = 128
+    q_lora_rank: int | None = 1536
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 8
+    n_group: int = 8
+    topk_group: int = 4
+    routed_scaling_factor: float = 2.5
+    norm_topk_prob: bool = True
+    first_k_dense_replace: int = 3
+    num_nextn_predict_layers: int = 1
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    rope_scaling: YarnScaling | None = None
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.006
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 0
+    eos_token_id: int | None = 1
+    pad_token_id: int | None = None
+    aux_loss_alpha: float = 1e-4
+    mtp_loss_weight: float = 0.3
+    source: str = field(default="<dict>", repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    # ----------------------------------------------------------------- derived
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def experts_per_group(self) -> int:
+        return self.n_routed_experts // self.n_group
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Layers from ``first_k_dense_replace`` on (MTP blocks included) use DeepSeekMoE."""
+        return layer_idx >= self.first_k_dense_replace
+
+    # -------------------------------------------------------------- validation
+    def _fail(self, key: str, message: str) -> None:
+        raise ConfigError(f"{self.source}: model.{key}: {message}")
+
+    def _validate(self) -> None:
+        positive = [
+            "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+            "num_hidden_layers", "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim",
+            "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "num_experts_per_tok",
+            "n_group", "topk_group", "max_position_embeddings",
+        ]
+        for key in positive:
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                self._fail(key, f"expected a positive integer, got {value!r}")
+        for key in ["n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers"]:
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                self._fail(key, f"expected a non-negative integer, got {value!r}")
+        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
+            self._fail("q_lora_rank", f"expected a positive integer or null, got {self.q_lora_rank!r}")
+        for key in ["routed_scaling_factor", "rope_theta", "rms_norm_eps", "initializer_range"]:
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                self._fail(key, f"expected a positive number, got {value!r}")
+        for key in ["aux_loss_alpha", "mtp_loss_weight"]:
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                self._fail(key, f"expected a non-negative number, got {value!r}")
+        if self.qk_rope_head_dim % 2:
+            self._fail("qk_rope_head_dim", f"must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}")
+        if self.n_routed_experts % self.n_group:
+            self._fail("n_group", f"{self.n_group} groups do not divide n_routed_experts={self.n_routed_experts}")
+        if self.experts_per_group < 2:
+            self._fail("n_group", f"each group needs >= 2 experts (group score sums the top-2), got {self.experts_per_group}")
+        if self.topk_group > self.n_group:
+            self._fail("topk_group", f"{self.topk_group} kept groups exceed n_group={self.n_group}")
+        if self.num_experts_per_tok > self.topk_group * self.experts_per_group:
+            self._fail(
+                "num_experts_per_tok",
+                f"{self.num_experts_per_tok} experts cannot be chosen from {self.topk_group} groups "
+                f"of {self.experts_per_group}",
+            )
+        if self.first_k_dense_replace > self.num_hidden_layers:
+            self._fail("first_k_dense_replace", f"exceeds num_hidden_layers={self.num_hidden_layers}")
+        for key in ["bos_token_id", "eos_token_id", "pad_token_id"]:
+            value = getattr(self, key)
+            if value is not None and not (isinstance(value, int) and 0 <= value < self.vocab_size):
+                self._fail(key, f"expected a token id in [0, {self.vocab_size}) or null, got {value!r}")
+        if self.rope_scaling is not None:
+            s = self.rope_scaling
+            if not s.factor >= 1:
+                self._fail("rope_scaling.factor", f"expected >= 1, got {s.factor}")
+            if s.original_max_position_embeddings <= 0:
+                self._fail("rope_scaling.original_max_position_embeddings", "expected a positive integer")
+            if not s.beta_fast > s.beta_slow > 0:
+                self._fail("rope_scaling.beta_fast", f"expected beta_fast > beta_slow > 0, got {s.beta_fast}, {s.beta_slow}")
+
+    # ------------------------------------------------------------------- input
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "<dict>") -> ModelConfig:
+        """Build from a mapping, rejecting unknown keys and wrong types with a one-line error."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: model: expected a mapping, got {type(raw).__name__}")
+        known = {f.name: f for f in fields(cls) if f.name != "source"}
+        values: dict[str, Any] = {}
+        for key, value in raw.items():
+            if key not in known:
+                raise ConfigError(f"{source}: model.{key}: unknown key (known: {', '.join(sorted(known))})")
+            if key == "rope_scaling" and value is not None:
+                value = _parse_yarn(value, source)
+            elif isinstance(value, int) and not isinstance(value, bool) and known[key].type in ("float", "float | None"):
+                value = float(value)
+            values[key] = value
+        return cls(**values, source=source)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> ModelConfig:
+        """Read the ``model:`` section of a YAML config file."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such config file")
+        try:
+            document = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}:{where} invalid YAML ({getattr(error, 'problem', error)})") from None
+        if not isinstance(document, dict) or "model" not in document:
+            raise ConfigError(f"{path}: expected a top-level 'model:' section")
+        return cls.from_dict(document["model"], source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.pop("source")
+        return out
+
+
+def _parse_yarn(raw: Any, source: str) -> YarnScaling:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: model.rope_scaling: expected a mapping or null")
+    raw = dict(raw)
+    kind = raw.pop("type", raw.pop("rope_type", "yarn"))
+    if kind != "yarn":
+        raise ConfigError(f"{source}: model.rope_scaling.type: only 'yarn' is supported, got {kind!r}")
+    known = {f.name for f in fields(YarnScaling)}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{source}: model.rope_scaling.{key}: unknown key (known: {', '.join(sorted(known))})")
+    for key in ("factor", "original_max_position_embeddings"):
+        if key not in raw:
+            raise ConfigError(f"{source}: model.rope_scaling.{key}: required for YaRN")
+    for key, value in raw.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            raise ConfigError(f"{source}: model.rope_scaling.{key}: expected a number, got {value!r}")
+    raw["original_max_position_embeddings"] = int(raw["original_max_position_embeddings"])
+    return YarnScaling(**raw)

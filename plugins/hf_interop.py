@@ -1,0 +1,274 @@
+"""Conversion to and from HF DeepseekV3 checkpoints (config.json + safetensors shards).
+
+Key layout is DeepSeek's published one: ``model.layers.{i}.*`` with per-expert
+``mlp.experts.{e}.{gate,up,down}_proj.weight`` and the router bias ``e_score_correction_bias``;
+MTP module d lives at layer index ``num_hidden_layers + d`` with ``enorm``, ``hnorm``,
+``eh_proj``, ``shared_head.norm`` and copies of the shared ``embed_tokens``/``shared_head.head``.
+Both directions stream one tensor (reading) or one shard (writing) at a time, so a host needs
+the model's memory plus a shard, never two copies of the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from .config import ConfigError, ModelConfig
+from .rope import RotaryEmbedding
+
+_CONFIG_FIELDS = [
+    "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+    "v_head_dim", "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "n_group", "topk_group",
+    "routed_scaling_factor", "norm_topk_prob", "first_k_dense_replace", "num_nextn_predict_layers",
+    "max_position_embeddings", "rms_norm_eps", "initializer_range", "tie_word_embeddings",
+    "bos_token_id", "eos_token_id", "pad_token_id", "aux_loss_alpha", "mtp_loss_weight",
+]
+_EXPERT_KEY = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+# ------------------------------------------------------------------ config
+def config_from_hf(raw: dict, source: str) -> ModelConfig:
+    """ModelConfig from a HF/DeepSeek config.json (``rope_scaling``+``rope_theta`` or ``rope_parameters``)."""
+    if raw.get("model_type", "deepseek_v3") != "deepseek_v3":
+        raise ConfigError(f"{source}: model_type: expected 'deepseek_v3', got {raw.get('model_type')!r}")
+    for key, expected in [("hidden_act", "silu"), ("scoring_func", "sigmoid"), ("topk_method", "noaux_tc")]:
+        if key in raw and raw[key] != expected:
+            raise ConfigError(f"{source}: {key}: expected {expected!r}, got {raw[key]!r}")
+    values = {k: raw[k] for k in _CONFIG_FIELDS if k in raw}
+    if "num_nextn_predict_layers" not in values and "num_mtp_layers" in raw:
+        values["num_nextn_predict_layers"] = raw["num_mtp_layers"]
+    rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+    values["rope_theta"] = float(rope.pop("rope_theta", raw.get("rope_theta", 10000.0)))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        values["rope_scaling"] = None
+    else:
+        keep = {"type", "rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"}
+        values["rope_scaling"] = {k: v for k, v in rope.items() if k in keep}
+    return ModelConfig.from_dict(values, source=source)
+
+
+def config_to_hf(config: ModelConfig, dtype: torch.dtype) -> dict:
+    """config.json contents that transformers' DeepseekV3Config and DeepSeek's own code both read."""
+    out = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3"}
+    out.update({k: getattr(config, k) for k in _CONFIG_FIELDS})
+    out.update(
+        num_key_value_heads=config.num_attention_heads,
+        hidden_act="silu",
+        attention_bias=False,
+        rope_interleave=True,
+        scoring_func="sigmoid",
+        topk_method="noaux_tc",
+        rope_theta=config.rope_theta,
+        rope_scaling=None,
+        torch_dtype=str(dtype).removeprefix("torch."),
+    )
+    if config.rope_scaling is not None:
+        out["rope_scaling"] = {"type": "yarn", **vars(config.rope_scaling)}
+    return out
+
+
+# -------------------------------------------------------------- key mapping
+def _hf_prefix(name: str, config: ModelConfig) -> str:
+    """Our parameter name -> HF name (experts still fused)."""
+    if name == "lm_head.weight":
+        return name
+    match = re.match(r"mtp\.(\d+)\.(.*)", name)
+    if match is None:
+        return "model." + name
+    layer = f"model.layers.{config.num_hidden_layers + int(match.group(1))}."
+    rest = match.group(2)
+    if rest.startswith("block."):
+        return layer + rest[len("block."):]
+    if rest == "norm.weight":
+        return layer + "shared_head.norm.weight"
+    return layer + rest
+
+
+def _our_name(hf_key: str, config: ModelConfig) -> str | None:
+    """HF name -> our parameter name (fused experts), or None for the MTP copies of shared tensors."""
+    if hf_key == "lm_head.weight":
+        return hf_key
+    match = re.match(r"model\.layers\.(\d+)\.(.*)", hf_key)
+    if match is None:
+        return hf_key.removeprefix("model.")
+    layer, rest = int(match.group(1)), match.group(2)
+    if layer < config.num_hidden_layers:
+        return hf_key.removeprefix("model.")
+    if rest in ("embed_tokens.weight", "shared_head.head.weight"):
+        return None
+    depth = layer - config.num_hidden_layers
+    if rest in ("enorm.weight", "hnorm.weight", "eh_proj.weight"):
+        return f"mtp.{depth}.{rest}"
+    if rest == "shared_head.norm.weight":
+        return f"mtp.{depth}.norm.weight"
+    return f"mtp.{depth}.block.{rest}"
+
+
+def iter_hf_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF key, tensor) pairs of the whole model, experts split per expert, MTP copies included."""
+    config = model.config
+    for name, tensor in model.state_dict().items():
+        key = _hf_prefix(name, config)
+        if key.endswith("mlp.experts.gate_up_proj"):
+            base, half = key[: -len(".gate_up_proj")], tensor.shape[1] // 2
+            for e in range(tensor.shape[0]):
+                yield f"{base}.{e}.gate_proj.weight", tensor[e, :half]
+                yield f"{base}.{e}.up_proj.weight", tensor[e, half:]
+        elif key.endswith("mlp.experts.down_proj"):
+            for e in range(tensor.shape[0]):
+                yield f"{key[: -len('.down_proj')]}.{e}.down_proj.weight", tensor[e]
+        else:
+            yield key, tensor
+    for depth in range(config.num_nextn_predict_layers):
+        layer = f"model.layers.{config.num_hidden_layers + depth}."
+        yield layer + "embed_tokens.weight", model.embed_tokens.weight.detach()
+        yield layer + "shared_head.head.weight", model.lm_head.weight.detach()
+
+
+# ------------------------------------------------------------------ loading
+def _checkpoint_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted({directory / f for f in json.loads(index.read_text())["weight_map"].values()})
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"{directory}: no *.safetensors files (expected a HF DeepseekV3 checkpoint directory)")
+    return files
+
+
+def load_hf_checkpoint(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """Build ``DeepSeekV3`` from a HF checkpoint dir. Weights are allocated once (uninitialised) and
+    filled tensor by tensor from the shards. A checkpoint without MTP layers gets fresh MTP modules."""
+    from .model import DeepSeekV3, init_weights
+
+    directory = Path(directory)
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise ConfigError(f"{directory}: no config.json (expected a HF DeepseekV3 checkpoint directory)")
+    config = config_from_hf(json.loads(config_path.read_text()), source=str(config_path))
+    with torch.device("meta"):
+        model = DeepSeekV3(config)
+        if dtype is not None:
+            model.to(dtype)
+            for moe in model.moe_layers():
+                moe.gate.e_score_correction_bias.data = moe.gate.e_score_correction_bias.float()
+    model.to_empty(device=device)
+    model.rotary = RotaryEmbedding(config).to(device)
+    loader = _ShardLoader(model.state_dict(), config)
+    for path in tqdm(_checkpoint_files(directory), desc="loading shards", unit="shard", disable=None):
+        with safe_open(str(path), framework="pt", device="cpu") as shard:
+            for key in shard.keys():
+                loader.load(key, shard, path)
+    missing = loader.missing()
+    mtp_missing = {k for k in missing if k.startswith("mtp.")}
+    if mtp_missing and mtp_missing == {k for k in loader.targets if k.startswith("mtp.")}:
+        warnings.warn(f"{directory}: checkpoint has no MTP layers; MTP modules are freshly initialised")
+        init_weights(model.mtp, config.initializer_range)
+        missing -= mtp_missing
+    if config.tie_word_embeddings:
+        missing.discard("lm_head.weight")
+    if missing:
+        raise ConfigError(f"{directory}: checkpoint lacks {len(missing)} tensors, e.g. {_hf_prefix(sorted(missing)[0], config)}")
+    return model
+
+
+class _ShardLoader:
+    """Copies checkpoint tensors into the model's state-dict tensors and tracks what was filled;
+    a fused expert tensor counts as filled once every expert's every part has arrived."""
+
+    def __init__(self, targets: dict[str, torch.Tensor], config: ModelConfig):
+        self.targets, self.config = targets, config
+        self.filled: set[str] = set()
+        self.expert_parts: dict[str, set[tuple[int, str]]] = {}
+
+    def missing(self) -> set[str]:
+        complete = {
+            name
+            for name, parts in self.expert_parts.items()
+            if len(parts) == self.targets[name].shape[0] * (1 if name.endswith("down_proj") else 2)
+        }
+        return set(self.targets) - self.filled - complete
+
+    def load(self, key: str, shard, path: Path) -> None:
+        expert = _EXPERT_KEY.match(key)
+        if expert:
+            base, e, proj = expert.group(1), int(expert.group(2)), expert.group(3)
+            name = _our_name(f"{base}.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}", self.config)
+            target = self.targets.get(name)
+            if target is None or e >= target.shape[0]:
+                raise ConfigError(f"{path}: {key}: no such expert in the config")
+            rows = target.shape[1] // 2
+            view = {"gate_proj": target[e, :rows], "up_proj": target[e, rows:], "down_proj": target[e]}[proj]
+            _copy(view, shard.get_tensor(key), key, path)
+            self.expert_parts.setdefault(name, set()).add((e, proj))
+            return
+        name = _our_name(key, self.config)
+        if name is None:
+            return
+        if name not in self.targets:
+            raise ConfigError(f"{path}: {key}: unexpected tensor for this config")
+        _copy(self.targets[name], shard.get_tensor(key), key, path)
+        self.filled.add(name)
+
+
+def _copy(target: torch.Tensor, source: torch.Tensor, key: str, path: Path) -> None:
+    if target.shape != source.shape:
+        raise ConfigError(f"{path}: {key}: shape {tuple(source.shape)} does not match the config's {tuple(target.shape)}")
+    with torch.no_grad():
+        target.copy_(source)
+
+
+# ------------------------------------------------------------------ saving
+def save_hf_checkpoint(model, directory: str | Path, max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Write ``directory`` (must not exist or be empty) via a temporary sibling renamed into place."""
+    directory = Path(directory)
+    if directory.exists() and any(directory.iterdir()):
+        raise FileExistsError(f"{directory}: exists and is not empty; choose a new directory")
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    dtype = model.embed_tokens.weight.dtype
+    shards: list[list[str]] = []
+    pending: dict[str, torch.Tensor] = {}
+    pending_bytes = 0
+    total_bytes = 0
+
+    def flush() -> None:
+        nonlocal pending, pending_bytes
+        save_file(pending, str(tmp / f"part-{len(shards):05d}.safetensors"), metadata={"format": "pt"})
+        shards.append(list(pending))
+        pending, pending_bytes = {}, 0
+
+    for key, tensor in tqdm(iter_hf_tensors(model), desc="writing HF checkpoint", unit="tensor", disable=None):
+        size = tensor.numel() * tensor.element_size()
+        if pending and pending_bytes + size > max_shard_bytes:
+            flush()
+        pending[key] = tensor.detach().to("cpu", copy=True).contiguous()
+        pending_bytes += size
+        total_bytes += size
+    if pending:
+        flush()
+    weight_map = {}
+    for i, keys in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        (tmp / f"part-{i:05d}.safetensors").rename(tmp / name)
+        weight_map.update({k: name for k in keys})
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (tmp / "config.json").write_text(json.dumps(config_to_hf(model.config, dtype), indent=2))
+    if directory.exists():
+        directory.rmdir()
+    tmp.rename(directory)
+    return directory

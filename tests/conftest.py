@@ -1,0 +1,55 @@
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from plugins.config import ModelConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def tiny_config() -> ModelConfig:
+    return ModelConfig.from_yaml(ROOT / "configs" / "tiny.yaml")
+
+
+def hf_reference_config(**overrides):
+    """A small random transformers DeepseekV3Config exercising YaRN (both mscales), groups,
+    several shared experts and q/kv compression; transformers is the oracle for the forward pass."""
+    from transformers import DeepseekV3Config
+
+    kwargs = dict(
+        vocab_size=160, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=4, n_shared_experts=2, n_routed_experts=8, n_group=4,
+        topk_group=2, num_experts_per_tok=3, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24,
+        qk_rope_head_dim=8, v_head_dim=12, qk_nope_head_dim=16, max_position_embeddings=256,
+        rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                      "beta_fast": 32, "beta_slow": 1, "mscale": 0.8, "mscale_all_dim": 0.7},
+        rope_theta=10000.0, rope_interleave=True, norm_topk_prob=True, tie_word_embeddings=False,
+        initializer_range=0.1, attn_implementation="eager",
+    )
+    kwargs.update(overrides)
+    return DeepseekV3Config(**kwargs)
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+    """(directory, transformers model): a saved random DeepseekV3ForCausalLM with perturbed norms
+    and a non-zero router bias."""
+    from transformers import DeepseekV3ForCausalLM
+
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(hf_reference_config()).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(torch.randn_like(buffer) * 0.1)
+    directory = tmp_path_factory.mktemp("hf") / "checkpoint"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(directory)
+    return directory, model

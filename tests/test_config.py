@@ -1,0 +1,114 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from plugins.config import ConfigError, ModelConfig
+from plugins.model import DeepSeekV3
+from plugins.param_count import count_parameters
+
+from .conftest import ROOT
+
+
+@pytest.mark.parametrize("name", ["tiny", "deepseek_v3_671b", "ablation_16b"])
+def test_shipped_configs_load(name):
+    config = ModelConfig.from_yaml(ROOT / "configs" / f"{name}.yaml")
+    assert config.n_routed_experts % config.n_group == 0
+
+
+def test_671b_config_reproduces_the_report():
+    config = ModelConfig.from_yaml(ROOT / "configs" / "deepseek_v3_671b.yaml")
+    assert (config.num_hidden_layers, config.hidden_size, config.vocab_size) == (61, 7168, 129280)
+    assert (config.num_attention_heads, config.q_lora_rank, config.kv_lora_rank) == (128, 1536, 512)
+    assert (config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim) == (128, 64, 128)
+    assert (config.n_shared_experts, config.n_routed_experts, config.num_experts_per_tok) == (1, 256, 8)
+    assert (config.n_group, config.topk_group, config.routed_scaling_factor) == (8, 4, 2.5)
+    assert (config.first_k_dense_replace, config.intermediate_size, config.moe_intermediate_size) == (3, 18432, 2048)
+    assert (config.initializer_range, config.aux_loss_alpha, config.num_nextn_predict_layers) == (0.006, 1e-4, 1)
+
+
+def test_count_cli_gives_671b_total_and_37b_activated():
+    result = subprocess.run(
+        [sys.executable, "-m", "plugins.model", "count", str(ROOT / "configs" / "deepseek_v3_671b.yaml")],
+        capture_output=True, text=True, cwd=ROOT, check=True,
+    )
+    counts = json.loads(result.stdout)
+    assert round(counts["total"] / 1e9, 1) == 671.0
+    assert 37.0 <= counts["activated"] / 1e9 <= 37.6
+    # The MTP module adds ~11.6B of its own; with the copies of the embedding and head that
+    # DeepSeek's published weights store beside it, ~13.5B (the report rounds to 14B).
+    assert 11.0 <= counts["mtp"] / 1e9 <= 12.0
+
+
+def test_ablation_config_is_15_7b():
+    counts = count_parameters(ModelConfig.from_yaml(ROOT / "configs" / "ablation_16b.yaml"))
+    assert round(counts["total"] / 1e9, 1) == 15.7
+
+
+def test_count_matches_an_allocated_model(tiny_config):
+    model = DeepSeekV3(tiny_config)
+    counts = count_parameters(tiny_config)
+    assert counts["total"] + counts["mtp"] == sum(p.numel() for p in model.parameters())
+    assert counts["mtp"] == sum(p.numel() for p in model.mtp.parameters())
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def _error(tmp_path, model_yaml: str) -> str:
+    base = (ROOT / "configs" / "tiny.yaml").read_text()
+    with pytest.raises(ConfigError) as info:
+        ModelConfig.from_yaml(_write(tmp_path, base + model_yaml))
+    message = str(info.value)
+    assert "\n" not in message and str(tmp_path / "c.yaml") in message
+    return message
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("  hidden_sise: 12\n", "model.hidden_sise: unknown key"),
+        ("  n_group: 3\n", "model.n_group"),
+        ("  topk_group: 5\n", "model.topk_group"),
+        ("  num_experts_per_tok: 9\n", "model.num_experts_per_tok"),
+        ("  num_attention_heads: 0\n", "model.num_attention_heads"),
+        ("  hidden_size: 12.5\n", "model.hidden_size"),
+        ("  qk_rope_head_dim: 15\n", "model.qk_rope_head_dim"),
+        ("  first_k_dense_replace: 9\n", "model.first_k_dense_replace"),
+        ("  rope_scaling: {type: linear, factor: 2}\n", "model.rope_scaling.type"),
+        ("  rope_scaling: {factor: 2}\n", "model.rope_scaling.original_max_position_embeddings"),
+    ],
+)
+def test_bad_fields_are_one_line_errors_naming_the_key(tmp_path, override, key):
+    # YAML keeps the last value of a repeated key, so appending overrides the field.
+    assert key in _error(tmp_path, override)
+
+
+def test_missing_file_bad_yaml_and_missing_section(tmp_path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        ModelConfig.from_yaml(tmp_path / "absent.yaml")
+    with pytest.raises(ConfigError, match="line [0-9]+ invalid YAML"):
+        ModelConfig.from_yaml(_write(tmp_path, "model:\n  a: [1\n"))
+    with pytest.raises(ConfigError, match="'model:' section"):
+        ModelConfig.from_yaml(_write(tmp_path, "train: {}\n"))
+
+
+def test_count_cli_reports_bad_config_in_one_line(tmp_path):
+    path = _write(tmp_path, "model:\n  n_group: 5\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "plugins.model", "count", str(path)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "model.n_group" in result.stderr
+
+
+def test_init_std_follows_config(tiny_config):
+    torch.manual_seed(0)
+    model = DeepSeekV3(tiny_config)
+    std = model.layers[1].mlp.experts.gate_up_proj.std().item()
+    assert abs(std - tiny_config.initializer_range) < 0.1 * tiny_config.initializer_range
