@@ -11,30 +11,13 @@ import json
 import resource
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def build_corpus(path: Path, megabytes: int) -> int:
-    """JSONL of the Python standard library's code and documentation text, up to ``megabytes``."""
-    from pydoc_data.topics import topics
-
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    documents = [text for _, text in sorted(topics.items())]
-    documents += [f.read_text(encoding="utf-8", errors="replace") for f in sorted(stdlib.rglob("*.py"))]
-    budget, written = megabytes << 20, 0
-    with path.open("w", encoding="utf-8") as handle:
-        while written < budget:  # repeat the library if it is smaller than asked
-            for text in documents:
-                handle.write(json.dumps({"text": text}) + "\n")
-                written += len(text.encode("utf-8"))
-                if written >= budget:
-                    break
-    return written
+from corpus import build_corpus  # benchmarks/ is the script directory, first on sys.path
 
 
 def child(mode: str, corpus: Path, vocab_size: int, output: Path) -> None:

@@ -53,3 +53,16 @@ def hf_checkpoint(tmp_path_factory):
         warnings.simplefilter("ignore")
         model.save_pretrained(directory)
     return directory, model
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """A byte-level BPE (vocab 1024) trained once on standard-library code and documentation."""
+    from tokenizer.train import main
+
+    from .corpus import code_documents, prose_documents, write_jsonl
+
+    directory = tmp_path_factory.mktemp("tokenizer")
+    corpus = write_jsonl(directory / "corpus.jsonl", code_documents(limit=60) + prose_documents())
+    assert main(["--input", str(corpus), "--vocab-size", "1024", "--output", str(directory / "tok")]) == 0
+    return directory / "tok"

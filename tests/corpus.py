@@ -25,3 +25,8 @@ def write_jsonl(path: Path, documents: list[str], field: str = "text") -> Path:
         for document in documents:
             handle.write(json.dumps({field: document}) + "\n")
     return path
+
+
+def paragraph_documents() -> list[str]:
+    """Thousands of short real documents: the paragraphs of Python's documentation topics."""
+    return [p for text in prose_documents() for p in text.split("\n\n") if p.strip()]

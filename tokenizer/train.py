@@ -11,7 +11,6 @@ built under a temporary name and renamed into place when complete.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -27,6 +26,7 @@ from data_pipeline.sources import SourceError, SourceStats, iter_texts
 
 from .bpe_hf import BYTE_ALPHABET, train_byte_level_bpe
 from .bpe_spm import train_sentencepiece_bpe
+from .load import fingerprint
 from .special_tokens import SpecialTokens
 from .split_table import build_split_table
 
@@ -35,11 +35,6 @@ HELDOUT_EVERY = 50  # every 50th document goes to the held-out slice until it is
 
 class TrainError(ValueError):
     """A request that cannot be trained; one line naming the option."""
-
-
-def fingerprint(tokenizer_json: Path) -> str:
-    """Identity of a tokenizer: sha256 of its tokenizer.json (datasets record it in their manifest)."""
-    return hashlib.sha256(tokenizer_json.read_bytes()).hexdigest()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

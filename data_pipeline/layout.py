@@ -1,0 +1,16 @@
+"""On-disk layout of a packed dataset directory, shared by the writer and the reader."""
+
+import numpy as np
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PIECES = "pieces.npy"  # rows: sequence, start, length, document, offset in the document
+
+
+def shard_name(index: int) -> str:
+    return f"tokens-{index:05d}.npy"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The most compact unsigned dtype holding every token id."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
