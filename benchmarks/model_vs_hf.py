@@ -7,7 +7,6 @@ same config and the same weights (exported with ``to_hf``). Prints a table, writ
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import tempfile
@@ -18,18 +17,22 @@ from pathlib import Path
 import torch
 import yaml
 
+from common import write_result  # benchmarks/ is the script directory, first on sys.path
 from plugins.config import ModelConfig
 from plugins.model import DeepSeekV3
 
 
-def _time_steps(step, warmup: int, steps: int) -> list[float]:
+def _time_interleaved(steps: dict, warmup: int, rounds: int) -> dict[str, list[float]]:
+    """Time each step function once per round, in turn, so machine drift hits all of them alike."""
     for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
     return times
 
 
@@ -39,7 +42,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a model field, e.g. --set n_routed_experts=64")
     parser.add_argument("--output", default="benchmarks/results/model_vs_hf.json")
@@ -85,8 +88,7 @@ def main() -> None:
     steps = {"ours (DeepSeekV3)": ours_step}
     steps.update({name: (lambda m=m: theirs_step(m)) for name, m in theirs.items()})
     rows = {}
-    for name, step in steps.items():
-        times = _time_steps(step, args.warmup, args.steps)
+    for name, times in _time_interleaved(steps, args.warmup, args.steps).items():
         rows[name] = {"median_s": statistics.median(times), "tokens_per_s": tokens / statistics.median(times)}
     base = rows["ours (DeepSeekV3)"]["tokens_per_s"]
     for row in rows.values():
@@ -102,12 +104,7 @@ def main() -> None:
         "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
         "max_logit_diff": diff, "results": rows,
     }
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out)
-    print(f"wrote {out}")
+    write_result(args.output, result)
 
 
 if __name__ == "__main__":

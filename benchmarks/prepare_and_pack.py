@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from corpus import build_corpus  # benchmarks/ is the script directory, first on sys.path
+from common import build_corpus, write_result  # benchmarks/ is the script directory, first on sys.path
 
 
 def main() -> None:
@@ -84,11 +84,7 @@ def main() -> None:
         r = result[f"pack_1m_{name}"]
         print(f"packing {args.lengths} lengths, {name}: {r['seconds']:.2f} s, {r['sequences']} sequences, "
               f"{r['truncated_documents']} truncated")
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".tmp").write_text(json.dumps(result, indent=2))
-    out.with_suffix(".tmp").replace(out)
-    print(f"wrote {out}")
+    write_result(args.output, result)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from corpus import build_corpus  # benchmarks/ is the script directory, first on sys.path
+from common import build_corpus, write_result  # benchmarks/ is the script directory, first on sys.path
 
 
 def child(mode: str, corpus: Path, vocab_size: int, output: Path) -> None:
@@ -99,11 +99,7 @@ def main() -> None:
     print(f"encode throughput       {result['encode_mb_per_s']:.1f} MB/s (encode_batch, all cores)")
     print(f"bytes/token             {result['heldout_bytes_per_token']:.3f} held-out, "
           f"{result['corpus_bytes_per_token']:.3f} training corpus")
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".tmp").write_text(json.dumps(result, indent=2))
-    out.with_suffix(".tmp").replace(out)
-    print(f"wrote {out}")
+    write_result(args.output, result)
 
 
 if __name__ == "__main__":

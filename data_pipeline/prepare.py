@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .layout import FORMAT_VERSION, MANIFEST, PIECES, shard_name, token_dtype
+from .output_dir import OutputDirError, check_output_dir, staged_directory
 from .packing import PACKERS, Packing
 from .sources import SourceError, SourceStats, iter_texts
 
@@ -66,10 +66,7 @@ def _check(args: argparse.Namespace) -> None:
             raise PrepareError(f"--{name.replace('_', '-')} {value}: must be in [0, 1]")
     if args.workers is not None and args.workers < 1:
         raise PrepareError(f"--workers {args.workers}: must be at least 1")
-    if args.output.exists() and not args.output.is_dir():
-        raise PrepareError(f"--output {args.output}: exists and is not a directory")
-    if args.output.is_dir() and any(args.output.iterdir()) and not args.overwrite:
-        raise PrepareError(f"--output {args.output}: exists and is not empty (pass --overwrite to replace it)")
+    check_output_dir(args.output, args.overwrite)
 
 
 def _write_sequences(tmp: Path, packing: Packing, documents: np.memmap, doc_start: np.ndarray,
@@ -110,18 +107,11 @@ def prepare(args: argparse.Namespace) -> dict:
     stats = SourceStats()
     texts = iter_texts(args.input, args.dataset, args.dataset_config, args.split, args.text_field,
                        skip_bad=args.skip_bad, stats=stats)
-    output: Path = args.output
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        return _prepare_into(tmp, output, args, bundle, dtype, encoder, stats, texts)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with staged_directory(args.output) as tmp:
+        return _prepare_into(tmp, args, bundle, dtype, encoder, stats, texts)
 
 
-def _prepare_into(tmp, output, args, bundle, dtype, encoder, stats, texts) -> dict:
+def _prepare_into(tmp, args, bundle, dtype, encoder, stats, texts) -> dict:
     start_time = time.perf_counter()
     lengths: list[int] = []
     fim_documents = split_tokens = 0
@@ -191,13 +181,6 @@ def _prepare_into(tmp, output, args, bundle, dtype, encoder, stats, texts) -> di
                     "total": round(time.perf_counter() - start_time, 3)},
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    if output.exists():  # swap: the old directory goes only once the new one is in place
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
-        output.rename(old)
-        tmp.rename(output)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(output)
     return manifest
 
 
@@ -215,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         manifest = prepare(args)
-    except (SourceError, PrepareError, TokenizerDirError) as error:
+    except (SourceError, PrepareError, TokenizerDirError, OutputDirError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     fill = manifest["tokens"] / max(1, manifest["sequences"] * manifest["seq_len"])

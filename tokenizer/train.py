@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -22,6 +20,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from data_pipeline.output_dir import OutputDirError, check_output_dir, staged_directory
 from data_pipeline.sources import SourceError, SourceStats, iter_texts
 
 from .bpe_hf import BYTE_ALPHABET, train_byte_level_bpe
@@ -66,10 +65,7 @@ def _check(args: argparse.Namespace, specials: SpecialTokens) -> None:
                          f"(the 256-byte alphabet plus {minimum - BYTE_ALPHABET} special tokens)")
     if args.max_bytes is not None and args.max_bytes <= 0:
         raise TrainError(f"--max-bytes {args.max_bytes}: must be positive")
-    if args.output.exists() and not args.output.is_dir():
-        raise TrainError(f"--output {args.output}: exists and is not a directory")
-    if args.output.is_dir() and any(args.output.iterdir()) and not args.overwrite:
-        raise TrainError(f"--output {args.output}: exists and is not empty (pass --overwrite to replace it)")
+    check_output_dir(args.output, args.overwrite)
 
 
 class CorpusSplitter:
@@ -137,10 +133,12 @@ def train(args: argparse.Namespace) -> dict:
         source = args.dataset or " ".join(args.input)
         raise TrainError(f"{source}: no non-empty text found in field {args.text_field!r}")
 
-    output: Path = args.output
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with staged_directory(args.output) as tmp:
+        return _write(tmp, args, tokenizer, spm_model, specials, corpus, stats, seconds)
+
+
+def _write(tmp: Path, args, tokenizer: Tokenizer, spm_model: bytes | None, specials: SpecialTokens,
+           corpus: CorpusSplitter, stats: SourceStats, seconds: float) -> dict:
     tokenizer.save(str(tmp / "tokenizer.json"))
     if spm_model is not None:
         (tmp / "tokenizer.model").write_bytes(spm_model)
@@ -163,13 +161,6 @@ def train(args: argparse.Namespace) -> dict:
         "fingerprint": fingerprint(tmp / "tokenizer.json"),
     }
     (tmp / "report.txt").write_text("".join(f"{k}: {v}\n" for k, v in report.items()))
-    if output.exists():  # swap: the old directory goes only once the new one is in place
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
-        output.rename(old)
-        tmp.rename(output)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(output)
     return report
 
 
@@ -177,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         report = train(args)
-    except (SourceError, TrainError, ValueError) as error:
+    except (SourceError, TrainError, OutputDirError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     width = max(map(len, report))

@@ -1,5 +1,5 @@
-"""A real corpus every machine has for benchmarks: the Python standard library's code and its
-documentation text, written as JSONL up to a requested size (repeating the library if needed)."""
+"""Shared by the benchmarks: a real corpus every machine has (the Python standard library's code
+and documentation text as JSONL, repeated up to the requested size) and the JSON result writer."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 
 def build_corpus(path: Path, megabytes: int) -> int:
+    """Write the corpus to ``path``; returns its text bytes."""
     from pydoc_data.topics import topics
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
@@ -23,3 +24,14 @@ def build_corpus(path: Path, megabytes: int) -> int:
                 if written >= budget:
                     break
     return written
+
+
+def write_result(path: str | Path, result: dict) -> Path:
+    """Write a benchmark's JSON under a temporary name, then rename it into place."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(out)
+    print(f"wrote {out}")
+    return out
