@@ -1,29 +1,13 @@
-"""Shared by the benchmarks: a real corpus every machine has (the Python standard library's code
-and documentation text as JSONL, repeated up to the requested size) and the JSON result writer."""
+"""Shared by the benchmarks: the real corpus every machine has and the JSON result writer."""
 
 from __future__ import annotations
 
 import json
-import sysconfig
 from pathlib import Path
 
+from data_pipeline.builtin_corpus import write_python_corpus as build_corpus
 
-def build_corpus(path: Path, megabytes: int) -> int:
-    """Write the corpus to ``path``; returns its text bytes."""
-    from pydoc_data.topics import topics
-
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    documents = [text for _, text in sorted(topics.items())]
-    documents += [f.read_text(encoding="utf-8", errors="replace") for f in sorted(stdlib.rglob("*.py"))]
-    budget, written = megabytes << 20, 0
-    with path.open("w", encoding="utf-8") as handle:
-        while written < budget:
-            for text in documents:
-                handle.write(json.dumps({"text": text}) + "\n")
-                written += len(text.encode("utf-8"))
-                if written >= budget:
-                    break
-    return written
+__all__ = ["build_corpus", "write_result"]
 
 
 def write_result(path: str | Path, result: dict) -> Path:

@@ -61,9 +61,12 @@ def _write(tmp_path, text):
 
 
 def _error(tmp_path, model_yaml: str) -> str:
-    base = (ROOT / "configs" / "tiny.yaml").read_text()
+    import yaml
+
+    document = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    document["model"].update(yaml.safe_load(model_yaml))
     with pytest.raises(ConfigError) as info:
-        ModelConfig.from_yaml(_write(tmp_path, base + model_yaml))
+        ModelConfig.from_yaml(_write(tmp_path, yaml.safe_dump(document)))
     message = str(info.value)
     assert "\n" not in message and str(tmp_path / "c.yaml") in message
     return message
@@ -72,20 +75,19 @@ def _error(tmp_path, model_yaml: str) -> str:
 @pytest.mark.parametrize(
     "override, key",
     [
-        ("  hidden_sise: 12\n", "model.hidden_sise: unknown key"),
-        ("  n_group: 3\n", "model.n_group"),
-        ("  topk_group: 5\n", "model.topk_group"),
-        ("  num_experts_per_tok: 9\n", "model.num_experts_per_tok"),
-        ("  num_attention_heads: 0\n", "model.num_attention_heads"),
-        ("  hidden_size: 12.5\n", "model.hidden_size"),
-        ("  qk_rope_head_dim: 15\n", "model.qk_rope_head_dim"),
-        ("  first_k_dense_replace: 9\n", "model.first_k_dense_replace"),
-        ("  rope_scaling: {type: linear, factor: 2}\n", "model.rope_scaling.type"),
-        ("  rope_scaling: {factor: 2}\n", "model.rope_scaling.original_max_position_embeddings"),
+        ("hidden_sise: 12", "model.hidden_sise: unknown key"),
+        ("n_group: 3", "model.n_group"),
+        ("topk_group: 5", "model.topk_group"),
+        ("num_experts_per_tok: 9", "model.num_experts_per_tok"),
+        ("num_attention_heads: 0", "model.num_attention_heads"),
+        ("hidden_size: 12.5", "model.hidden_size"),
+        ("qk_rope_head_dim: 15", "model.qk_rope_head_dim"),
+        ("first_k_dense_replace: 9", "model.first_k_dense_replace"),
+        ("rope_scaling: {type: linear, factor: 2}", "model.rope_scaling.type"),
+        ("rope_scaling: {factor: 2}", "model.rope_scaling.original_max_position_embeddings"),
     ],
 )
 def test_bad_fields_are_one_line_errors_naming_the_key(tmp_path, override, key):
-    # YAML keeps the last value of a repeated key, so appending overrides the field.
     assert key in _error(tmp_path, override)
 
 

@@ -1,0 +1,250 @@
+"""Pre-train a DeepSeek-V3-style model on DeepSpeed (ZeRO-1 data parallel) with the report's recipe.
+
+    deepspeed [--num_gpus N | --hostfile FILE] launch/pretrain.py --config configs/tiny.yaml \
+        [--run-dir DIR] [--steps N] [--save-interval N] [--resume] [--pp N] [--ep N] \
+        [--fp8 none|emulated|te|auto] [--set dotted.key=value ...]
+
+Each optimizer step: the global batch of the batch-size ramp is split into micro-batches
+(gradient accumulation), DeepSpeed reduces, clips (1.0) and applies AdamW; then every MoE
+block's router bias moves by +-gamma from the whole batch's expert loads (report 2.1.2), and
+rank 0 logs metrics.jsonl and W&B. Checkpoints (``--save-interval``) resume exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+from data_pipeline import DatasetError, PackedDataset, PackedSampler
+from plugins.balance import max_violation, update_router_bias
+from plugins.config import ConfigError
+from plugins.model import DeepSeekV3
+from tokenizer.load import TokenizerDirError
+
+from launch.checkpoint import Checkpointer
+from launch.data_setup import setup_data
+from launch.groups import ParallelGroups, build_groups, check_parallel_flags
+from launch.recipe import RunConfig, load_run_config
+from launch.schedules import batch_size, learning_rate, step_value
+
+
+class TrainingStopped(RuntimeError):
+    """A run that cannot go on (non-finite loss or gradient); the message says where to resume."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="launch/pretrain.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML with model:, data: and train: sections")
+    parser.add_argument("--run-dir", type=Path, default=None, help="default: runs/<config name>")
+    parser.add_argument("--steps", type=int, default=None, help="stop after this optimizer step (default: total_tokens)")
+    parser.add_argument("--save-interval", type=int, default=None, help="checkpoint every N steps (and at the end)")
+    parser.add_argument("--resume", action="store_true", help="continue from the run dir's latest complete checkpoint")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages")
+    parser.add_argument("--ep", type=int, default=1, help="expert-parallel ranks")
+    parser.add_argument("--fp8", default="none", choices=["none", "emulated", "te", "auto"])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    parser.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only; none on norms (the router bias is a buffer, not a parameter)."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def deepspeed_config(run: RunConfig, groups: ParallelGroups, global_batch: int, on_gpu: bool) -> dict:
+    micro = run.train.micro_batch_size
+    return {
+        "train_batch_size": global_batch,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": global_batch // (micro * groups.dp),
+        "zero_optimization": {"stage": 1},
+        "gradient_clipping": run.train.grad_clip,
+        "bf16": {"enabled": on_gpu},
+        "steps_per_print": 2**62,
+        "zero_allow_untested_optimizer": True,
+    }
+
+
+def collate(dataset: PackedDataset, indices: list[int], device: torch.device) -> dict[str, torch.Tensor]:
+    samples = [dataset[i] for i in indices]
+    return {key: torch.stack([s[key] for s in samples]).to(device) for key in samples[0]}
+
+
+def _check_batch(run: RunConfig, groups: ParallelGroups, dataset: PackedDataset) -> int:
+    granularity = run.train.micro_batch_size * groups.dp
+    for name in ("start", "final"):
+        value = getattr(run.train.batch, name)
+        if value % granularity:
+            raise ConfigError(f"{run.source}: train.batch.{name}: {value} sequences is not a multiple of "
+                              f"micro_batch_size x data-parallel ranks = {run.train.micro_batch_size} x {groups.dp}")
+    if len(dataset) < granularity:
+        raise ConfigError(f"{run.data.dataset}: the dataset's {len(dataset)} sequences cannot fill one micro-batch per rank")
+    return granularity
+
+
+def _summary(values: torch.Tensor) -> str:
+    return ", ".join(f"{name}={value:.4g}" for name, value in zip(("loss", "lm", "mtp", "aux"), values.tolist()))
+
+
+def train(run: RunConfig, args: argparse.Namespace, on_gpu: bool) -> int:
+    import deepspeed
+
+    groups = build_groups(args.pp, args.ep)
+    rank0 = groups.rank == 0
+    run_dir = args.run_dir or Path("runs") / Path(args.config).stem
+    checkpointer = Checkpointer(run_dir, groups.rank)
+    if args.resume and checkpointer.latest_tag() is None:
+        raise ConfigError(f"{run_dir}: --resume given but there is no complete checkpoint to resume from")
+    if not args.resume and checkpointer.latest_tag() is not None:
+        raise ConfigError(f"{run_dir}: already holds checkpoints; pass --resume to continue it or pick another --run-dir")
+    if args.save_interval is not None:
+        run.train.save_interval = args.save_interval
+    bundle, dataset = setup_data(run, groups.rank)
+    granularity = _check_batch(run, groups, dataset)
+    device = torch.device("cuda", args.local_rank) if on_gpu else torch.device("cpu")
+    if rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml.tmp").write_text(yaml.safe_dump(run.to_dict(), sort_keys=False))
+        (run_dir / "config.yaml.tmp").replace(run_dir / "config.yaml")
+
+    torch.manual_seed(run.train.seed)
+    model = DeepSeekV3(run.model)
+    t = run.train
+    optimizer = torch.optim.AdamW(parameter_groups(model, t.weight_decay), lr=learning_rate(t.lr, 0, 0),
+                                  betas=t.betas, eps=t.eps)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(run, groups, batch_size(t.batch, 0, granularity), on_gpu)
+    )
+    moe_layers = model.moe_layers()
+    for moe in moe_layers:  # bf16 engines cast buffers too; the bias stays float32 (report 3.3.1)
+        moe.gate.e_score_correction_bias.data = moe.gate.e_score_correction_bias.data.float()
+
+    sampler = PackedSampler(len(dataset), rank=groups.dp_rank, world_size=groups.dp, seed=t.seed)
+    step, tokens = 0, 0
+    if args.resume:
+        tag, client = checkpointer.load(engine)
+        step, tokens = client["step"], client["tokens"]
+        sampler.load_state_dict(client["sampler"])
+        if rank0:
+            print(f"resumed {run_dir} from {tag} (step {step}, {tokens} tokens)", flush=True)
+    last_good = checkpointer.latest_tag()
+    logger = None
+    if rank0:
+        from launch.metrics import MetricsLogger
+
+        logger = MetricsLogger(run_dir, run.to_dict(), t.wandb_mode, t.wandb_project, t.heatmap_interval,
+                               resume_step=step if args.resume else None)
+    stream = iter(sampler)
+    seq_len = run.data.seq_len
+    n_experts = run.model.n_routed_experts
+    try:
+        while (args.steps is None or step < args.steps) and tokens < t.total_tokens:
+            started = time.perf_counter()
+            global_batch = batch_size(t.batch, tokens, granularity)
+            if global_batch != engine.train_batch_size():
+                engine.set_train_batch_size(global_batch)
+            lr = learning_rate(t.lr, step, tokens)
+            for group in engine.optimizer.param_groups:
+                group["lr"] = lr
+            gamma, lam = step_value(t.bias_update_speed, tokens), step_value(t.mtp_weight, tokens)
+
+            losses = torch.zeros(4, dtype=torch.float64, device=device)
+            loads = torch.zeros(len(moe_layers), n_experts, device=device)
+            for _ in range(engine.gradient_accumulation_steps()):
+                batch = collate(dataset, [next(stream) for _ in range(t.micro_batch_size)], device)
+                out = engine(batch["input_ids"], labels=batch["labels"], document_ids=batch["document_ids"],
+                             mtp_weight=lam)
+                parts = torch.stack([out.loss, out.lm_loss, out.mtp_loss, out.aux_loss]).detach().double()
+                bad = (~torch.isfinite(parts)).any().double()
+                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+                if bad.item():
+                    raise TrainingStopped(
+                        f"step {step + 1}: non-finite loss on some rank ({_summary(parts)} here); MaxVio per MoE "
+                        f"block at the last step: {np.round(max_violation(loads).tolist(), 3).tolist()}; "
+                        f"last good checkpoint: {checkpointer.directory / last_good if last_good else 'none'}"
+                    )
+                engine.backward(out.loss)
+                engine.step()
+                losses += parts
+                if out.expert_loads is not None:
+                    loads += out.expert_loads
+            dist.all_reduce(losses, group=groups.dp_group)
+            dist.all_reduce(loads, group=groups.dp_group)
+            losses /= engine.gradient_accumulation_steps() * groups.dp
+            for moe, load in zip(moe_layers, loads):
+                update_router_bias(moe.gate.e_score_correction_bias, load, gamma)
+            grad_norm = float(engine.get_global_grad_norm())
+            if not np.isfinite(grad_norm):
+                raise TrainingStopped(f"step {step + 1}: non-finite gradient norm ({grad_norm}); last good "
+                                      f"checkpoint: {checkpointer.directory / last_good if last_good else 'none'}")
+            step += 1
+            tokens += global_batch * seq_len
+            seconds = time.perf_counter() - started
+            if logger is not None and step % t.log_interval == 0:
+                maxvio = max_violation(loads).tolist() if len(moe_layers) else []
+                record = {
+                    "step": step, "tokens": tokens, "loss": losses[0].item(), "lm_loss": losses[1].item(),
+                    "mtp_loss": losses[2].item(), "aux_loss": losses[3].item(), "lr": lr, "grad_norm": grad_norm,
+                    "tokens_per_s": global_batch * seq_len / seconds, "step_seconds": seconds,
+                    "batch_size": global_batch, "mtp_weight": lam, "bias_update_speed": gamma,
+                    "maxvio": maxvio, "maxvio_global": float(np.mean(maxvio)) if maxvio else 0.0,
+                }
+                logger.log(record, loads.cpu().numpy() if len(moe_layers) else None)
+                print(f"step {step} | tokens {tokens} | loss {record['loss']:.4f} (lm {record['lm_loss']:.4f} "
+                      f"mtp {record['mtp_loss']:.4f} aux {record['aux_loss']:.2e}) | lr {lr:.3e} | "
+                      f"grad norm {grad_norm:.3f} | MaxVio {record['maxvio_global']:.3f} | "
+                      f"{record['tokens_per_s']:.0f} tokens/s", flush=True)
+            finished = (args.steps is not None and step >= args.steps) or tokens >= t.total_tokens
+            if step % t.save_interval == 0 or finished:
+                last_good = checkpointer.save(engine, step, {"step": step, "tokens": tokens,
+                                                              "sampler": sampler.state_dict()})
+                if rank0:
+                    print(f"saved checkpoint {checkpointer.directory / last_good}", flush=True)
+    finally:
+        if logger is not None:
+            logger.close()
+    if rank0:
+        print(f"finished at step {step} ({tokens} tokens); run dir {run_dir} "
+              f"(metrics.jsonl, checkpoints/, wandb/; plots: python -m launch.dashboard {run_dir})", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run = load_run_config(args.config, args.set)
+        check_parallel_flags(args.pp, args.ep, args.fp8)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    import deepspeed
+
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        torch.cuda.set_device(args.local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    try:
+        return train(run, args, on_gpu)
+    except (ConfigError, DatasetError, TokenizerDirError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except TrainingStopped as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 3
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""End to end through the real `deepspeed` launcher on CPU (gloo): the tiny recipe."""
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from launch.dashboard import main as dashboard
+
+from .conftest import ROOT
+
+METRIC_KEYS = {"step", "tokens", "loss", "lm_loss", "mtp_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s",
+               "maxvio", "maxvio_global", "expert_load"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(ranks: int, run_dir, *args, data=None) -> subprocess.CompletedProcess:
+    launcher = [shutil.which("deepspeed")] if shutil.which("deepspeed") else [sys.executable, "-m", "deepspeed.launcher.runner"]
+    sets = ["--set", "train.wandb_mode=offline"]
+    if data is not None:
+        sets += ["--set", f"data.dataset={data['dataset']}", "--set", f"data.tokenizer={data['tokenizer']}",
+                 "--set", "data.builtin_corpus=false"]
+    command = [*launcher, "--num_gpus", str(ranks), "--master_port", str(_free_port()), "launch/pretrain.py",
+               "--config", "configs/tiny.yaml", "--run-dir", str(run_dir), *sets, *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+def metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _ok(result):
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def embedded_run(tmp_path_factory):
+    """The README's main job on a fresh machine: the tiny config builds its own tokenizer and
+    dataset from Python's standard library, then trains (1 rank)."""
+    root = tmp_path_factory.mktemp("embedded")
+    data = {"dataset": root / "cache" / "packed", "tokenizer": root / "cache" / "tokenizer"}
+    result = launch(1, root / "run", "--steps", "40", "--set", f"data.dataset={data['dataset']}",
+                    "--set", f"data.tokenizer={data['tokenizer']}", "--set", "data.builtin_megabytes=2")
+    _ok(result)
+    return root / "run", data, result
+
+
+def test_embedded_default_builds_data_and_the_loss_falls(embedded_run):
+    run_dir, data, result = embedded_run
+    assert (data["dataset"] / "manifest.json").is_file() and (data["tokenizer"] / "split_table.json").is_file()
+    records = metrics(run_dir)
+    assert [r["step"] for r in records] == list(range(1, 41))
+    assert METRIC_KEYS <= set(records[0])
+    first, last = np.mean([r["lm_loss"] for r in records[:5]]), np.mean([r["lm_loss"] for r in records[-5:]])
+    assert last < first - 1.0, (first, last)
+    assert len(records[0]["expert_load"]) == 3 and len(records[0]["expert_load"][0]) == 16
+    assert "saved checkpoint" in result.stdout and (run_dir / "checkpoints" / "latest").is_file()
+
+
+def test_wandb_offline_run_and_dashboard_plots(embedded_run):
+    run_dir = embedded_run[0]
+    offline = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(offline) == 1 and offline[0].stat().st_size > 0
+    history = offline[0].read_bytes()
+    for key in [b"train/loss", b"train/lm_loss", b"train/mtp_loss", b"train/aux_loss", b"train/lr",
+                b"train/grad_norm", b"perf/tokens_per_s", b"moe/maxvio_global", b"moe/expert_load_heatmap"]:
+        assert key in history, key
+    assert dashboard([str(run_dir)]) == 0
+    for name in ["loss.png", "maxvio.png", "expert_load.png"]:
+        assert (run_dir / "plots" / name).stat().st_size > 1000
+
+
+@pytest.fixture(scope="module")
+def data(embedded_run):
+    return embedded_run[1]
+
+
+def test_two_ranks_give_the_losses_of_one(data, tmp_path):
+    _ok(launch(1, tmp_path / "one", "--steps", "6", data=data))
+    _ok(launch(2, tmp_path / "two", "--steps", "6", data=data))
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert METRIC_KEYS <= set(two[0])
+    for a, b in zip(one, two):
+        assert a["batch_size"] == b["batch_size"]
+        assert abs(a["loss"] - b["loss"]) <= 1e-4, (a["step"], a["loss"], b["loss"])
+        assert a["expert_load"] == b["expert_load"]
+
+
+def test_resume_reproduces_the_uninterrupted_losses(data, tmp_path):
+    _ok(launch(1, tmp_path / "straight", "--steps", "8", data=data))
+    _ok(launch(1, tmp_path / "split", "--steps", "4", data=data))
+    # A save killed half way: the directory exists but `latest` still names step 4.
+    partial = tmp_path / "split" / "checkpoints" / "step00000006"
+    partial.mkdir()
+    (partial / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
+    resumed = _ok(launch(1, tmp_path / "split", "--steps", "8", "--resume", data=data))
+    assert "resumed" in resumed.stdout and "step00000004" in resumed.stdout
+    straight, split = metrics(tmp_path / "straight"), metrics(tmp_path / "split")
+    assert [r["step"] for r in split] == list(range(1, 9))
+    for a, b in zip(straight, split):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5, (a["step"], a["loss"], b["loss"])
+        assert a["lr"] == b["lr"] and a["tokens"] == b["tokens"]
+
+
+def test_bias_updates_move_load_toward_balance(data, tmp_path):
+    """Early training concentrates tokens on a few experts (MaxVio climbs); with gamma > 0 the
+    bias update pulls MaxVio back down from that peak, with gamma = 0 it stays up."""
+    windows = {}
+    for gamma in ("0.01", "0.0"):
+        run_dir = tmp_path / f"gamma{gamma}"
+        _ok(launch(1, run_dir, "--steps", "80", "--set", f"train.bias_update_speed.value={gamma}", data=data))
+        maxvio = [r["maxvio_global"] for r in metrics(run_dir)]
+        windows[gamma] = [float(np.mean(maxvio[i : i + 8])) for i in range(0, 80, 8)]
+    balanced, free = windows["0.01"], windows["0.0"]
+    assert balanced[-1] < 0.5 * max(balanced), balanced
+    assert free[-1] > 0.8 * max(free), free
+    assert balanced[-1] < 0.5 * free[-1]
+
+
+def test_configs_that_cannot_run_fail_before_any_work(data, tmp_path):
+    result = subprocess.run([sys.executable, "launch/pretrain.py", "--config", "configs/tiny.yaml", "--pp", "2"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and result.stderr.strip().startswith("error: --pp 2:")
+    result = launch(2, tmp_path / "odd", "--set", "train.batch.start=12", data=data)
+    assert result.returncode != 0
+    assert "train.batch.start: 12 sequences is not a multiple of micro_batch_size x data-parallel ranks" in result.stderr
+    missing = {"dataset": tmp_path / "nowhere", "tokenizer": data["tokenizer"]}
+    result = launch(1, tmp_path / "nodata", data=missing)
+    assert result.returncode != 0 and "is missing" in result.stderr
+    assert not (tmp_path / "odd").exists() and not (tmp_path / "nodata").exists()
+
+
+def test_non_finite_loss_stops_with_the_step_and_last_checkpoint(data, tmp_path):
+    result = launch(1, tmp_path / "nan", "--steps", "10", "--set", "train.lr.peak=1.0e+6",
+                    "--set", "train.lr.warmup_steps=0", data=data)
+    assert result.returncode != 0
+    line = next(line for line in result.stderr.splitlines() if line.startswith("error: step"))
+    assert "non-finite" in line and "last good checkpoint" in line
