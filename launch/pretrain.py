@@ -161,27 +161,27 @@ def train(run: RunConfig, args: argparse.Namespace, on_gpu: bool) -> int:
 
             losses = torch.zeros(4, dtype=torch.float64, device=device)
             loads = torch.zeros(len(moe_layers), n_experts, device=device)
-            for _ in range(engine.gradient_accumulation_steps()):
+            accumulation = engine.gradient_accumulation_steps()
+            for micro_step in range(accumulation):
                 batch = collate(dataset, [next(stream) for _ in range(t.micro_batch_size)], device)
                 out = engine(batch["input_ids"], labels=batch["labels"], document_ids=batch["document_ids"],
                              mtp_weight=lam)
-                parts = torch.stack([out.loss, out.lm_loss, out.mtp_loss, out.aux_loss]).detach().double()
-                bad = (~torch.isfinite(parts)).any().double()
-                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-                if bad.item():
-                    raise TrainingStopped(
-                        f"step {step + 1}: non-finite loss on some rank ({_summary(parts)} here); MaxVio per MoE "
-                        f"block at the last step: {np.round(max_violation(loads).tolist(), 3).tolist()}; "
-                        f"last good checkpoint: {checkpointer.directory / last_good if last_good else 'none'}"
-                    )
-                engine.backward(out.loss)
-                engine.step()
-                losses += parts
+                losses += torch.stack([out.loss, out.lm_loss, out.mtp_loss, out.aux_loss]).detach().double()
                 if out.expert_loads is not None:
                     loads += out.expert_loads
+                engine.backward(out.loss)
+                if micro_step < accumulation - 1:
+                    engine.step()  # accumulates; the boundary step below applies the update
             dist.all_reduce(losses, group=groups.dp_group)
             dist.all_reduce(loads, group=groups.dp_group)
-            losses /= engine.gradient_accumulation_steps() * groups.dp
+            losses /= accumulation * groups.dp
+            if not torch.isfinite(losses).all():  # a NaN anywhere reaches every rank through the sum
+                raise TrainingStopped(
+                    f"step {step + 1}: non-finite loss ({_summary(losses)}); MaxVio per MoE block: "
+                    f"{np.round(max_violation(loads).tolist(), 3).tolist()}; last good checkpoint: "
+                    f"{checkpointer.directory / last_good if last_good else 'none'} (resume with --resume)"
+                )
+            engine.step()
             for moe, load in zip(moe_layers, loads):
                 update_router_bias(moe.gate.e_score_correction_bias, load, gamma)
             grad_norm = float(engine.get_global_grad_norm())
