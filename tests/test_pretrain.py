@@ -80,6 +80,22 @@ def test_wandb_offline_run_and_dashboard_plots(embedded_run):
         assert (run_dir / "plots" / name).stat().st_size > 1000
 
 
+def test_checkpoint_exports_to_transformers(embedded_run, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from launch.convert import load_checkpoint_model, main as convert
+
+    run_dir = embedded_run[0]
+    assert convert([str(run_dir), str(tmp_path / "hf")]) == 0
+    ours, _ = load_checkpoint_model(run_dir)
+    assert any(m.gate.e_score_correction_bias.abs().sum() > 0 for m in ours.moe_layers())  # biases moved
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    ids = torch.randint(0, 4096, (2, 64))
+    with torch.no_grad():
+        assert (ours.eval()(ids).logits - theirs(ids).logits).abs().max().item() <= 1e-4
+
+
 @pytest.fixture(scope="module")
 def data(embedded_run):
     return embedded_run[1]

@@ -1,0 +1,55 @@
+"""Export a pre-training checkpoint to a HF DeepseekV3 directory (router biases included as
+``e_score_correction_bias``, MTP at layer ``num_hidden_layers``).
+
+    python -m launch.convert RUN_DIR OUT_DIR [--tag stepNNNNNNNN]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from launch.checkpoint import Checkpointer
+from launch.recipe import load_run_config
+from plugins.config import ConfigError
+from plugins.model import DeepSeekV3
+from plugins.rope import RotaryEmbedding
+
+
+def load_checkpoint_model(run_dir: Path, tag: str | None = None) -> tuple[DeepSeekV3, str]:
+    """The model of a run's checkpoint (default: the latest complete one), built from its config.yaml."""
+    run = load_run_config(run_dir / "config.yaml")
+    tag = tag or Checkpointer(run_dir, rank=0).latest_tag()
+    if tag is None:
+        raise ConfigError(f"{run_dir}: no complete checkpoint (checkpoints/latest is missing)")
+    states = run_dir / "checkpoints" / tag / "mp_rank_00_model_states.pt"
+    if not states.is_file():
+        raise ConfigError(f"{states}: missing")
+    with torch.device("meta"):
+        model = DeepSeekV3(run.model)
+    model.load_state_dict(torch.load(states, map_location="cpu", weights_only=False)["module"], assign=True)
+    model.rotary = RotaryEmbedding(run.model)  # its frequencies are derived, not stored
+    return model, tag
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launch.convert", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("output", type=Path, help="new directory for the HF checkpoint")
+    parser.add_argument("--tag", default=None, help="checkpoint tag (default: the latest complete one)")
+    args = parser.parse_args(argv)
+    try:
+        model, tag = load_checkpoint_model(args.run_dir, args.tag)
+        model.to_hf(args.output)
+    except (ConfigError, FileExistsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.output}/ (HF DeepseekV3, from {args.run_dir}/checkpoints/{tag})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
