@@ -1,13 +1,16 @@
-"""Shared by the benchmarks: the real corpus every machine has and the JSON result writer."""
+"""Shared by the benchmarks: the real corpus every machine has, the interleaved timer and the JSON
+result writer."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
+from typing import Callable
 
 from data_pipeline.builtin_corpus import write_python_corpus as build_corpus
 
-__all__ = ["build_corpus", "write_result"]
+__all__ = ["build_corpus", "time_interleaved", "write_result"]
 
 
 def write_result(path: str | Path, result: dict) -> Path:
@@ -19,3 +22,17 @@ def write_result(path: str | Path, result: dict) -> Path:
     tmp.replace(out)
     print(f"wrote {out}")
     return out
+
+
+def time_interleaved(steps: dict[str, Callable[[], object]], warmup: int, rounds: int) -> dict[str, list[float]]:
+    """Time each step function once per round, in turn, so machine drift hits all of them alike."""
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return times

@@ -10,30 +10,15 @@ import argparse
 import platform
 import statistics
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 import torch
 import yaml
 
-from common import write_result  # benchmarks/ is the script directory, first on sys.path
+from common import time_interleaved, write_result  # benchmarks/ is the script directory, first on sys.path
 from plugins.config import ModelConfig
 from plugins.model import DeepSeekV3
-
-
-def _time_interleaved(steps: dict, warmup: int, rounds: int) -> dict[str, list[float]]:
-    """Time each step function once per round, in turn, so machine drift hits all of them alike."""
-    for _ in range(warmup):
-        for step in steps.values():
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def main() -> None:
@@ -88,7 +73,7 @@ def main() -> None:
     steps = {"ours (DeepSeekV3)": ours_step}
     steps.update({name: (lambda m=m: theirs_step(m)) for name, m in theirs.items()})
     rows = {}
-    for name, times in _time_interleaved(steps, args.warmup, args.steps).items():
+    for name, times in time_interleaved(steps, args.warmup, args.steps).items():
         rows[name] = {"median_s": statistics.median(times), "tokens_per_s": tokens / statistics.median(times)}
     base = rows["ours (DeepSeekV3)"]["tokens_per_s"]
     for row in rows.values():

@@ -30,7 +30,10 @@ def load_checkpoint_model(run_dir: Path, tag: str | None = None) -> tuple[DeepSe
         raise ConfigError(f"{states}: missing")
     with torch.device("meta"):
         model = DeepSeekV3(run.model)
-    model.load_state_dict(torch.load(states, map_location="cpu", weights_only=False)["module"], assign=True)
+    state = torch.load(states, map_location="cpu", weights_only=False)["module"]
+    # Transformer-Engine linears (--fp8 te) add FP8 metadata next to the same weights.
+    state = {key: value for key, value in state.items() if not key.endswith("._extra_state")}
+    model.load_state_dict(state, assign=True)
     model.rotary = RotaryEmbedding(run.model)  # its frequencies are derived, not stored
     return model, tag
 

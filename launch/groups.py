@@ -9,11 +9,10 @@ import torch.distributed as dist
 
 from plugins.config import ConfigError
 
-IMPLEMENTED = {"pp": {1}, "ep": {1}, "fp8": {"none"}}
+IMPLEMENTED = {"pp": {1}, "ep": {1}}
 NOT_YET = {
     "pp": "pipeline parallelism (DualPipe) is not implemented yet",
     "ep": "expert parallelism is not implemented yet",
-    "fp8": "FP8 training is not implemented yet",
 }
 
 
@@ -28,9 +27,9 @@ class ParallelGroups:
     dp_group: dist.ProcessGroup | None  # None: the default (world) group
 
 
-def check_parallel_flags(pp: int, ep: int, fp8: str) -> None:
+def check_parallel_flags(pp: int, ep: int) -> None:
     """Reject values the framework cannot run yet with a clear error instead of a silent fallback."""
-    for flag, value in (("pp", pp), ("ep", ep), ("fp8", fp8)):
+    for flag, value in (("pp", pp), ("ep", ep)):
         if value not in IMPLEMENTED[flag]:
             allowed = ", ".join(map(str, sorted(IMPLEMENTED[flag])))
             raise ConfigError(f"--{flag} {value}: {NOT_YET[flag]} (supported: {allowed})")

@@ -27,6 +27,7 @@ from data_pipeline import DatasetError, PackedDataset, PackedSampler
 from plugins.balance import max_violation, update_router_bias
 from plugins.config import ConfigError
 from plugins.model import DeepSeekV3
+from plugins.precision import FP8_BACKENDS, convert_to_fp8, fp8_autocast, fp8_targets, resolve_backend
 from tokenizer.load import TokenizerDirError
 
 from launch.checkpoint import Checkpointer
@@ -49,7 +50,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="continue from the run dir's latest complete checkpoint")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages")
     parser.add_argument("--ep", type=int, default=1, help="expert-parallel ranks")
-    parser.add_argument("--fp8", default="none", choices=["none", "emulated", "te", "auto"])
+    parser.add_argument("--fp8", default=None, choices=FP8_BACKENDS,
+                        help="FP8 linears (report 3.3): emulated block-scaled GEMMs, Transformer-Engine, or auto "
+                             "(default: the config's train.fp8, none)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     parser.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -97,6 +100,16 @@ def _summary(values: torch.Tensor) -> str:
     return ", ".join(f"{name}={value:.4g}" for name, value in zip(("loss", "lm", "mtp", "aux"), values.tolist()))
 
 
+def check_fp8_policy(run: RunConfig) -> None:
+    """An FP8 run whose ``train.fp8_modules`` match nothing is a config error, found on the meta device."""
+    if run.train.fp8 == "none":
+        return
+    with torch.device("meta"):
+        probe = DeepSeekV3(run.model)
+    if not fp8_targets(probe, run.train.fp8_modules):
+        raise ConfigError(f"{run.source}: train.fp8_modules: {run.train.fp8_modules} match no linear layer of the model")
+
+
 def train(run: RunConfig, args: argparse.Namespace, on_gpu: bool) -> int:
     import deepspeed
 
@@ -121,6 +134,11 @@ def train(run: RunConfig, args: argparse.Namespace, on_gpu: bool) -> int:
     torch.manual_seed(run.train.seed)
     model = DeepSeekV3(run.model)
     t = run.train
+    fp8_modules = convert_to_fp8(model, t.fp8, t.fp8_modules, t.fp8_power_of_two_scales)
+    if rank0 and fp8_modules:
+        print(f"FP8 ({t.fp8}): {len(fp8_modules)} modules with 1x128 / 128x128 block-scaled E4M3 GEMMs "
+              f"(report 3.3); embedding, head, gate, norms and MTP projection stay in higher precision",
+              flush=True)
     optimizer = torch.optim.AdamW(parameter_groups(model, t.weight_decay), lr=learning_rate(t.lr, 0, 0),
                                   betas=t.betas, eps=t.eps)
     engine, _, _, _ = deepspeed.initialize(
@@ -164,8 +182,9 @@ def train(run: RunConfig, args: argparse.Namespace, on_gpu: bool) -> int:
             accumulation = engine.gradient_accumulation_steps()
             for micro_step in range(accumulation):
                 batch = collate(dataset, [next(stream) for _ in range(t.micro_batch_size)], device)
-                out = engine(batch["input_ids"], labels=batch["labels"], document_ids=batch["document_ids"],
-                             mtp_weight=lam)
+                with fp8_autocast(t.fp8):
+                    out = engine(batch["input_ids"], labels=batch["labels"], document_ids=batch["document_ids"],
+                                 mtp_weight=lam)
                 losses += torch.stack([out.loss, out.lm_loss, out.mtp_loss, out.aux_loss]).detach().double()
                 if out.expert_loads is not None:
                     loads += out.expert_loads
@@ -224,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         run = load_run_config(args.config, args.set)
-        check_parallel_flags(args.pp, args.ep, args.fp8)
+        check_parallel_flags(args.pp, args.ep)
+        run.train.fp8 = resolve_backend(args.fp8 or run.train.fp8)
+        check_fp8_policy(run)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

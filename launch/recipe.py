@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from plugins.config import ConfigError, ModelConfig
+from plugins.precision import DEFAULT_FP8_MODULES, FP8_BACKENDS
 
 
 @dataclass
@@ -77,6 +78,9 @@ class TrainConfig:
     heatmap_interval: int = 50
     wandb_project: str = "deepseek-pretrain"
     wandb_mode: str = "auto"  # auto: online when WANDB_API_KEY is set, else offline; or online/offline/disabled
+    fp8: str = "none"  # none, emulated, te or auto (report 3.3); --fp8 overrides it
+    fp8_modules: list[str] = field(default_factory=lambda: list(DEFAULT_FP8_MODULES))  # module-name patterns
+    fp8_power_of_two_scales: bool = True  # scales rounded up to powers of two, as TE's block-scaling recipe
 
 
 @dataclass
@@ -104,6 +108,9 @@ def _build(cls, raw: Any, where: str, source: str):
         nested = {"LRSchedule": LRSchedule, "BatchSchedule": BatchSchedule, "StepSchedule": StepSchedule}.get(kind)
         if nested is not None:
             value = _build(nested, value, f"{where}.{key}", source)
+        elif kind == "list[str]":
+            if not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+                raise ConfigError(f"{source}: {where}.{key}: expected a non-empty list of strings, got {value!r}")
         elif kind == "tuple[float, float]":
             if not (isinstance(value, (list, tuple)) and len(value) == 2):
                 raise ConfigError(f"{source}: {where}.{key}: expected two numbers, got {value!r}")
@@ -155,6 +162,8 @@ def _validate(run: RunConfig) -> None:
         fail("train.lr", "peak must be positive and warmup_steps non-negative")
     if t.wandb_mode not in ("auto", "online", "offline", "disabled"):
         fail("train.wandb_mode", f"expected auto, online, offline or disabled, got {t.wandb_mode!r}")
+    if t.fp8 not in FP8_BACKENDS:
+        fail("train.fp8", f"expected one of {', '.join(FP8_BACKENDS)}, got {t.fp8!r}")
     if d.seq_len < 2:
         fail("data.seq_len", "must be at least 2")
     if d.seq_len > run.model.max_position_embeddings:

@@ -143,10 +143,31 @@ def test_bias_updates_move_load_toward_balance(data, tmp_path):
     assert balanced[-1] < 0.5 * free[-1]
 
 
+def test_fp8_emulated_tracks_full_precision(data, tmp_path):
+    """Report 3.3: block-scaled FP8 training stays within 0.25% relative loss of the
+    higher-precision run (mean of the last 10 of 100 steps, same seed and data).
+
+    At peak lr 1e-3. At the tiny recipe's 3e-3 the first 100 steps are chaotic: changing AdamW's
+    eps from 1e-8 to 1.1e-8 alone moves the float32 loss by 1.1% there, so no comparison of two
+    runs means anything; at 1e-3 FP8 stays within 0.11% of float32 at every 10-step window."""
+    for fp8 in ("none", "emulated"):
+        result = _ok(launch(1, tmp_path / fp8, "--steps", "100", "--fp8", fp8, "--set", "train.lr.peak=1.0e-3",
+                            data=data))
+    assert "FP8 (emulated): 35 modules" in result.stdout
+    tail = {fp8: np.mean([r["loss"] for r in metrics(tmp_path / fp8)[-10:]]) for fp8 in ("none", "emulated")}
+    assert abs(tail["emulated"] - tail["none"]) / tail["none"] < 0.0025, tail
+    config = (tmp_path / "emulated" / "config.yaml").read_text()
+    assert "fp8: emulated" in config
+
+
 def test_configs_that_cannot_run_fail_before_any_work(data, tmp_path):
     result = subprocess.run([sys.executable, "launch/pretrain.py", "--config", "configs/tiny.yaml", "--pp", "2"],
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2 and result.stderr.strip().startswith("error: --pp 2:")
+    result = subprocess.run([sys.executable, "launch/pretrain.py", "--config", "configs/tiny.yaml",
+                             "--set", "train.fp8=emulated", "--set", "train.fp8_modules=[lm_head_typo]"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and "train.fp8_modules: ['lm_head_typo'] match no linear layer" in result.stderr
     result = launch(2, tmp_path / "odd", "--set", "train.batch.start=12", data=data)
     assert result.returncode != 0
     assert "train.batch.start: 12 sequences is not a multiple of micro_batch_size x data-parallel ranks" in result.stderr

@@ -1,0 +1,117 @@
+"""Linear-layer precision, chosen at run time (report 3.3.1): ``none`` keeps the model's dtype,
+``emulated`` runs DeepSeek-V3's block-scaled FP8 GEMMs exactly on any device (``plugins.fp8``),
+``te`` hands the dense linears to Transformer-Engine's ``Float8BlockScaling`` recipe on Hopper GPUs.
+
+The policy follows the report: FP8 for the linears of MLA and of the FFNs (dense, shared and
+routed experts); the embedding, output head, MoE gate, norms, attention core and the MTP
+projection stay in higher precision. Modules are picked by name patterns (``fnmatch`` over
+``named_modules()``), so the policy is configurable per module (``train.fp8_modules``).
+Converted modules keep their parameters, so checkpoints and HF exports are unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import fp8_te
+from .config import ConfigError
+from .experts import RoutedExperts
+from .fp8 import fp8_grouped_linear, fp8_linear
+
+FP8_BACKENDS = ("none", "emulated", "te", "auto")
+DEFAULT_FP8_MODULES = ("*.self_attn.*", "*.mlp.*")
+
+
+class FP8Linear(nn.Linear):
+    """``nn.Linear`` whose Fprop, Dgrad and Wgrad run through the emulated block-scaled FP8 GEMM."""
+
+    power_of_two: bool = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = fp8_linear(x, self.weight, self.power_of_two)
+        return out if self.bias is None else out + self.bias
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, power_of_two: bool) -> "FP8Linear":
+        with torch.device("meta"):
+            module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        module.weight, module.bias = linear.weight, linear.bias
+        module.power_of_two = power_of_two
+        return module
+
+
+class FP8RoutedExperts(RoutedExperts):
+    """Routed experts whose grouped GEMMs (and their gradients) run in emulated block-scaled FP8."""
+
+    power_of_two: bool = True
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        gate, up = fp8_grouped_linear(x, self.gate_up_proj, counts, self.power_of_two).chunk(2, dim=-1)
+        return fp8_grouped_linear(F.silu(gate) * up, self.down_proj, counts, self.power_of_two)
+
+    @classmethod
+    def from_experts(cls, experts: RoutedExperts, power_of_two: bool) -> "FP8RoutedExperts":
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.num_experts = experts.num_experts
+        module.gate_up_proj, module.down_proj = experts.gate_up_proj, experts.down_proj
+        module.power_of_two = power_of_two
+        return module
+
+
+def resolve_backend(requested: str) -> str:
+    """``auto`` -> ``te`` where Transformer-Engine can run block scaling, else ``emulated``; ``te``
+    where it cannot is a one-line ConfigError."""
+    if requested not in FP8_BACKENDS:
+        raise ConfigError(f"--fp8 {requested}: expected one of {', '.join(FP8_BACKENDS)}")
+    problem = fp8_te.unavailable_reason() if requested in ("te", "auto") else None
+    if requested == "te" and problem:
+        raise ConfigError(f"--fp8 te: {problem}; use --fp8 emulated for the same numerics without it")
+    if requested == "auto":
+        if not problem:
+            return "te"
+        warnings.warn(f"--fp8 auto: {problem}; using the emulated FP8 GEMMs (exact numerics, much slower than "
+                      "native FP8)", stacklevel=2)
+        return "emulated"
+    return requested
+
+
+def fp8_targets(model: nn.Module, patterns: list[str] | tuple[str, ...]) -> list[str]:
+    """Names of the linears and routed-expert banks that the policy puts in FP8."""
+    return [
+        name for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, RoutedExperts)) and any(fnmatch.fnmatchcase(name, p) for p in patterns)
+    ]
+
+
+def convert_to_fp8(model: nn.Module, backend: str, patterns=DEFAULT_FP8_MODULES, power_of_two: bool = True) -> list[str]:
+    """Swap the policy's modules in place for ``backend`` (``emulated`` or ``te``); returns their names.
+    Under ``te`` the routed experts keep their high-precision grouped GEMM: Transformer-Engine's
+    grouped linear stores one parameter per expert, not our stacked [E, out, in] banks, and the
+    emulated grouped FP8 GEMM would be slower on a GPU than the native BF16 one."""
+    if backend == "none":
+        return []
+    names = [n for n in fp8_targets(model, patterns)
+             if backend != "te" or not isinstance(model.get_submodule(n), RoutedExperts)]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent, module = model.get_submodule(parent_name), model.get_submodule(name)
+        if isinstance(module, RoutedExperts):
+            replacement = FP8RoutedExperts.from_experts(module, power_of_two)
+        elif backend == "te":
+            replacement = fp8_te.te_linear(module)
+        else:
+            replacement = FP8Linear.from_linear(module, power_of_two)
+        setattr(parent, child, replacement)
+    return names
+
+
+def fp8_autocast(backend: str) -> contextlib.AbstractContextManager:
+    """The context the forward pass runs in: Transformer-Engine's block-scaling autocast for ``te``."""
+    return fp8_te.autocast() if backend == "te" else contextlib.nullcontext()
