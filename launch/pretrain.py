@@ -1,7 +1,7 @@
 """Pre-train a DeepSeek-V3-style model on DeepSpeed (ZeRO-1 data parallel) with the report's recipe.
 
     deepspeed [--num_gpus N | --hostfile FILE] launch/pretrain.py --config configs/tiny.yaml \
-        [--run-dir DIR] [--steps N] [--save-interval N] [--resume] [--pp N] [--ep N] \
+        [--run-dir DIR] [--steps N] [--save-interval N] [--resume | --init-from PATH] [--pp N] [--ep N] \
         [--fp8 none|emulated|te|auto] [--set dotted.key=value ...]
 
 Each optimizer step: the global batch of the batch-size ramp is split into micro-batches
@@ -48,6 +48,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="stop after this optimizer step (default: total_tokens)")
     parser.add_argument("--save-interval", type=int, default=None, help="checkpoint every N steps (and at the end)")
     parser.add_argument("--resume", action="store_true", help="continue from the run dir's latest complete checkpoint")
+    parser.add_argument("--init-from", default=None, metavar="PATH",
+                        help="start from these weights (a run dir, checkpoint dir or HF dir) with a fresh optimizer "
+                             "and schedules: the long-context stages")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages")
     parser.add_argument("--ep", type=int, default=1, help="expert-parallel ranks")
     parser.add_argument("--fp8", default=None, choices=FP8_BACKENDS,
@@ -100,6 +103,20 @@ def _summary(values: torch.Tensor) -> str:
     return ", ".join(f"{name}={value:.4g}" for name, value in zip(("loss", "lm", "mtp", "aux"), values.tolist()))
 
 
+def initialise_from(model: DeepSeekV3, path: str) -> None:
+    """Copy a pre-trained model's weights and router biases (report 4.3: the extension stages start
+    from the pre-trained model); the architecture must match, the rope scaling may differ."""
+    from launch.model_source import load_model
+
+    source = load_model(path).model.state_dict()
+    target = model.state_dict()
+    mismatched = [k for k in target if k not in source or source[k].shape != target[k].shape]
+    if mismatched or len(source) != len(target):
+        raise ConfigError(f"--init-from {path}: its weights do not fit this config's model "
+                          f"(first difference: {(mismatched or sorted(set(source) - set(target)))[0]})")
+    model.load_state_dict(source)
+
+
 def check_fp8_policy(run: RunConfig) -> None:
     """An FP8 run whose ``train.fp8_modules`` match nothing is a config error, found on the meta device."""
     if run.train.fp8 == "none":
@@ -133,6 +150,10 @@ def train(run: RunConfig, args: argparse.Namespace, on_gpu: bool) -> int:
 
     torch.manual_seed(run.train.seed)
     model = DeepSeekV3(run.model)
+    if args.init_from and not args.resume:
+        initialise_from(model, args.init_from)
+        if rank0:
+            print(f"initialised the weights from {args.init_from}", flush=True)
     t = run.train
     fp8_modules = convert_to_fp8(model, t.fp8, t.fp8_modules, t.fp8_power_of_two_scales)
     if rank0 and fp8_modules:

@@ -30,6 +30,12 @@ class LatentCache:
         first = self.latents[0]
         return 0 if first is None else first.shape[1]
 
+    def truncate(self, length: int, layers: range) -> None:
+        """Forget every position from ``length`` on in ``layers`` (rejected speculative tokens)."""
+        for layer in layers:
+            self.latents[layer] = self.latents[layer][:, :length]
+            self.rope_keys[layer] = self.rope_keys[layer][:, :length]
+
     def update(self, layer: int, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.latents[layer] is not None:
             c_kv = torch.cat([self.latents[layer], c_kv], dim=1)

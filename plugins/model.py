@@ -94,6 +94,21 @@ class DeepSeekV3(nn.Module):
         """Every DeepSeekMoE of the model (main blocks, then MTP blocks): one row of expert_loads each."""
         return [m for m in self.modules() if isinstance(m, DeepSeekMoE)]
 
+    def hidden_states(self, input_ids: torch.Tensor, cache: LatentCache | None = None):
+        """The main trunk: embedding and blocks. Returns the last hidden state (before the final
+        norm; MTP's input), the positions' (cos, sin), and the MoE blocks' balance losses and loads."""
+        start = 0 if cache is None else cache.seq_len
+        positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+        rope = self.rotary(positions)
+        h = self.embed_tokens(input_ids)
+        balance_losses, loads = [], []
+        for layer in self.layers:
+            h, balance, load = layer(h, rope, cache)
+            if balance is not None:
+                balance_losses.append(balance)
+                loads.append(load)
+        return h, rope, balance_losses, loads
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -106,16 +121,7 @@ class DeepSeekV3(nn.Module):
         ``document_ids`` [B, T] packed-document index of each token (MTP never predicts across
         them); ``mtp_weight`` overrides the config's lambda (its schedule); with ``cache`` the
         model decodes incrementally through the latent cache and skips MTP."""
-        start = 0 if cache is None else cache.seq_len
-        positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
-        rope = self.rotary(positions)
-        h = self.embed_tokens(input_ids)
-        balance_losses, loads = [], []
-        for layer in self.layers:
-            h, balance, load = layer(h, rope, cache)
-            if balance is not None:
-                balance_losses.append(balance)
-                loads.append(load)
+        h, rope, balance_losses, loads = self.hidden_states(input_ids, cache)
         logits = self.lm_head(self.norm(h))
         out = ModelOutput(logits=logits)
         if cache is None:

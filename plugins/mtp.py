@@ -15,6 +15,7 @@ from torch import nn
 
 from .block import DecoderLayer
 from .config import ModelConfig
+from .mla import LatentCache
 from .norm import RMSNorm
 
 IGNORE_INDEX = -100
@@ -50,8 +51,13 @@ class MTPModule(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
-        self, h_prev: torch.Tensor, ahead_embeds: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+        self,
+        h_prev: torch.Tensor,
+        ahead_embeds: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: LatentCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Returns ``h^k`` (before the final norm; the next depth's input), balance loss, load."""
+        """Returns ``h^k`` (before the final norm; the next depth's input), balance loss, load.
+        With ``cache`` the block attends over its own earlier positions (speculative drafting)."""
         h = self.eh_proj(torch.cat([self.enorm(ahead_embeds), self.hnorm(h_prev)], dim=-1))
-        return self.block(h, rope)
+        return self.block(h, rope, cache)

@@ -48,11 +48,14 @@ def hf_checkpoint(tmp_path_factory):
         for name, buffer in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buffer.copy_(torch.randn_like(buffer) * 0.1)
-    directory = tmp_path_factory.mktemp("hf") / "checkpoint"
+    return save_hf(model, tmp_path_factory.mktemp("hf") / "checkpoint"), model
+
+
+def save_hf(model, directory):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model.save_pretrained(directory)
-    return directory, model
+    return directory
 
 
 @pytest.fixture(scope="session")
@@ -66,3 +69,17 @@ def tokenizer_dir(tmp_path_factory):
     corpus = write_jsonl(directory / "corpus.jsonl", code_documents(limit=60) + prose_documents())
     assert main(["--input", str(corpus), "--vocab-size", "1024", "--output", str(directory / "tok")]) == 0
     return directory / "tok"
+
+
+@pytest.fixture(scope="session")
+def embedded_run(tmp_path_factory):
+    """The README's main job on a fresh machine: the tiny config builds its own tokenizer and
+    dataset from Python's standard library, then trains (1 rank, 40 steps). Returns (run dir,
+    {"dataset", "tokenizer"}, the launcher's CompletedProcess)."""
+    from .launcher import launch, ok
+
+    root = tmp_path_factory.mktemp("embedded")
+    data = {"dataset": root / "cache" / "packed", "tokenizer": root / "cache" / "tokenizer"}
+    result = ok(launch(1, root / "run", "--steps", "40", "--set", f"data.dataset={data['dataset']}",
+                       "--set", f"data.tokenizer={data['tokenizer']}", "--set", "data.builtin_megabytes=2"))
+    return root / "run", data, result

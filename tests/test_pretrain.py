@@ -1,8 +1,5 @@
 """End to end through the real `deepspeed` launcher on CPU (gloo): the tiny recipe."""
 
-import json
-import shutil
-import socket
 import subprocess
 import sys
 
@@ -12,47 +9,10 @@ import pytest
 from launch.dashboard import main as dashboard
 
 from .conftest import ROOT
+from .launcher import launch, metrics, ok as _ok
 
 METRIC_KEYS = {"step", "tokens", "loss", "lm_loss", "mtp_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s",
                "maxvio", "maxvio_global", "expert_load"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(ranks: int, run_dir, *args, data=None) -> subprocess.CompletedProcess:
-    launcher = [shutil.which("deepspeed")] if shutil.which("deepspeed") else [sys.executable, "-m", "deepspeed.launcher.runner"]
-    sets = ["--set", "train.wandb_mode=offline"]
-    if data is not None:
-        sets += ["--set", f"data.dataset={data['dataset']}", "--set", f"data.tokenizer={data['tokenizer']}",
-                 "--set", "data.builtin_corpus=false"]
-    command = [*launcher, "--num_gpus", str(ranks), "--master_port", str(_free_port()), "launch/pretrain.py",
-               "--config", "configs/tiny.yaml", "--run-dir", str(run_dir), *sets, *args]
-    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
-
-
-def metrics(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _ok(result):
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-@pytest.fixture(scope="module")
-def embedded_run(tmp_path_factory):
-    """The README's main job on a fresh machine: the tiny config builds its own tokenizer and
-    dataset from Python's standard library, then trains (1 rank)."""
-    root = tmp_path_factory.mktemp("embedded")
-    data = {"dataset": root / "cache" / "packed", "tokenizer": root / "cache" / "tokenizer"}
-    result = launch(1, root / "run", "--steps", "40", "--set", f"data.dataset={data['dataset']}",
-                    "--set", f"data.tokenizer={data['tokenizer']}", "--set", "data.builtin_megabytes=2")
-    _ok(result)
-    return root / "run", data, result
 
 
 def test_embedded_default_builds_data_and_the_loss_falls(embedded_run):

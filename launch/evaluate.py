@@ -1,0 +1,155 @@
+"""Language-modelling evaluation (report 4.3/5.x): mean token loss, perplexity and bits per byte
+on held-out text, and multiple-choice accuracy by per-option likelihood.
+
+    python -m launch.evaluate --model RUN_DIR|CHECKPOINT_DIR|HF_DIR --data 'heldout/*.jsonl' \
+        [--tokenizer DIR] [--seq-len L] [--stride S] [--choices items.jsonl] [--output FILE]
+
+Every document is ``<bos> text``; every text token is scored once, given at most L-1 tokens
+before it: documents longer than L go through windows of L tokens advanced by S (default L/2),
+each scoring only the tokens the previous window did not. Bits per byte (tokenizer-independent)
+= sum of token NLL in nats / (ln 2 x UTF-8 bytes of the texts). A ``--choices`` JSONL line is
+``{"context": str, "options": [str, ...], "answer": int}``; the chosen option is the one with the
+lowest NLL per UTF-8 byte of the option, given the context.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data_pipeline.sources import SourceError, iter_texts
+from plugins.config import ConfigError
+from plugins.model import DeepSeekV3
+
+from launch.model_source import TextTokenizer, load_model_and_tokenizer
+
+
+def windows(num_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
+    """(start, end, first scored position) of each window over a sequence whose positions 1..n-1
+    are to be scored (position 0 is the BOS): every position is scored exactly once."""
+    spans, scored = [], 1
+    while scored < num_tokens:
+        end = min(scored + (stride if spans else seq_len - 1), num_tokens)
+        start = max(0, end - seq_len)
+        spans.append((start, end, scored))
+        scored = end
+    return spans
+
+
+@torch.no_grad()
+def token_nll(model: DeepSeekV3, ids: list[int], seq_len: int, stride: int) -> torch.Tensor:
+    """NLL (nats, float64) of ``ids[1:]`` each given what precedes it, through sliding windows."""
+    device = next(model.parameters()).device
+    losses = []
+    for start, end, scored in windows(len(ids), seq_len, stride):
+        window = torch.tensor(ids[start:end], device=device)[None]
+        logits = model(window).logits[0, scored - start - 1 : end - start - 1].float()
+        targets = window[0, scored - start : end - start]
+        losses.append(F.cross_entropy(logits, targets, reduction="none").double())
+    return torch.cat(losses) if losses else torch.zeros(0, dtype=torch.float64)
+
+
+def evaluate_texts(model: DeepSeekV3, tokenizer: TextTokenizer, texts, seq_len: int, stride: int) -> dict:
+    nll, tokens, text_bytes, documents = 0.0, 0, 0, 0
+    for text in tqdm(texts, desc="evaluating", unit=" docs", file=sys.stderr):
+        losses = token_nll(model, [tokenizer.bos_id, *tokenizer.encode(text)], seq_len, stride)
+        nll += losses.sum().item()
+        tokens += losses.numel()
+        text_bytes += len(text.encode("utf-8"))
+        documents += 1
+    if not tokens:
+        raise ConfigError("--data: no tokens to evaluate")
+    loss = nll / tokens
+    return {"documents": documents, "tokens": tokens, "bytes": text_bytes, "loss": loss,
+            "perplexity": math.exp(loss), "bits_per_byte": nll / (math.log(2) * text_bytes)}
+
+
+def read_choices(path: Path) -> list[dict]:
+    items = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{path}: line {number}: invalid JSON ({error.msg})") from None
+        ok = (isinstance(item, dict) and isinstance(item.get("context"), str) and isinstance(item.get("options"), list)
+              and len(item["options"]) >= 2 and all(isinstance(o, str) and o for o in item["options"])
+              and isinstance(item.get("answer"), int) and 0 <= item["answer"] < len(item["options"]))
+        if not ok:
+            raise ConfigError(f"{path}: line {number}: expected {{\"context\": str, \"options\": [>=2 non-empty str], "
+                              "\"answer\": index into options}")
+        items.append(item)
+    if not items:
+        raise ConfigError(f"{path}: no multiple-choice items")
+    return items
+
+
+@torch.no_grad()
+def score_choices(model: DeepSeekV3, tokenizer: TextTokenizer, items: list[dict], seq_len: int) -> dict:
+    predictions = []
+    for item in tqdm(items, desc="multiple choice", unit=" items", file=sys.stderr):
+        context = [tokenizer.bos_id, *tokenizer.encode(item["context"])]
+        scores = []
+        for option in item["options"]:
+            option_ids = tokenizer.encode(option)
+            if len(option_ids) >= seq_len:
+                raise ConfigError(f"an option of {len(option_ids)} tokens does not fit --seq-len {seq_len}")
+            ids = (context + option_ids)[-seq_len:]
+            nll = token_nll(model, ids, seq_len, seq_len - 1)[-len(option_ids):].sum().item()
+            scores.append(nll / len(option.encode("utf-8")))
+        predictions.append(min(range(len(scores)), key=scores.__getitem__))
+    correct = sum(p == item["answer"] for p, item in zip(predictions, items))
+    return {"items": len(items), "accuracy": correct / len(items), "predictions": predictions}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launch.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="run dir, checkpoint dir or HF DeepseekV3 dir")
+    parser.add_argument("--data", nargs="+", default=None, help=".jsonl/.json/.parquet/.txt files or globs")
+    parser.add_argument("--text-field", default="text")
+    parser.add_argument("--choices", type=Path, default=None, help="multiple-choice JSONL")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the run's)")
+    parser.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's max positions)")
+    parser.add_argument("--stride", type=int, default=None, help="window advance (default: seq-len / 2)")
+    parser.add_argument("--output", type=Path, default=None, help="JSON file (default: RUN_DIR/eval.json for runs)")
+    args = parser.parse_args(argv)
+    try:
+        if not args.data and not args.choices:
+            raise ConfigError("give --data (held-out text) and/or --choices (multiple-choice JSONL)")
+        loaded, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer)
+        seq_len = args.seq_len or loaded.model.config.max_position_embeddings
+        stride = args.stride or max(1, seq_len // 2)
+        if not 2 <= seq_len <= loaded.model.config.max_position_embeddings or not 1 <= stride < seq_len:
+            raise ConfigError(f"--seq-len {seq_len} / --stride {stride}: expected 2 <= seq-len <= "
+                              f"{loaded.model.config.max_position_embeddings} and 1 <= stride < seq-len")
+        result = {"model": loaded.description, "tokenizer": str(args.tokenizer or loaded.tokenizer_dir), "seq_len": seq_len, "stride": stride}
+        if args.data:
+            result["data"] = args.data
+            result.update(evaluate_texts(loaded.model, tokenizer, iter_texts(args.data, text_field=args.text_field),
+                                         seq_len, stride))
+        if args.choices:
+            result["choices"] = {"file": str(args.choices),
+                                 **score_choices(loaded.model, tokenizer, read_choices(args.choices), seq_len)}
+    except (ConfigError, SourceError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    output = args.output or (loaded.run_dir / "eval.json" if loaded.run_dir else None)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.with_suffix(".tmp").write_text(json.dumps(result, indent=2))
+        output.with_suffix(".tmp").replace(output)
+        print(f"wrote {output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""Running ``launch/pretrain.py`` through the real ``deepspeed`` launcher on CPU (gloo) from tests."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+
+from .conftest import ROOT
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(ranks: int, run_dir, *args, data=None, config="configs/tiny.yaml") -> subprocess.CompletedProcess:
+    """``deepspeed --num_gpus RANKS launch/pretrain.py --config CONFIG --run-dir RUN_DIR ...``; ``data``
+    points the run at an existing tokenizer and packed dataset."""
+    launcher = [shutil.which("deepspeed")] if shutil.which("deepspeed") else [sys.executable, "-m", "deepspeed.launcher.runner"]
+    sets = ["--set", "train.wandb_mode=offline"]
+    if data is not None:
+        sets += ["--set", f"data.dataset={data['dataset']}", "--set", f"data.tokenizer={data['tokenizer']}",
+                 "--set", "data.builtin_corpus=false"]
+    command = [*launcher, "--num_gpus", str(ranks), "--master_port", str(_free_port()), "launch/pretrain.py",
+               "--config", config, "--run-dir", str(run_dir), *sets, *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+def metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
