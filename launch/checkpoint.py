@@ -1,5 +1,12 @@
-"""Checkpoints in ``RUN_DIR/checkpoints``: DeepSpeed's model/optimizer states per tag, each rank's
-RNG states, and the trainer's client state (step, tokens, sampler position).
+"""Checkpoints in ``RUN_DIR/checkpoints/stepNNNNNNNN``, independent of how the run was laid out:
+every parameter with its FP32 master value and AdamW moments, assembled from DeepSpeed's ZeRO-1
+partitions (``deepspeed.utils.safe_get_full_*``), so a run saved with one expert-parallel size
+resumes with another (experts are re-sliced on load) and ``launch.convert`` reads the whole model.
+
+    dense.pt                  non-expert parameters, buffers (router biases), Adam's step, client state
+    experts_SSSSS-EEEEE.pt    the routed experts SSSSS..EEEEE-1 of every MoE block (one file per
+                              expert-parallel rank; a single file without expert parallelism)
+    rng_rankN.pt              each rank's RNG states
 
 A checkpoint is complete only once the ``latest`` pointer names it. The pointer is replaced
 atomically (write + rename) after every rank has finished writing, so a run killed while saving
@@ -10,13 +17,20 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_set_full_fp32_param,
+                             safe_set_full_optimizer_state)
+
+from plugins.experts import RoutedExperts
 
 LATEST = "latest"
+MOMENTS = ("exp_avg", "exp_avg_sq")
+EXPERT_FILE = re.compile(r"experts_(\d+)-(\d+)\.pt")
 
 
 def _rng_state() -> dict:
@@ -29,10 +43,62 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
+def _save(obj, path: Path) -> None:
+    torch.save(obj, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+def expert_parameter_names(model: torch.nn.Module) -> set[str]:
+    """The routed-expert banks ([E, ...] tensors, sliced by expert parallelism)."""
+    return {f"{prefix}.{name}" for prefix, module in model.named_modules() if isinstance(module, RoutedExperts)
+            for name, _ in module.named_parameters(recurse=False)}
+
+
+def read_experts(directory: Path, names: set[str], start: int, stop: int) -> dict[str, dict[str, torch.Tensor]]:
+    """Rows ``start..stop-1`` of every expert bank, from whichever expert files hold them."""
+    files = sorted((int(m[1]), int(m[2]), directory / m[0])
+                   for m in (EXPERT_FILE.fullmatch(p.name) for p in directory.iterdir()) if m)
+    pieces: dict[str, dict[str, list[torch.Tensor]]] = {name: {} for name in names}
+    covered = start
+    for first, last, path in files:
+        if last <= covered or first >= stop:
+            continue
+        if first > covered:
+            break
+        stored = torch.load(path, map_location="cpu", weights_only=False)
+        rows = slice(covered - first, min(stop, last) - first)
+        for name in names:
+            for key, value in stored[name].items():
+                pieces[name].setdefault(key, []).append(value[rows])
+        covered = min(stop, last)
+    if covered < stop:
+        raise FileNotFoundError(f"{directory}: no expert file holds experts {covered}..{stop - 1}")
+    return {name: {key: torch.cat(parts) for key, parts in states.items()} for name, states in pieces.items()}
+
+
+def _link_optimizer_states(engine) -> None:
+    """Make every parameter's view of its AdamW moments valid. DeepSpeed links them once, after the
+    first optimizer step of the first ZeRO parameter group, so the other groups' views stay empty;
+    before any step (a resumed run) there are no moments at all. Create what is missing (zeros,
+    step 0) and re-link all groups."""
+    zero = engine.optimizer
+    for flat in zero.single_partition_of_fp32_groups:
+        state = zero.optimizer.state[flat]
+        if not state:
+            state.update(step=torch.zeros(()), exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat))
+    zero._hp_optimizer_states_linked = False
+    zero._lazy_init_hp_params_optimizer_state()
+
+
 class Checkpointer:
-    def __init__(self, run_dir: Path, rank: int):
+    """``expert_slice``: the global experts this rank holds; ``expert_writer``: whether this rank
+    writes them (one rank per expert-parallel position)."""
+
+    def __init__(self, run_dir: Path, rank: int, expert_slice: slice | None = None, expert_writer: bool = False):
         self.directory = Path(run_dir) / "checkpoints"
         self.rank = rank
+        self.expert_slice = expert_slice
+        self.expert_writer = expert_writer
 
     def latest_tag(self) -> str | None:
         pointer = self.directory / LATEST
@@ -40,10 +106,26 @@ class Checkpointer:
 
     def save(self, engine, step: int, client_state: dict) -> str:
         tag = f"step{step:08d}"
-        engine.save_checkpoint(str(self.directory), tag=tag, client_state=client_state, save_latest=False)
-        rng_path = self.directory / tag / f"rng_rank{self.rank}.pt"
-        torch.save(_rng_state(), rng_path.with_suffix(".tmp"))
-        os.replace(rng_path.with_suffix(".tmp"), rng_path)
+        directory = self.directory / tag
+        directory.mkdir(parents=True, exist_ok=True)
+        model = engine.module
+        _link_optimizer_states(engine)
+        expert_names = expert_parameter_names(model)
+        dense, experts = {}, {}
+        for name, param in model.named_parameters():  # the same order on every rank: the gathers are collective
+            state = {"value": safe_get_full_fp32_param(param).cpu()}
+            state.update({key: safe_get_full_optimizer_state(param, key).cpu() for key in MOMENTS})
+            (experts if name in expert_names else dense)[name] = state
+        if self.rank == 0:
+            params = dict(model.named_parameters())
+            buffers = {k: v.cpu() for k, v in model.state_dict().items() if k not in params}
+            _save({"params": dense, "buffers": buffers, "adam_step": self._adam_step(engine), "client": client_state},
+                  directory / "dense.pt")
+        if experts and (self.expert_writer or self.rank == 0):
+            first, last = (self.expert_slice.start, self.expert_slice.stop) if self.expert_slice else \
+                (0, next(iter(experts.values()))["value"].shape[0])
+            _save(experts, directory / f"experts_{first:05d}-{last:05d}.pt")
+        _save(_rng_state(), directory / f"rng_rank{self.rank}.pt")
         dist.barrier()
         if self.rank == 0:
             pointer = self.directory / f"{LATEST}.tmp"
@@ -53,12 +135,34 @@ class Checkpointer:
         return tag
 
     def load(self, engine) -> tuple[str, dict]:
-        """Restore the latest complete checkpoint; returns its tag and the client state."""
+        """Restore the latest complete checkpoint into the engine; returns its tag and client state."""
         tag = self.latest_tag()
         if tag is None:
             raise FileNotFoundError(f"{self.directory}: no complete checkpoint to resume from")
-        _, client_state = engine.load_checkpoint(str(self.directory), tag=tag)
-        if client_state is None:
-            raise FileNotFoundError(f"{self.directory / tag}: checkpoint could not be read")
-        _set_rng_state(torch.load(self.directory / tag / f"rng_rank{self.rank}.pt", weights_only=False))
-        return tag, client_state
+        directory = self.directory / tag
+        model = engine.module
+        saved = torch.load(directory / "dense.pt", map_location="cpu", weights_only=False)
+        _link_optimizer_states(engine)
+        expert_names = expert_parameter_names(model)
+        experts = {}
+        if expert_names:
+            rows = next(p for n, p in model.named_parameters() if n in expert_names).shape[0]
+            local = self.expert_slice or slice(0, rows)
+            experts = read_experts(directory, expert_names, local.start, local.stop)
+        for name, param in model.named_parameters():
+            state = experts[name] if name in expert_names else saved["params"][name]
+            with torch.no_grad():
+                param.copy_(state["value"])
+            safe_set_full_fp32_param(param, state["value"].to(param.device))
+            for key in MOMENTS:
+                safe_set_full_optimizer_state(param, state[key].to(param.device), key)
+        model.load_state_dict(saved["buffers"], strict=False)
+        for state in engine.optimizer.optimizer.state.values():
+            state["step"].fill_(saved["adam_step"])
+        _set_rng_state(torch.load(directory / f"rng_rank{self.rank}.pt", weights_only=False))
+        return tag, saved["client"]
+
+    @staticmethod
+    def _adam_step(engine) -> float:
+        steps = [float(state["step"]) for state in engine.optimizer.optimizer.state.values()]
+        return steps[0] if steps else 0.0

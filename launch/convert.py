@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from launch.checkpoint import Checkpointer
+from launch.checkpoint import Checkpointer, expert_parameter_names, read_experts
 from launch.recipe import load_run_config
 from plugins.config import ConfigError
 from plugins.model import DeepSeekV3
@@ -20,19 +20,23 @@ from plugins.rope import RotaryEmbedding
 
 
 def load_checkpoint_model(run_dir: Path, tag: str | None = None) -> tuple[DeepSeekV3, str]:
-    """The model of a run's checkpoint (default: the latest complete one), built from its config.yaml."""
+    """The model of a run's checkpoint (default: the latest complete one), built from its config.yaml,
+    with every routed expert whatever expert-parallel size wrote it."""
     run = load_run_config(run_dir / "config.yaml")
     tag = tag or Checkpointer(run_dir, rank=0).latest_tag()
     if tag is None:
         raise ConfigError(f"{run_dir}: no complete checkpoint (checkpoints/latest is missing)")
-    states = run_dir / "checkpoints" / tag / "mp_rank_00_model_states.pt"
-    if not states.is_file():
-        raise ConfigError(f"{states}: missing")
+    directory = run_dir / "checkpoints" / tag
+    if not (directory / "dense.pt").is_file():
+        raise ConfigError(f"{directory / 'dense.pt'}: missing")
     with torch.device("meta"):
         model = DeepSeekV3(run.model)
-    state = torch.load(states, map_location="cpu", weights_only=False)["module"]
+    saved = torch.load(directory / "dense.pt", map_location="cpu", weights_only=False)
+    names = expert_parameter_names(model)
+    experts = read_experts(directory, names, 0, run.model.n_routed_experts) if names else {}
+    state = {name: value["value"] for name, value in {**saved["params"], **experts}.items()}
     # Transformer-Engine linears (--fp8 te) add FP8 metadata next to the same weights.
-    state = {key: value for key, value in state.items() if not key.endswith("._extra_state")}
+    state.update({key: value for key, value in saved["buffers"].items() if not key.endswith("._extra_state")})
     model.load_state_dict(state, assign=True)
     model.rotary = RotaryEmbedding(run.model)  # its frequencies are derived, not stored
     return model, tag

@@ -64,6 +64,9 @@ class MetricsLogger:
         flat["train/tokens"] = record["tokens"]
         flat["perf/tokens_per_s"] = record["tokens_per_s"]
         flat["perf/step_seconds"] = record["step_seconds"]
+        for key in ("ep_destinations_mean", "ep_destinations_max"):
+            if key in record:
+                flat[f"moe/{key}"] = record[key]
         if loads is not None:
             flat["moe/maxvio_global"] = record["maxvio_global"]
             for layer, value in enumerate(record["maxvio"]):

@@ -48,13 +48,13 @@ def load_model(path: str | Path) -> LoadedModel:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if (path / "config.json").is_file():
         return LoadedModel(DeepSeekV3.from_hf(path).to(device).eval(), None, None, f"HF checkpoint {path}")
-    if (path / "mp_rank_00_model_states.pt").is_file():
+    if (path / "dense.pt").is_file():
         run_dir, tag = path.parent.parent, path.name
     elif (path / "config.yaml").is_file():
         run_dir, tag = path, None
     else:
         raise ConfigError(f"{path}: not a run directory (config.yaml), a checkpoint directory "
-                          "(mp_rank_00_model_states.pt) or a HF directory (config.json)")
+                          "(dense.pt) or a HF directory (config.json)")
     model, tag = load_checkpoint_model(run_dir, tag)
     tokenizer_dir = Path(load_run_config(run_dir / "config.yaml").data.tokenizer)
     return LoadedModel(model.to(device).eval(), tokenizer_dir, run_dir, f"{run_dir}/checkpoints/{tag}")

@@ -22,15 +22,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
+from deepspeed.moe.utils import is_moe_param
 
 from data_pipeline import DatasetError, PackedDataset, PackedSampler
 from plugins.balance import max_violation, update_router_bias
 from plugins.config import ConfigError
+from plugins.expert_parallel import ExpertExchange
+from plugins.experts import RoutedExperts
 from plugins.model import DeepSeekV3
+from plugins.moe import shard_experts
 from plugins.precision import FP8_BACKENDS, convert_to_fp8, fp8_autocast, fp8_targets, resolve_backend
 from tokenizer.load import TokenizerDirError
 
 from launch.checkpoint import Checkpointer
+from launch.expert_engine import initialize as initialize_engine, mark_expert_parameters
 from launch.data_setup import setup_data
 from launch.groups import ParallelGroups, build_groups, check_parallel_flags
 from launch.recipe import RunConfig, load_run_config
@@ -62,10 +67,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only; none on norms (the router bias is a buffer, not a parameter)."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
+    """Weight decay on matrices only; none on norms (the router bias is a buffer, not a parameter).
+    Expert-parallel banks form their own group, which DeepSpeed reduces and partitions over the
+    ranks holding the same experts."""
+    experts = [p for p in model.parameters() if is_moe_param(p)]
+    decay = [p for p in model.parameters() if p.ndim >= 2 and not is_moe_param(p)]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if experts:
+        groups.append({"params": experts, "weight_decay": weight_decay, "moe": True, "name": experts[0].group_name})
+    return groups
 
 
 def deepspeed_config(run: RunConfig, groups: ParallelGroups, global_batch: int, on_gpu: bool) -> dict:
@@ -128,8 +139,6 @@ def check_fp8_policy(run: RunConfig) -> None:
 
 
 def train(run: RunConfig, args: argparse.Namespace, on_gpu: bool) -> int:
-    import deepspeed
-
     groups = build_groups(args.pp, args.ep)
     rank0 = groups.rank == 0
     run_dir = args.run_dir or Path("runs") / Path(args.config).stem
@@ -156,15 +165,23 @@ def train(run: RunConfig, args: argparse.Namespace, on_gpu: bool) -> int:
             print(f"initialised the weights from {args.init_from}", flush=True)
     t = run.train
     fp8_modules = convert_to_fp8(model, t.fp8, t.fp8_modules, t.fp8_power_of_two_scales)
+    exchange = None
+    if groups.ep > 1:
+        exchange = ExpertExchange(groups.ep_group, run.model.n_routed_experts)
+        shard_experts(model, exchange)
+        mark_expert_parameters([p for m in model.modules() if isinstance(m, RoutedExperts) for p in m.parameters()],
+                               groups.expert_group_name)
+        checkpointer.expert_slice, checkpointer.expert_writer = exchange.local_slice, groups.expert_dp_rank == 0
+        if rank0:
+            print(f"expert parallelism: {groups.ep} ranks x {exchange.local_experts} routed experts per MoE block",
+                  flush=True)
     if rank0 and fp8_modules:
         print(f"FP8 ({t.fp8}): {len(fp8_modules)} modules with 1x128 / 128x128 block-scaled E4M3 GEMMs "
               f"(report 3.3); embedding, head, gate, norms and MTP projection stay in higher precision",
               flush=True)
     optimizer = torch.optim.AdamW(parameter_groups(model, t.weight_decay), lr=learning_rate(t.lr, 0, 0),
                                   betas=t.betas, eps=t.eps)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(run, groups, batch_size(t.batch, 0, granularity), on_gpu)
-    )
+    engine = initialize_engine(model, optimizer, deepspeed_config(run, groups, batch_size(t.batch, 0, granularity), on_gpu))
     moe_layers = model.moe_layers()
     for moe in moe_layers:  # bf16 engines cast buffers too; the bias stays float32 (report 3.3.1)
         moe.gate.e_score_correction_bias.data = moe.gate.e_score_correction_bias.data.float()
@@ -214,6 +231,12 @@ def train(run: RunConfig, args: argparse.Namespace, on_gpu: bool) -> int:
                     engine.step()  # accumulates; the boundary step below applies the update
             dist.all_reduce(losses, group=groups.dp_group)
             dist.all_reduce(loads, group=groups.dp_group)
+            destinations = None
+            if exchange is not None:  # distinct expert-parallel ranks per token, over the whole batch
+                tokens_sum_max = exchange.take_statistics()
+                dist.all_reduce(tokens_sum_max[:2], group=groups.dp_group)
+                dist.all_reduce(tokens_sum_max[2:], op=dist.ReduceOp.MAX, group=groups.dp_group)
+                destinations = (tokens_sum_max[1] / tokens_sum_max[0]).item(), tokens_sum_max[2].item()
             losses /= accumulation * groups.dp
             if not torch.isfinite(losses).all():  # a NaN anywhere reaches every rank through the sum
                 raise TrainingStopped(
@@ -240,6 +263,8 @@ def train(run: RunConfig, args: argparse.Namespace, on_gpu: bool) -> int:
                     "batch_size": global_batch, "mtp_weight": lam, "bias_update_speed": gamma,
                     "maxvio": maxvio, "maxvio_global": float(np.mean(maxvio)) if maxvio else 0.0,
                 }
+                if destinations is not None:
+                    record["ep_destinations_mean"], record["ep_destinations_max"] = destinations
                 logger.log(record, loads.cpu().numpy() if len(moe_layers) else None)
                 print(f"step {step} | tokens {tokens} | loss {record['loss']:.4f} (lm {record['lm_loss']:.4f} "
                       f"mtp {record['mtp_loss']:.4f} aux {record['aux_loss']:.2e}) | lr {lr:.3e} | "
@@ -264,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         run = load_run_config(args.config, args.set)
-        check_parallel_flags(args.pp, args.ep)
+        check_parallel_flags(args.pp, args.ep, run.model.n_routed_experts)
         run.train.fp8 = resolve_backend(args.fp8 or run.train.fp8)
         check_fp8_policy(run)
     except ConfigError as error:

@@ -8,6 +8,7 @@ from torch import nn
 
 from .balance import expert_load, sequence_balance_loss
 from .config import ModelConfig
+from .expert_parallel import ExpertExchange
 from .experts import RoutedExperts, combine, dispatch, plan_dispatch
 from .mlp import SwiGLU
 from .router import Router
@@ -25,6 +26,7 @@ class DeepSeekMoE(nn.Module):
             if config.n_shared_experts
             else None
         )
+        self.exchange: ExpertExchange | None = None  # set by shard_experts: experts live on other ranks too
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x`` [B, T, D] -> (output [B, T, D], balance loss (scalar), expert load [E])."""
@@ -32,7 +34,13 @@ class DeepSeekMoE(nn.Module):
         tokens = x.reshape(-1, dim)
         routing = self.gate(tokens)
         plan = plan_dispatch(routing.indices, self.num_experts)
-        routed = self.experts(dispatch(tokens, plan), plan.counts)
+        rows = dispatch(tokens, plan)
+        if self.exchange is None:
+            routed = self.experts(rows, plan.counts)
+        else:
+            self.exchange.observe(routing.indices)
+            local_rows, exchange = self.exchange.dispatch(rows, plan.counts)
+            routed = self.exchange.combine(self.experts(local_rows, exchange.local_counts), exchange)
         out = combine(routed, routing.weights, plan, tokens.shape[0]).view(batch, seq_len, dim)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
@@ -40,3 +48,15 @@ class DeepSeekMoE(nn.Module):
             routing.scores.view(batch, seq_len, -1), routing.indices.view(batch, seq_len, -1), self.alpha
         )
         return out, balance, expert_load(routing.indices, self.num_experts)
+
+
+def shard_experts(model: nn.Module, exchange: ExpertExchange) -> None:
+    """Keep only this rank's routed experts in every DeepSeekMoE of ``model`` (report 3.2.2); the
+    rest are reached through ``exchange``. Parameters become new, smaller tensors (copies of the
+    local slice), so call this before an optimizer sees them."""
+    for moe in (m for m in model.modules() if isinstance(m, DeepSeekMoE)):
+        experts = moe.experts
+        for name in ("gate_up_proj", "down_proj"):
+            setattr(experts, name, nn.Parameter(getattr(experts, name).data[exchange.local_slice].clone()))
+        experts.num_experts = exchange.local_experts
+        moe.exchange = exchange

@@ -78,7 +78,7 @@ def test_resume_reproduces_the_uninterrupted_losses(data, tmp_path):
     # A save killed half way: the directory exists but `latest` still names step 4.
     partial = tmp_path / "split" / "checkpoints" / "step00000006"
     partial.mkdir()
-    (partial / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
+    (partial / "dense.pt").write_bytes(b"truncated")
     resumed = _ok(launch(1, tmp_path / "split", "--steps", "8", "--resume", data=data))
     assert "resumed" in resumed.stdout and "step00000004" in resumed.stdout
     straight, split = metrics(tmp_path / "straight"), metrics(tmp_path / "split")

@@ -1,0 +1,103 @@
+"""Expert parallelism (report 3.2.2): each of the ``size`` ranks of an expert-parallel group holds
+``n_routed_experts / size`` consecutive routed experts. After routing, a rank's expert-sorted rows
+(``plugins.experts.dispatch``) are sent to the ranks that hold their experts with one variable-split
+all-to-all (the per-expert counts are exchanged first: no capacity, no dropped token), computed by
+the local experts in one grouped computation, and sent back by the reverse all-to-all before the
+gate-weighted combine. ``ExpertExchange.dispatch`` and ``.combine`` are separate calls so a
+pipeline schedule can overlap one micro-batch's exchange with another's computation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+class _AllToAll(torch.autograd.Function):
+    """``all_to_all_single`` with variable splits whose backward is the reverse exchange."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, send_splits: list[int], recv_splits: list[int], group) -> torch.Tensor:
+        ctx.splits, ctx.group = (send_splits, recv_splits), group
+        out = rows.new_empty(sum(recv_splits), *rows.shape[1:])
+        dist.all_to_all_single(out, rows.contiguous(), recv_splits, send_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        send_splits, recv_splits = ctx.splits
+        return _AllToAll.apply(grad, recv_splits, send_splits, ctx.group), None, None, None
+
+
+@dataclass
+class ExchangePlan:
+    """One exchange's bookkeeping: rows sent to / received from each rank, the permutation that turns
+    received rows (source-major) into local-expert-major order, and the rows of each local expert."""
+
+    send_splits: list[int]
+    recv_splits: list[int]
+    order: torch.Tensor
+    local_counts: torch.Tensor
+
+
+class ExpertExchange:
+    """Moves expert-sorted token rows between the ranks of one expert-parallel group (gloo or NCCL)."""
+
+    def __init__(self, group: dist.ProcessGroup | None, num_experts: int):
+        self.group = group
+        self.size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        if num_experts % self.size:
+            raise ValueError(f"{num_experts} routed experts do not divide over {self.size} expert-parallel ranks")
+        self.num_experts = num_experts
+        self.local_experts = num_experts // self.size
+        self.statistics = torch.zeros(3)  # tokens seen, sum and max of their distinct destination ranks
+
+    def observe(self, indices: torch.Tensor) -> None:
+        """Count, for the tokens of one routing decision [N, k], how many ranks each one reaches."""
+        owner = torch.arange(self.size, device=indices.device).repeat_interleave(self.local_experts)
+        ranks = distinct_destinations(indices, owner).float()
+        if ranks.numel():
+            tokens, total, most = self.statistics.tolist()
+            self.statistics = torch.tensor([tokens + ranks.numel(), total + ranks.sum().item(),
+                                            max(most, ranks.max().item())])
+
+    def take_statistics(self) -> torch.Tensor:
+        """[tokens, sum, max] of distinct destination ranks since the last call; resets them."""
+        taken, self.statistics = self.statistics, torch.zeros(3)
+        return taken
+
+    @property
+    def local_slice(self) -> slice:
+        """The global experts this rank holds."""
+        return slice(self.rank * self.local_experts, (self.rank + 1) * self.local_experts)
+
+    def dispatch(self, rows: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, ExchangePlan]:
+        """``rows`` [M, D] sorted by global expert with ``counts`` [E] -> this rank's experts' rows
+        from every rank, sorted by local expert, and the plan that sends their outputs back."""
+        by_rank = counts.view(self.size, self.local_experts)
+        received_counts = torch.empty_like(by_rank)
+        dist.all_to_all_single(received_counts, by_rank.contiguous(), group=self.group)
+        send_splits, recv_splits = by_rank.sum(1).tolist(), received_counts.sum(1).tolist()
+        received = _AllToAll.apply(rows, send_splits, recv_splits, self.group)
+        flat = received_counts.flatten()  # source-major blocks of local experts
+        expert = torch.arange(self.local_experts, device=rows.device).repeat(self.size)
+        source = torch.arange(self.size, device=rows.device).repeat_interleave(self.local_experts)
+        key = torch.repeat_interleave(expert * self.size + source, flat)
+        order = key.argsort(stable=True)
+        return received[order], ExchangePlan(send_splits, recv_splits, order, received_counts.sum(0))
+
+    def combine(self, outputs: torch.Tensor, plan: ExchangePlan) -> torch.Tensor:
+        """The local experts' outputs (local-expert-major) -> this rank's rows, in its original order."""
+        source_major = outputs[plan.order.argsort()]
+        return _AllToAll.apply(source_major, plan.recv_splits, plan.send_splits, self.group)
+
+
+def distinct_destinations(indices: torch.Tensor, destinations: torch.Tensor) -> torch.Tensor:
+    """Per token, how many different ranks its chosen experts live on (node-limited routing bounds
+    it by ``topk_group`` when groups align with ranks)."""
+    ranks = destinations[indices]  # [N, k]
+    sorted_ranks = ranks.sort(dim=-1).values
+    return 1 + (sorted_ranks[:, 1:] != sorted_ranks[:, :-1]).sum(-1)

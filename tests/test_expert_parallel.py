@@ -1,0 +1,139 @@
+"""Expert-parallel dispatch/combine on 2 and 4 gloo ranks against the single-process DeepSeekMoE."""
+
+import os
+import shutil
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from plugins.config import ModelConfig
+from plugins.expert_parallel import ExpertExchange, distinct_destinations
+from plugins.model import init_weights
+from plugins.moe import DeepSeekMoE, shard_experts
+
+from .conftest import ROOT
+from .launcher import launch, metrics, ok
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _layer(skew: str) -> DeepSeekMoE:
+    torch.manual_seed(0)
+    config = ModelConfig.from_yaml(ROOT / "configs" / "tiny.yaml")
+    moe = DeepSeekMoE(config)
+    init_weights(moe, 0.1)
+    if skew == "one_rank":  # every token's experts on the first ranks: the others receive nothing
+        moe.gate.e_score_correction_bias[:4] = 10.0
+    return moe
+
+
+def _tokens(rank: int, count: int) -> torch.Tensor:
+    return torch.randn(1, count, 128, generator=torch.Generator().manual_seed(100 + rank))
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def _worker(rank: int, world: int, port: int, skew: str, counts: list[int], results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        # reference: every rank's tokens through the whole layer in one process
+        reference = _layer(skew)
+        ref_out = [reference(_tokens(r, counts[r]))[0] for r in range(world)]
+        sum(o.square().sum() for o in ref_out).backward()
+
+        moe = _layer(skew)
+        exchange = ExpertExchange(None, moe.num_experts)
+        shard_experts(moe, exchange)
+        out, _, load = moe(_tokens(rank, counts[rank]))
+        out.square().sum().backward()
+        dist.all_reduce(load)
+        local = exchange.local_slice
+        routing = moe.gate(_tokens(rank, counts[rank]).reshape(-1, 128))
+        results[rank] = {
+            "out": (out - ref_out[rank]).abs().max().item(),
+            # expert weights see every rank's tokens: their gradient is the sum over ranks' losses
+            "experts": max(_relative(moe.experts.gate_up_proj.grad, reference.experts.gate_up_proj.grad[local]),
+                           _relative(moe.experts.down_proj.grad, reference.experts.down_proj.grad[local])),
+            "local_shape": tuple(moe.experts.gate_up_proj.shape),
+            "gate_grad_own": moe.gate.weight.grad.clone(),
+            "load": load.tolist(),
+            "destinations": distinct_destinations(routing.indices, torch.arange(world).repeat_interleave(16 // world)).tolist(),
+        }
+        if rank == 0:
+            results["reference_load"] = sum(
+                torch.bincount(reference.gate(_tokens(r, counts[r]).reshape(-1, 128)).indices.flatten(), minlength=16)
+                for r in range(world)).tolist()
+            results["reference_gate_grad"] = reference.gate.weight.grad.clone()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world,skew,counts", [(2, "none", [40, 24]), (4, "none", [16, 3, 33, 8]),
+                                               (2, "one_rank", [20, 20]), (4, "one_rank", [5, 9, 1, 30])])
+def test_expert_parallel_layer_equals_the_single_process_layer(world, skew, counts):
+    results = mp.Manager().dict()
+    mp.spawn(_worker, args=(world, _port(), skew, counts, results), nprocs=world, join=True)
+    for rank in range(world):
+        r = results[rank]
+        assert r["local_shape"][0] == 16 // world
+        assert r["out"] <= 1e-5, (rank, r["out"])
+        assert r["experts"] <= 1e-5, (rank, r["experts"])
+        assert r["load"] == results["reference_load"]  # the all-reduced load is the whole batch's
+        assert all(1 <= d <= min(world, 4) for d in r["destinations"])
+    # the gate and shared experts are replicated: summed over ranks their gradients are the reference's
+    total = sum(results[rank]["gate_grad_own"] for rank in range(world))
+    assert (total - results["reference_gate_grad"]).abs().max() <= 1e-4
+
+
+def _state(run_dir):
+    from launch.convert import load_checkpoint_model
+
+    return load_checkpoint_model(run_dir)[0].state_dict()
+
+
+def test_expert_parallel_training_through_the_launcher(embedded_run, tmp_path):
+    """4 gloo ranks, same global batch: --ep 2 and --ep 4 train exactly like --ep 1 (every
+    parameter after 4 steps, every loss), and a checkpoint written at --ep 2 resumes at 1 and 4."""
+    data = embedded_run[1]
+    common = ("--set", "train.micro_batch_size=2")
+    runs = {ep: tmp_path / f"ep{ep}" for ep in (1, 2, 4)}
+    for ep, run_dir in runs.items():
+        steps = "2" if ep == 2 else "4"
+        ok(launch(4, run_dir, "--steps", steps, "--ep", str(ep), *common, data=data))
+    reference = metrics(runs[1])
+    for ep in (2, 4):
+        records = metrics(runs[ep])
+        for a, b in zip(reference, records):
+            assert abs(a["loss"] - b["loss"]) <= 1e-4, (ep, a["step"], a["loss"], b["loss"])
+            assert a["expert_load"] == b["expert_load"]
+        assert all(1 <= r["ep_destinations_mean"] <= r["ep_destinations_max"] <= 2 for r in records)  # topk_group
+    # All 16 experts gathered from the 4 expert ranks. Sums run in another order across ranks, and
+    # AdamW's division by sqrt(v) lets those 1e-7 gradient differences move weights by ~1e-5.
+    theirs, ours = _state(runs[1]), _state(runs[4])
+    assert theirs.keys() == ours.keys()
+    assert max((theirs[k] - ours[k]).abs().max().item() for k in theirs) <= 5e-5
+    for ep in (1, 4):  # resume the ep=2 checkpoint (step 2) with another expert layout
+        resumed = tmp_path / f"ep2_to_ep{ep}"
+        shutil.copytree(runs[2], resumed)
+        result = ok(launch(4, resumed, "--steps", "4", "--ep", str(ep), "--resume", *common, data=data))
+        assert "resumed" in result.stdout
+        for a, b in zip(reference[2:], metrics(resumed)[2:]):
+            assert abs(a["loss"] - b["loss"]) <= 1e-5, (ep, a["step"], a["loss"], b["loss"])
+
+
+def test_expert_parallel_sizes_that_cannot_run_fail_before_any_work(embedded_run, tmp_path):
+    result = launch(2, tmp_path / "ep3", "--ep", "3", data=embedded_run[1])
+    assert result.returncode != 0 and "--ep 3: must be a positive divisor of model.n_routed_experts = 16" in result.stderr
+    result = launch(2, tmp_path / "ep4", "--ep", "4", data=embedded_run[1])
+    assert result.returncode != 0 and "--ep 4: does not divide the data-parallel size 2" in result.stderr
+    assert not (tmp_path / "ep3").exists() and not (tmp_path / "ep4").exists()
