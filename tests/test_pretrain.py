@@ -64,12 +64,15 @@ def data(embedded_run):
 def test_two_ranks_give_the_losses_of_one(data, tmp_path):
     _ok(launch(1, tmp_path / "one", "--steps", "6", data=data))
     _ok(launch(2, tmp_path / "two", "--steps", "6", data=data))
-    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
-    assert METRIC_KEYS <= set(two[0])
-    for a, b in zip(one, two):
-        assert a["batch_size"] == b["batch_size"]
-        assert abs(a["loss"] - b["loss"]) <= 1e-4, (a["step"], a["loss"], b["loss"])
-        assert a["expert_load"] == b["expert_load"]
+    _ok(launch(2, tmp_path / "two_ep2", "--steps", "6", "--ep", "2", data=data))  # each rank holds 8 experts
+    one = metrics(tmp_path / "one")
+    for run in ("two", "two_ep2"):
+        two = metrics(tmp_path / run)
+        assert METRIC_KEYS <= set(two[0])
+        for a, b in zip(one, two):
+            assert a["batch_size"] == b["batch_size"]
+            assert abs(a["loss"] - b["loss"]) <= 1e-4, (run, a["step"], a["loss"], b["loss"])
+            assert a["expert_load"] == b["expert_load"]
 
 
 def test_resume_reproduces_the_uninterrupted_losses(data, tmp_path):
