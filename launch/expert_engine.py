@@ -14,11 +14,25 @@ import torch
 from deepspeed import DeepSpeedConfig, DeepSpeedEngine, set_optimizer_flags
 from deepspeed.moe.utils import is_moe_param
 
+from plugins.expert_parallel import ExpertExchange
+from plugins.experts import RoutedExperts
+from plugins.moe import shard_experts
 
-def mark_expert_parameters(params: list[torch.nn.Parameter], group_name: str) -> None:
-    for param in params:
+from launch.groups import ParallelGroups
+
+
+def shard_for_expert_parallel(model: torch.nn.Module, groups: ParallelGroups) -> ExpertExchange | None:
+    """With ``--ep N > 1``: keep this rank's experts, route tokens through an exchange over its
+    expert-parallel group, and mark the expert banks for DeepSpeed. Returns the exchange."""
+    if groups.ep == 1:
+        return None
+    moe_experts = [m for m in model.modules() if isinstance(m, RoutedExperts)]
+    exchange = ExpertExchange(groups.ep_group, moe_experts[0].num_experts)
+    shard_experts(model, exchange)
+    for param in (p for m in moe_experts for p in m.parameters()):
         param.allreduce = False
-        param.group_name = group_name
+        param.group_name = groups.expert_group_name
+    return exchange
 
 
 class ExpertParallelEngine(DeepSpeedEngine):

@@ -27,15 +27,12 @@ from deepspeed.moe.utils import is_moe_param
 from data_pipeline import DatasetError, PackedDataset, PackedSampler
 from plugins.balance import max_violation, update_router_bias
 from plugins.config import ConfigError
-from plugins.expert_parallel import ExpertExchange
-from plugins.experts import RoutedExperts
 from plugins.model import DeepSeekV3
-from plugins.moe import shard_experts
 from plugins.precision import FP8_BACKENDS, convert_to_fp8, fp8_autocast, fp8_targets, resolve_backend
 from tokenizer.load import TokenizerDirError
 
 from launch.checkpoint import Checkpointer
-from launch.expert_engine import initialize as initialize_engine, mark_expert_parameters
+from launch.expert_engine import initialize as initialize_engine, shard_for_expert_parallel
 from launch.data_setup import setup_data
 from launch.groups import ParallelGroups, build_groups, check_parallel_flags
 from launch.recipe import RunConfig, load_run_config
@@ -165,12 +162,8 @@ def train(run: RunConfig, args: argparse.Namespace, on_gpu: bool) -> int:
             print(f"initialised the weights from {args.init_from}", flush=True)
     t = run.train
     fp8_modules = convert_to_fp8(model, t.fp8, t.fp8_modules, t.fp8_power_of_two_scales)
-    exchange = None
-    if groups.ep > 1:
-        exchange = ExpertExchange(groups.ep_group, run.model.n_routed_experts)
-        shard_experts(model, exchange)
-        mark_expert_parameters([p for m in model.modules() if isinstance(m, RoutedExperts) for p in m.parameters()],
-                               groups.expert_group_name)
+    exchange = shard_for_expert_parallel(model, groups)
+    if exchange is not None:
         checkpointer.expert_slice, checkpointer.expert_writer = exchange.local_slice, groups.expert_dp_rank == 0
         if rank0:
             print(f"expert parallelism: {groups.ep} ranks x {exchange.local_experts} routed experts per MoE block",
