@@ -24,7 +24,6 @@ class ParallelGroups:
     dp_rank: int
     dp_group: dist.ProcessGroup | None  # None: the default (world) group
     ep_group: dist.ProcessGroup | None = None  # this rank's expert-parallel group (ep > 1)
-    ep_rank: int = 0
     expert_dp_rank: int = 0  # position among the ranks that hold the same experts
     expert_group_name: str | None = None  # DeepSpeed's name for the ep / expert-dp groups
 
@@ -53,7 +52,6 @@ def build_groups(pp: int, ep: int) -> ParallelGroups:
         name = f"ep_size_{ep}"
         ds_groups._create_expert_and_data_parallel(ep)
         groups.ep_group = ds_groups._get_expert_parallel_group(name)
-        groups.ep_rank = dist.get_rank(groups.ep_group)
         groups.expert_dp_rank = ds_groups._get_expert_data_parallel_rank(name)
         groups.expert_group_name = name
     return groups

@@ -12,7 +12,7 @@ MTP block keeps its own latent cache over the positions whose next token is know
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -27,7 +27,6 @@ class Decoded:
     main_forwards: int
     drafted: int = 0
     accepted: int = 0
-    per_step: list[bool] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
@@ -99,14 +98,11 @@ def generate_speculative(model: DeepSeekV3, prompt: list[int], max_new_tokens: i
         result.main_forwards += 1
         result.drafted += 1
         verified = int(logits[0].argmax())
+        result.accepted += int(verified == draft)
         if verified == draft and verified != eos_id and len(tokens) + 1 < max_new_tokens:
-            result.accepted += 1
-            result.per_step.append(True)
             tokens += [verified, int(logits[1].argmax())]
             draft = draft_after(h, tokens[-2:], rope)
         else:
-            result.per_step.append(verified == draft)
-            result.accepted += int(verified == draft)
             cache.truncate(length + 1, main_layers)
             tokens.append(verified)
             draft = draft_after(h[:, :1], tokens[-1:], (rope[0][:1], rope[1][:1]))

@@ -51,7 +51,6 @@ class ExpertExchange:
         self.rank = dist.get_rank(group)
         if num_experts % self.size:
             raise ValueError(f"{num_experts} routed experts do not divide over {self.size} expert-parallel ranks")
-        self.num_experts = num_experts
         self.local_experts = num_experts // self.size
         self.statistics = torch.zeros(3)  # tokens seen, sum and max of their distinct destination ranks
 
