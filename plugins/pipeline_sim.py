@@ -1,0 +1,186 @@
+"""Timing a pipeline schedule's event order (``plugins.dualpipe.build_schedule``) with given op
+costs: each rank runs its ops in order, an op starts when its rank is free and its inputs exist
+(communication free), and the bubble of a rank is its idle time before its last op ends. The
+report's Table 2 formulas are printed beside the measured bubbles (F, B, W: forward, full
+backward, weight-gradient cost of one chunk; F&B: an overlapped forward+backward pair).
+
+    python -m plugins.dualpipe simulate --pp 8 --micro-batches 20 [--f 1 --b 2 --w 1 --fb 2.5] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .dualpipe import SCHEDULES, Layout, Op, ScheduleError, build_schedule, check
+
+
+@dataclass(frozen=True)
+class Costs:
+    f: float = 1.0
+    b: float = 2.0
+    w: float = 1.0
+    fb: float = 2.5
+
+    def of(self, op: Op) -> float:
+        return {"F": self.f, "B": self.b, "I": self.b - self.w, "W": self.w, "FB": self.fb}[op.kind]
+
+
+@dataclass(frozen=True)
+class Interval:
+    rank: int
+    start: float
+    end: float
+    op: Op
+
+
+def formula(schedule: str, ranks: int, costs: Costs) -> float:
+    """Bubble per rank: report Table 2 for 1F1B and DualPipe; DualPipeV on PP ranks is DualPipe on
+    2PP ranks folded, so its bubble is DualPipe's with PP replaced by 2PP."""
+    if schedule == "1f1b":
+        return (ranks - 1) * (costs.f + costs.b)
+    pp = ranks if schedule == "dualpipe" else 2 * ranks
+    return (pp / 2 - 1) * (costs.fb + costs.b - 3 * costs.w)
+
+
+def simulate(layout: Layout, costs: Costs) -> list[Interval]:
+    """Executes every rank's ops; raises ScheduleError on a deadlock (an input never produced)."""
+    programs = [build_schedule(layout, r) for r in range(layout.ranks)]
+    last_stage = layout.stages - 1
+    done: dict[tuple[str, int, int], float] = {}  # ("F" | "B", stage, micro) -> finish time
+    clock = [0.0] * layout.ranks
+    cursor = [0] * layout.ranks
+    deferred = [0] * layout.ranks
+    intervals: list[Interval] = []
+
+    def inputs(rank: int, op: Op) -> list[tuple[str, int, int]] | None:
+        needed = []
+        if op.forward is not None:
+            stage, micro = layout.stage(rank, op.forward[0]), op.forward[1]
+            if stage > 0:
+                needed.append(("F", stage - 1, micro))
+        if op.backward is not None:
+            stage, micro = layout.stage(rank, op.backward[0]), op.backward[1]
+            needed.append(("F", stage, micro))
+            if stage < last_stage:
+                needed.append(("B", stage + 1, micro))
+        return needed if all(key in done for key in needed) else None
+
+    remaining = sum(len(p) for p in programs)
+    while remaining:
+        progressed = False
+        for rank, program in enumerate(programs):
+            while cursor[rank] < len(program):
+                op = program[cursor[rank]]
+                needed = inputs(rank, op)
+                if needed is None:
+                    break
+                if op.kind == "W" and not deferred[rank]:
+                    raise ScheduleError(f"rank {rank}: W with no deferred weight gradient (op {cursor[rank]})")
+                start = max([clock[rank], *(done[key] for key in needed)])
+                end = start + costs.of(op)
+                clock[rank] = end
+                deferred[rank] += (op.kind == "I") - (op.kind == "W")
+                if op.forward is not None:
+                    done[("F", layout.stage(rank, op.forward[0]), op.forward[1])] = end
+                if op.backward is not None:
+                    done[("B", layout.stage(rank, op.backward[0]), op.backward[1])] = end
+                intervals.append(Interval(rank, start, end, op))
+                cursor[rank] += 1
+                remaining -= 1
+                progressed = True
+        if not progressed:
+            stuck = {r: programs[r][cursor[r]] for r in range(layout.ranks) if cursor[r] < len(programs[r])}
+            raise ScheduleError(f"{layout.schedule}: deadlock, waiting ops {stuck}")
+    return intervals
+
+
+def bubbles(layout: Layout, intervals: list[Interval]) -> list[float]:
+    """Idle time of each rank between the step's start and its own last op."""
+    result = []
+    for rank in range(layout.ranks):
+        own = [i for i in intervals if i.rank == rank]
+        result.append(max(i.end for i in own) - sum(i.end - i.start for i in own))
+    return result
+
+
+COLOURS = {"F": "#4c72b0", "B": "#55a868", "I": "#8fd19e", "W": "#c9c9c9", "FB": "#dd8452"}
+
+
+def timeline_png(layout: Layout, intervals: list[Interval], path: Path) -> Path:
+    """Ranks x time; each op a box labelled with its micro-batch(es)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    end = max(i.end for i in intervals)
+    fig, ax = plt.subplots(figsize=(max(8, end * 0.35), 0.5 * layout.ranks + 1.2))
+    for i in intervals:
+        ax.barh(i.rank, i.end - i.start, left=i.start, color=COLOURS[i.op.kind], edgecolor="black", linewidth=0.4)
+        label = "/".join(str(x[1]) for x in (i.op.forward, i.op.backward) if x is not None)
+        if label:
+            ax.text((i.start + i.end) / 2, i.rank, label, ha="center", va="center", fontsize=6)
+    ax.set_yticks(range(layout.ranks), [f"rank {r}" for r in range(layout.ranks)])
+    ax.invert_yaxis()
+    ax.set_xlabel("time (op cost units)")
+    ax.set_title(f"{layout.schedule}: PP={layout.ranks}, {layout.micro_batches} micro-batches")
+    names = {"F": "forward", "B": "backward", "I": "backward (input grad)", "W": "weight grad",
+             "FB": "forward & backward overlapped"}
+    ax.legend(handles=[Patch(color=COLOURS[k], label=v) for k, v in names.items()], loc="upper center",
+              bbox_to_anchor=(0.5, -0.25), ncol=5, fontsize=7, frameon=False)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m plugins.dualpipe", description="pipeline schedules")
+    commands = parser.add_subparsers(dest="command", required=True)
+    sim = commands.add_parser("simulate", help="time DualPipe, DualPipeV and 1F1B; timeline PNGs; bubbles vs formulas")
+    sim.add_argument("--pp", type=int, required=True, help="pipeline ranks")
+    sim.add_argument("--micro-batches", type=int, required=True)
+    for name, default in (("f", 1.0), ("b", 2.0), ("w", 1.0), ("fb", 2.5)):
+        sim.add_argument(f"--{name}", type=float, default=default, help=f"cost of {name.upper()} (default {default})")
+    sim.add_argument("--out", type=Path, default=Path("runs/pipeline_sim"), help="where the PNGs and JSON go")
+    args = parser.parse_args(argv)
+    costs = Costs(args.f, args.b, args.w, args.fb)
+    if not (0 < costs.w < costs.b):
+        print(f"error: --w {costs.w}: the weight-gradient part must be positive and below --b {costs.b}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for schedule in SCHEDULES:
+        ranks = args.pp // 2 if schedule == "dualpipev" else args.pp  # DualPipeV: the same stages on half the ranks
+        try:
+            layout = check(schedule, ranks, args.micro_batches)
+            intervals = simulate(layout, costs)
+        except ScheduleError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        measured = bubbles(layout, intervals)
+        png = timeline_png(layout, intervals, args.out / f"{schedule}_pp{args.pp}_m{args.micro_batches}.png")
+        rows.append({"schedule": schedule, "ranks": ranks, "stages": layout.stages,
+                     "bubble_max": max(measured), "bubble_min": min(measured), "formula": formula(schedule, ranks, costs),
+                     "makespan": max(i.end for i in intervals), "timeline": str(png)})
+    print(f"{'schedule':<10} {'ranks':>5} {'stages':>6} {'bubble (max rank)':>18} {'formula':>8} {'makespan':>9}")
+    for r in rows:
+        print(f"{r['schedule']:<10} {r['ranks']:>5} {r['stages']:>6} {r['bubble_max']:>18.2f} {r['formula']:>8.2f} "
+              f"{r['makespan']:>9.2f}")
+    report = args.out / f"bubbles_pp{args.pp}_m{args.micro_batches}.json"
+    report.with_suffix(".tmp").write_text(json.dumps({"costs": costs.__dict__, "schedules": rows}, indent=1))
+    os.replace(report.with_suffix(".tmp"), report)
+    print(f"wrote {report} and the timelines {', '.join(r['timeline'] for r in rows)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
