@@ -8,6 +8,10 @@ resumes with another (experts are re-sliced on load) and ``launch.convert`` read
                               expert-parallel rank; a single file without expert parallelism)
     rng_rankN.pt              each rank's RNG states
 
+With pipeline parallelism every pipeline rank writes its own stages (``dense_ppNNN.pt``,
+``experts_SSSSS-EEEEE_ppNNN.pt``); a parameter held by several pipeline ranks (DualPipe's stage
+replicas) is written once, by the first. Readers merge the files by parameter name.
+
 A checkpoint is complete only once the ``latest`` pointer names it. The pointer is replaced
 atomically (write + rename) after every rank has finished writing, so a run killed while saving
 resumes from the previous complete checkpoint.
@@ -30,7 +34,8 @@ from plugins.experts import RoutedExperts
 
 LATEST = "latest"
 MOMENTS = ("exp_avg", "exp_avg_sq")
-EXPERT_FILE = re.compile(r"experts_(\d+)-(\d+)\.pt")
+EXPERT_FILE = re.compile(r"experts_(\d+)-(\d+)(?:_pp\d+)?\.pt")
+DENSE_FILE = re.compile(r"dense(?:_pp\d+)?\.pt")
 
 
 def _rng_state() -> dict:
@@ -54,25 +59,41 @@ def expert_parameter_names(model: torch.nn.Module) -> set[str]:
             for name, _ in module.named_parameters(recurse=False)}
 
 
+def is_checkpoint(directory: Path) -> bool:
+    return directory.is_dir() and any(DENSE_FILE.fullmatch(p.name) for p in directory.iterdir())
+
+
+def read_dense(directory: Path) -> dict:
+    """``dense.pt``, or the pipeline ranks' ``dense_ppNNN.pt`` merged: params, buffers, adam_step, client."""
+    files = sorted(p for p in directory.iterdir() if DENSE_FILE.fullmatch(p.name))
+    if not files:
+        raise FileNotFoundError(f"{directory}: no dense.pt (not a complete checkpoint)")
+    merged = {"params": {}, "buffers": {}}
+    for path in files:
+        stored = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        merged["params"].update(stored["params"])
+        merged["buffers"].update(stored["buffers"])
+        merged["adam_step"], merged["client"] = stored["adam_step"], stored["client"]
+    return merged
+
+
 def read_experts(directory: Path, names: set[str], start: int, stop: int) -> dict[str, dict[str, torch.Tensor]]:
-    """Rows ``start..stop-1`` of every expert bank, from whichever expert files hold them."""
+    """Rows ``start..stop-1`` of every expert bank in ``names``, from whichever expert files hold them."""
     files = sorted((int(m[1]), int(m[2]), directory / m[0])
                    for m in (EXPERT_FILE.fullmatch(p.name) for p in directory.iterdir()) if m)
     pieces: dict[str, dict[str, list[torch.Tensor]]] = {name: {} for name in names}
-    covered = start
     for first, last, path in files:
-        if last <= covered or first >= stop:
+        if last <= start or first >= stop:
             continue
-        if first > covered:
-            break
-        stored = torch.load(path, map_location="cpu", weights_only=False)
-        rows = slice(covered - first, min(stop, last) - first)
-        for name in names:
+        stored = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        rows = slice(max(start, first) - first, min(stop, last) - first)
+        for name in names & stored.keys():
             for key, value in stored[name].items():
                 pieces[name].setdefault(key, []).append(value[rows])
-        covered = min(stop, last)
-    if covered < stop:
-        raise FileNotFoundError(f"{directory}: no expert file holds experts {covered}..{stop - 1}")
+    for name, states in pieces.items():
+        held = sum(part.shape[0] for part in states.get("value", []))
+        if held != stop - start:
+            raise FileNotFoundError(f"{directory}: the expert files hold {held} of experts {start}..{stop - 1} of {name}")
     return {name: {key: torch.cat(parts) for key, parts in states.items()} for name, states in pieces.items()}
 
 
@@ -92,13 +113,17 @@ def _link_optimizer_states(engine) -> None:
 
 class Checkpointer:
     """``expert_slice``: the global experts this rank holds; ``expert_writer``: whether this rank
-    writes them (one rank per expert-parallel position)."""
+    writes them (one rank per expert-parallel position); ``pipeline_rank``: set under pipeline
+    parallelism, with ``dense_writer`` true on one data-parallel rank of each pipeline rank."""
 
-    def __init__(self, run_dir: Path, rank: int, expert_slice: slice | None = None, expert_writer: bool = False):
+    def __init__(self, run_dir: Path, rank: int, expert_slice: slice | None = None, expert_writer: bool = False,
+                 pipeline_rank: int | None = None, dense_writer: bool | None = None):
         self.directory = Path(run_dir) / "checkpoints"
         self.rank = rank
         self.expert_slice = expert_slice
         self.expert_writer = expert_writer
+        self.suffix = "" if pipeline_rank is None else f"_pp{pipeline_rank:03d}"
+        self.dense_writer = rank == 0 if dense_writer is None else dense_writer
 
     def latest_tag(self) -> str | None:
         pointer = self.directory / LATEST
@@ -115,16 +140,17 @@ class Checkpointer:
         for name, param in model.named_parameters():  # the same order on every rank: the gathers are collective
             state = {"value": safe_get_full_fp32_param(param).cpu()}
             state.update({key: safe_get_full_optimizer_state(param, key).cpu() for key in MOMENTS})
-            (experts if name in expert_names else dense)[name] = state
-        if self.rank == 0:
+            if not getattr(param, "ds_pipe_replicated", False):
+                (experts if name in expert_names else dense)[name] = state
+        if self.dense_writer:
             params = dict(model.named_parameters())
             buffers = {k: v.cpu() for k, v in model.state_dict().items() if k not in params}
             _save({"params": dense, "buffers": buffers, "adam_step": self._adam_step(engine), "client": client_state},
-                  directory / "dense.pt")
-        if experts and (self.expert_writer or self.rank == 0):
+                  directory / f"dense{self.suffix}.pt")
+        if experts and (self.expert_writer or self.dense_writer):
             first, last = (self.expert_slice.start, self.expert_slice.stop) if self.expert_slice else \
                 (0, next(iter(experts.values()))["value"].shape[0])
-            _save(experts, directory / f"experts_{first:05d}-{last:05d}.pt")
+            _save(experts, directory / f"experts_{first:05d}-{last:05d}{self.suffix}.pt")
         _save(_rng_state(), directory / f"rng_rank{self.rank}.pt")
         dist.barrier()
         if self.rank == 0:
@@ -141,7 +167,7 @@ class Checkpointer:
             raise FileNotFoundError(f"{self.directory}: no complete checkpoint to resume from")
         directory = self.directory / tag
         model = engine.module
-        saved = torch.load(directory / "dense.pt", map_location="cpu", weights_only=False)
+        saved = read_dense(directory)
         _link_optimizer_states(engine)
         expert_names = expert_parameter_names(model)
         experts = {}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from launch.checkpoint import Checkpointer, expert_parameter_names, read_experts
+from launch.checkpoint import Checkpointer, expert_parameter_names, is_checkpoint, read_dense, read_experts
 from launch.recipe import load_run_config
 from plugins.config import ConfigError
 from plugins.model import DeepSeekV3
@@ -27,11 +27,11 @@ def load_checkpoint_model(run_dir: Path, tag: str | None = None) -> tuple[DeepSe
     if tag is None:
         raise ConfigError(f"{run_dir}: no complete checkpoint (checkpoints/latest is missing)")
     directory = run_dir / "checkpoints" / tag
-    if not (directory / "dense.pt").is_file():
-        raise ConfigError(f"{directory / 'dense.pt'}: missing")
+    if not is_checkpoint(directory):
+        raise ConfigError(f"{directory}: no dense.pt or dense_ppNNN.pt (not a checkpoint)")
     with torch.device("meta"):
         model = DeepSeekV3(run.model)
-    saved = torch.load(directory / "dense.pt", map_location="cpu", weights_only=False)
+    saved = read_dense(directory)
     names = expert_parameter_names(model)
     experts = read_experts(directory, names, 0, run.model.n_routed_experts) if names else {}
     state = {name: value["value"] for name, value in {**saved["params"], **experts}.items()}

@@ -27,7 +27,7 @@ def shard_for_expert_parallel(model: torch.nn.Module, groups: ParallelGroups) ->
     if groups.ep == 1:
         return None
     moe_experts = [m for m in model.modules() if isinstance(m, RoutedExperts)]
-    exchange = ExpertExchange(groups.ep_group, moe_experts[0].num_experts)
+    exchange = ExpertExchange(groups.ep_group, moe_experts[0].num_experts, groups.ep_backward_group)
     shard_experts(model, exchange)
     for param in (p for m in moe_experts for p in m.parameters()):
         param.allreduce = False
@@ -41,13 +41,14 @@ class ExpertParallelEngine(DeepSpeedEngine):
         self.has_moe_layers = self.has_moe_layers or any(is_moe_param(p) for p in model.parameters())
 
 
-def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict) -> DeepSpeedEngine:
+def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict, mpu=None) -> DeepSpeedEngine:
     """``deepspeed.initialize`` for our model: the stock engine, or the expert-parallel one when
-    some parameters are marked as experts."""
+    some parameters are marked as experts; ``mpu``: the pipeline grid under pipelining."""
     if not any(is_moe_param(p) for p in model.parameters()):
         import deepspeed
 
-        return deepspeed.initialize(model=model, optimizer=optimizer, config=config)[0]
-    config_class = DeepSpeedConfig(config)
+        return deepspeed.initialize(model=model, optimizer=optimizer, config=config, mpu=mpu)[0]
+    config_class = DeepSpeedConfig(config, mpu)
     set_optimizer_flags(config_class, model)
-    return ExpertParallelEngine(args=None, model=model, optimizer=optimizer, config=config, config_class=config_class)
+    return ExpertParallelEngine(args=None, model=model, optimizer=optimizer, config=config, config_class=config_class,
+                                mpu=mpu)

@@ -41,6 +41,7 @@ class LoadedModel:
 def load_model(path: str | Path) -> LoadedModel:
     """A run dir, a checkpoint dir or a HF dir -> the model in eval mode, float32, on the GPU when
     there is one."""
+    from launch.checkpoint import is_checkpoint
     from launch.convert import load_checkpoint_model
     from launch.recipe import load_run_config
 
@@ -48,7 +49,7 @@ def load_model(path: str | Path) -> LoadedModel:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if (path / "config.json").is_file():
         return LoadedModel(DeepSeekV3.from_hf(path).to(device).eval(), None, None, f"HF checkpoint {path}")
-    if (path / "dense.pt").is_file():
+    if is_checkpoint(path):
         run_dir, tag = path.parent.parent, path.name
     elif (path / "config.yaml").is_file():
         run_dir, tag = path, None

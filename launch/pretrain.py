@@ -2,12 +2,13 @@
 
     deepspeed [--num_gpus N | --hostfile FILE] launch/pretrain.py --config configs/tiny.yaml \
         [--run-dir DIR] [--steps N] [--save-interval N] [--resume | --init-from PATH] [--pp N] [--ep N] \
-        [--fp8 none|emulated|te|auto] [--set dotted.key=value ...]
+        [--pipeline-schedule dualpipe|dualpipev|1f1b] [--fp8 none|emulated|te|auto] [--set dotted.key=value ...]
 
 Each optimizer step: the global batch of the batch-size ramp is split into micro-batches
-(gradient accumulation), DeepSpeed reduces, clips (1.0) and applies AdamW; then every MoE
-block's router bias moves by +-gamma from the whole batch's expert loads (report 2.1.2), and
-rank 0 logs metrics.jsonl and W&B. Checkpoints (``--save-interval``) resume exactly.
+(gradient accumulation, or the pipeline schedule's micro-batches with ``--pp``), DeepSpeed
+reduces, clips (1.0) and applies AdamW; then every MoE block's router bias moves by +-gamma from
+the whole batch's expert loads (report 2.1.2), and rank 0 logs metrics.jsonl and W&B.
+Checkpoints (``--save-interval``) resume exactly.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from deepspeed.moe.utils import is_moe_param
 from data_pipeline import DatasetError, PackedDataset, PackedSampler
 from plugins.balance import max_violation, update_router_bias
 from plugins.config import ConfigError
+from plugins.dualpipe import SCHEDULES
 from plugins.model import DeepSeekV3
 from plugins.precision import FP8_BACKENDS, convert_to_fp8, fp8_autocast, fp8_targets, resolve_backend
 from tokenizer.load import TokenizerDirError
@@ -35,6 +37,7 @@ from launch.checkpoint import Checkpointer
 from launch.expert_engine import initialize as initialize_engine, shard_for_expert_parallel
 from launch.data_setup import setup_data
 from launch.groups import ParallelGroups, build_groups, check_parallel_flags
+from launch.pipeline_step import PipelineStep, check_schedule
 from launch.recipe import RunConfig, load_run_config
 from launch.schedules import batch_size, learning_rate, step_value
 
@@ -53,7 +56,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--init-from", default=None, metavar="PATH",
                         help="start from these weights (a run dir, checkpoint dir or HF dir) with a fresh optimizer "
                              "and schedules: the long-context stages")
-    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel ranks (world = pp x dp)")
+    parser.add_argument("--pipeline-schedule", default="dualpipe", choices=SCHEDULES,
+                        help="with --pp > 1: DualPipe (report 3.2.1), DualPipeV or 1F1B (default: dualpipe)")
     parser.add_argument("--ep", type=int, default=1, help="expert-parallel ranks")
     parser.add_argument("--fp8", default=None, choices=FP8_BACKENDS,
                         help="FP8 linears (report 3.3): emulated block-scaled GEMMs, Transformer-Engine, or auto "
@@ -77,8 +82,12 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def deepspeed_config(run: RunConfig, groups: ParallelGroups, global_batch: int, on_gpu: bool) -> dict:
-    micro = run.train.micro_batch_size
+    """Under pipelining the schedule owns the micro-batches: the engine sees one batch per step and
+    reduces the gradients the schedule left in ``.grad`` at ``step()``."""
+    micro = run.train.micro_batch_size if groups.pp == 1 else global_batch // groups.dp
+    pipeline = {"managed_gradient_accumulation": False} if groups.pp > 1 else {}
     return {
+        **pipeline,
         "train_batch_size": global_batch,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": global_batch // (micro * groups.dp),
@@ -148,6 +157,9 @@ def train(run: RunConfig, args: argparse.Namespace, on_gpu: bool) -> int:
         run.train.save_interval = args.save_interval
     bundle, dataset = setup_data(run, groups.rank)
     granularity = _check_batch(run, groups, dataset)
+    t = run.train
+    if groups.pp > 1:
+        check_schedule(args.pipeline_schedule, groups, [t.batch.start, t.batch.final], t.micro_batch_size, run.source)
     device = torch.device("cuda", args.local_rank) if on_gpu else torch.device("cpu")
     if rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -160,7 +172,6 @@ def train(run: RunConfig, args: argparse.Namespace, on_gpu: bool) -> int:
         initialise_from(model, args.init_from)
         if rank0:
             print(f"initialised the weights from {args.init_from}", flush=True)
-    t = run.train
     fp8_modules = convert_to_fp8(model, t.fp8, t.fp8_modules, t.fp8_power_of_two_scales)
     exchange = shard_for_expert_parallel(model, groups)
     if exchange is not None:
@@ -172,11 +183,20 @@ def train(run: RunConfig, args: argparse.Namespace, on_gpu: bool) -> int:
         print(f"FP8 ({t.fp8}): {len(fp8_modules)} modules with 1x128 / 128x128 block-scaled E4M3 GEMMs "
               f"(report 3.3); embedding, head, gate, norms and MTP projection stay in higher precision",
               flush=True)
-    optimizer = torch.optim.AdamW(parameter_groups(model, t.weight_decay), lr=learning_rate(t.lr, 0, 0),
+    first_batch = batch_size(t.batch, 0, granularity)
+    pipeline, module, moe_layers = None, model, list(enumerate(model.moe_layers()))
+    if groups.pp > 1:
+        pipeline = PipelineStep(model, groups, args.pipeline_schedule, first_batch // (t.micro_batch_size * groups.dp))
+        module, moe_layers = pipeline.shard, pipeline.shard.moe_layers()
+        checkpointer.suffix = f"_pp{groups.pipeline_rank:03d}"
+        checkpointer.dense_writer = groups.dp_rank == 0
+        if rank0:
+            print(f"pipeline: {args.pipeline_schedule} over {groups.pp} ranks x {groups.dp} data-parallel replicas",
+                  flush=True)
+    optimizer = torch.optim.AdamW(parameter_groups(module, t.weight_decay), lr=learning_rate(t.lr, 0, 0),
                                   betas=t.betas, eps=t.eps)
-    engine = initialize_engine(model, optimizer, deepspeed_config(run, groups, batch_size(t.batch, 0, granularity), on_gpu))
-    moe_layers = model.moe_layers()
-    for moe in moe_layers:  # bf16 engines cast buffers too; the bias stays float32 (report 3.3.1)
+    engine = initialize_engine(module, optimizer, deepspeed_config(run, groups, first_batch, on_gpu), groups.mpu)
+    for _, moe in moe_layers:  # bf16 engines cast buffers too; the bias stays float32 (report 3.3.1)
         moe.gate.e_score_correction_bias.data = moe.gate.e_score_correction_bias.data.float()
 
     sampler = PackedSampler(len(dataset), rank=groups.dp_rank, world_size=groups.dp, seed=t.seed)
@@ -201,7 +221,7 @@ def train(run: RunConfig, args: argparse.Namespace, on_gpu: bool) -> int:
         while (args.steps is None or step < args.steps) and tokens < t.total_tokens:
             started = time.perf_counter()
             global_batch = batch_size(t.batch, tokens, granularity)
-            if global_batch != engine.train_batch_size():
+            if pipeline is None and global_batch != engine.train_batch_size():
                 engine.set_train_batch_size(global_batch)
             lr = learning_rate(t.lr, step, tokens)
             for group in engine.optimizer.param_groups:
@@ -209,9 +229,15 @@ def train(run: RunConfig, args: argparse.Namespace, on_gpu: bool) -> int:
             gamma, lam = step_value(t.bias_update_speed, tokens), step_value(t.mtp_weight, tokens)
 
             losses = torch.zeros(4, dtype=torch.float64, device=device)
-            loads = torch.zeros(len(moe_layers), n_experts, device=device)
-            accumulation = engine.gradient_accumulation_steps()
-            for micro_step in range(accumulation):
+            loads = torch.zeros(len(model.moe_layers()), n_experts, device=device)
+            accumulation = engine.gradient_accumulation_steps() if pipeline is None else \
+                global_batch // (t.micro_batch_size * groups.dp)
+            if pipeline is not None:
+                batches = [collate(dataset, [next(stream) for _ in range(t.micro_batch_size)], device)
+                           for _ in range(accumulation)]
+                with fp8_autocast(t.fp8):
+                    losses, loads = pipeline.forward_backward(batches, lam)
+            for micro_step in range(accumulation if pipeline is None else 0):
                 batch = collate(dataset, [next(stream) for _ in range(t.micro_batch_size)], device)
                 with fp8_autocast(t.fp8):
                     out = engine(batch["input_ids"], labels=batch["labels"], document_ids=batch["document_ids"],
@@ -222,13 +248,14 @@ def train(run: RunConfig, args: argparse.Namespace, on_gpu: bool) -> int:
                 engine.backward(out.loss)
                 if micro_step < accumulation - 1:
                     engine.step()  # accumulates; the boundary step below applies the update
-            dist.all_reduce(losses, group=groups.dp_group)
-            dist.all_reduce(loads, group=groups.dp_group)
+            # every micro-batch's losses and loads live on exactly one rank: sums over the world
+            dist.all_reduce(losses)
+            dist.all_reduce(loads)
             destinations = None
             if exchange is not None:  # distinct expert-parallel ranks per token, over the whole batch
                 tokens_sum_max = exchange.take_statistics()
-                dist.all_reduce(tokens_sum_max[:2], group=groups.dp_group)
-                dist.all_reduce(tokens_sum_max[2:], op=dist.ReduceOp.MAX, group=groups.dp_group)
+                dist.all_reduce(tokens_sum_max[:2])
+                dist.all_reduce(tokens_sum_max[2:], op=dist.ReduceOp.MAX)
                 destinations = (tokens_sum_max[1] / tokens_sum_max[0]).item(), tokens_sum_max[2].item()
             losses /= accumulation * groups.dp
             if not torch.isfinite(losses).all():  # a NaN anywhere reaches every rank through the sum
@@ -238,8 +265,8 @@ def train(run: RunConfig, args: argparse.Namespace, on_gpu: bool) -> int:
                     f"{checkpointer.directory / last_good if last_good else 'none'} (resume with --resume)"
                 )
             engine.step()
-            for moe, load in zip(moe_layers, loads):
-                update_router_bias(moe.gate.e_score_correction_bias, load, gamma)
+            for index, moe in moe_layers:
+                update_router_bias(moe.gate.e_score_correction_bias, loads[index], gamma)
             grad_norm = float(engine.get_global_grad_norm())
             if not np.isfinite(grad_norm):
                 raise TrainingStopped(f"step {step + 1}: non-finite gradient norm ({grad_norm}); last good "
@@ -248,7 +275,7 @@ def train(run: RunConfig, args: argparse.Namespace, on_gpu: bool) -> int:
             tokens += global_batch * seq_len
             seconds = time.perf_counter() - started
             if logger is not None and step % t.log_interval == 0:
-                maxvio = max_violation(loads).tolist() if len(moe_layers) else []
+                maxvio = max_violation(loads).tolist() if len(loads) else []
                 record = {
                     "step": step, "tokens": tokens, "loss": losses[0].item(), "lm_loss": losses[1].item(),
                     "mtp_loss": losses[2].item(), "aux_loss": losses[3].item(), "lr": lr, "grad_norm": grad_norm,
@@ -258,7 +285,7 @@ def train(run: RunConfig, args: argparse.Namespace, on_gpu: bool) -> int:
                 }
                 if destinations is not None:
                     record["ep_destinations_mean"], record["ep_destinations_max"] = destinations
-                logger.log(record, loads.cpu().numpy() if len(moe_layers) else None)
+                logger.log(record, loads.cpu().numpy() if len(loads) else None)
                 print(f"step {step} | tokens {tokens} | loss {record['loss']:.4f} (lm {record['lm_loss']:.4f} "
                       f"mtp {record['mtp_loss']:.4f} aux {record['aux_loss']:.2e}) | lr {lr:.3e} | "
                       f"grad norm {grad_norm:.3f} | MaxVio {record['maxvio_global']:.3f} | "
@@ -278,11 +305,21 @@ def train(run: RunConfig, args: argparse.Namespace, on_gpu: bool) -> int:
     return 0
 
 
+def release_shared_memory_names() -> None:
+    """DeepSpeed's CPU all-reduce maps a 69 MB /dev/shm buffer per rank and never unlinks it, so
+    every run leaks them until /dev/shm is full. Once every rank has mapped its peers' buffers
+    (the barrier), each rank unlinks its own name; the mappings stay valid until exit."""
+    dist.barrier()
+    pattern = f"deepspeed_allreduce_buffer_{os.getuid()}_*_{os.environ.get('MASTER_PORT', '*')}_{dist.get_rank()}"
+    for path in Path("/dev/shm").glob(pattern):
+        path.unlink(missing_ok=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         run = load_run_config(args.config, args.set)
-        check_parallel_flags(args.pp, args.ep, run.model.n_routed_experts)
+        check_parallel_flags(args.pp, args.ep, run.model.n_routed_experts, args.pipeline_schedule)
         run.train.fp8 = resolve_backend(args.fp8 or run.train.fp8)
         check_fp8_policy(run)
     except ConfigError as error:
@@ -294,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     if on_gpu:
         torch.cuda.set_device(args.local_rank)
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    release_shared_memory_names()
     try:
         return train(run, args, on_gpu)
     except (ConfigError, DatasetError, TokenizerDirError, FileNotFoundError) as error:

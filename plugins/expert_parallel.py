@@ -16,11 +16,14 @@ import torch.distributed as dist
 
 
 class _AllToAll(torch.autograd.Function):
-    """``all_to_all_single`` with variable splits whose backward is the reverse exchange."""
+    """``all_to_all_single`` with variable splits whose backward is the reverse exchange, issued on
+    ``backward_group`` (the same ranks; a group of its own lets a pipeline run one micro-batch's
+    backward exchange while another's forward exchange is in flight)."""
 
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, send_splits: list[int], recv_splits: list[int], group) -> torch.Tensor:
-        ctx.splits, ctx.group = (send_splits, recv_splits), group
+    def forward(ctx, rows: torch.Tensor, send_splits: list[int], recv_splits: list[int], group,
+                backward_group) -> torch.Tensor:
+        ctx.splits, ctx.groups = (send_splits, recv_splits), (group, backward_group)
         out = rows.new_empty(sum(recv_splits), *rows.shape[1:])
         dist.all_to_all_single(out, rows.contiguous(), recv_splits, send_splits, group=group)
         return out
@@ -28,7 +31,8 @@ class _AllToAll(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         send_splits, recv_splits = ctx.splits
-        return _AllToAll.apply(grad, recv_splits, send_splits, ctx.group), None, None, None
+        group, backward_group = ctx.groups
+        return _AllToAll.apply(grad, recv_splits, send_splits, backward_group, group), None, None, None, None
 
 
 @dataclass
@@ -43,10 +47,13 @@ class ExchangePlan:
 
 
 class ExpertExchange:
-    """Moves expert-sorted token rows between the ranks of one expert-parallel group (gloo or NCCL)."""
+    """Moves expert-sorted token rows between the ranks of one expert-parallel group (gloo or NCCL).
+    ``backward_group``: the same ranks in another group for the backward exchanges (default: ``group``)."""
 
-    def __init__(self, group: dist.ProcessGroup | None, num_experts: int):
+    def __init__(self, group: dist.ProcessGroup | None, num_experts: int,
+                 backward_group: dist.ProcessGroup | None = None):
         self.group = group
+        self.backward_group = group if backward_group is None else backward_group
         self.size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         if num_experts % self.size:
@@ -80,7 +87,7 @@ class ExpertExchange:
         received_counts = torch.empty_like(by_rank)
         dist.all_to_all_single(received_counts, by_rank.contiguous(), group=self.group)
         send_splits, recv_splits = by_rank.sum(1).tolist(), received_counts.sum(1).tolist()
-        received = _AllToAll.apply(rows, send_splits, recv_splits, self.group)
+        received = _AllToAll.apply(rows, send_splits, recv_splits, self.group, self.backward_group)
         flat = received_counts.flatten()  # source-major blocks of local experts
         expert = torch.arange(self.local_experts, device=rows.device).repeat(self.size)
         source = torch.arange(self.size, device=rows.device).repeat_interleave(self.local_experts)
@@ -91,7 +98,7 @@ class ExpertExchange:
     def combine(self, outputs: torch.Tensor, plan: ExchangePlan) -> torch.Tensor:
         """The local experts' outputs (local-expert-major) -> this rank's rows, in its original order."""
         source_major = outputs[plan.order.argsort()]
-        return _AllToAll.apply(source_major, plan.recv_splits, plan.send_splits, self.group)
+        return _AllToAll.apply(source_major, plan.recv_splits, plan.send_splits, self.group, self.backward_group)
 
 
 def distinct_destinations(indices: torch.Tensor, destinations: torch.Tensor) -> torch.Tensor:

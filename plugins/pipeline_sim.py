@@ -2,7 +2,9 @@
 costs: each rank runs its ops in order, an op starts when its rank is free and its inputs exist
 (communication free), and the bubble of a rank is its idle time before its last op ends. The
 report's Table 2 formulas are printed beside the measured bubbles (F, B, W: forward, full
-backward, weight-gradient cost of one chunk; F&B: an overlapped forward+backward pair).
+backward, weight-gradient cost of one chunk; F&B: an overlapped forward+backward pair). They
+agree exactly in the report's unit, B = 2F and W = F, for any F&B; for other ratios the table's
+expression is an approximation and the measured bubble is the one to trust.
 
     python -m plugins.dualpipe simulate --pp 8 --micro-batches 20 [--f 1 --b 2 --w 1 --fb 2.5] [--out DIR]
 """

@@ -124,9 +124,9 @@ def test_fp8_emulated_tracks_full_precision(data, tmp_path):
 
 
 def test_configs_that_cannot_run_fail_before_any_work(data, tmp_path):
-    result = subprocess.run([sys.executable, "launch/pretrain.py", "--config", "configs/tiny.yaml", "--pp", "2"],
+    result = subprocess.run([sys.executable, "launch/pretrain.py", "--config", "configs/tiny.yaml", "--pp", "3"],
                             capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 2 and result.stderr.strip().startswith("error: --pp 2:")
+    assert result.returncode == 2 and result.stderr.strip().startswith("error: --pp 3: DualPipe needs an even number")
     result = subprocess.run([sys.executable, "launch/pretrain.py", "--config", "configs/tiny.yaml",
                              "--set", "train.fp8=emulated", "--set", "train.fp8_modules=[lm_head_typo]"],
                             capture_output=True, text=True, cwd=ROOT)

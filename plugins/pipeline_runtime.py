@@ -1,0 +1,179 @@
+"""Executing a pipeline schedule (``plugins.dualpipe``) on real model chunks over
+``torch.distributed`` point-to-point (gloo or NCCL).
+
+Activations and gradients travel on one process group per (kind, sending chunk), so the messages
+between two ranks on one group always come in micro-batch order and never cross. Sends are
+asynchronous; a rank blocks only on the receives of its next op, which the schedule orders so
+they always arrive (``plugins.pipeline_sim`` checks the same order for deadlocks). Backward is
+split into an input-gradient part (sent on at once) and a weight-gradient part that a later
+``W`` op runs, with ``torch.distributed.pipelining``'s graph splitting.
+
+An ``FB`` op runs the forward of one micro-batch and the backward of another as one unit through
+``overlap`` (report 3.2.1, Figure 4): by default the backward runs on a second thread, and with
+expert parallelism each direction's all-to-all uses its own process group
+(``ExpertExchange(..., backward_group=...)``), so one chunk's dispatch/combine is in flight while
+the other chunk computes.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
+
+from .dualpipe import Layout, Op, build_schedule
+from .pipeline_stages import PipelineShard, StageResult
+
+_SIDE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline-backward")
+
+
+def overlap_threads(forward: Callable[[], None], backward: Callable[[], None]) -> None:
+    """The default F&B unit: backward on a second thread while the forward runs here; the two
+    chunks' communication (expert all-to-all on separate groups) overlaps the other's compute."""
+    pending = _SIDE.submit(backward)
+    try:
+        forward()
+    finally:
+        pending.result()
+
+
+@dataclass
+class _Saved:
+    """What a forward keeps for its backward."""
+
+    inputs: torch.Tensor
+    result: StageResult
+    input_grad: torch.Tensor | None = None
+
+
+@dataclass
+class StepTotals:
+    """Unscaled (lm, mtp, balance) sums over this rank's micro-batches, and expert loads [M, E]."""
+
+    values: torch.Tensor
+    loads: torch.Tensor
+    sends: list = field(default_factory=list)
+
+
+class PipelineRuntime:
+    """``peers[p]``: global rank of pipeline rank p (this data-parallel replica); ``channels``:
+    ("act" | "grad", chunk) -> process group."""
+
+    def __init__(self, layout: Layout, rank: int, shard: PipelineShard, peers: list[int],
+                 channels: dict[tuple[str, int], dist.ProcessGroup | None],
+                 overlap: Callable[[Callable[[], None], Callable[[], None]], None] = overlap_threads):
+        self.layout, self.rank, self.shard, self.peers, self.channels = layout, rank, shard, peers, channels
+        self.overlap = overlap
+        self.ops = build_schedule(layout, rank)
+        self.weights = list(shard.parameters())
+
+    def step(self, batches: list[dict[str, torch.Tensor]], mtp_weight: float) -> StepTotals:
+        """Forward and backward of all micro-batches of one optimizer step; gradients accumulate in
+        ``.grad`` (each micro-batch's losses scaled by 1 / micro-batches)."""
+        if len(batches) != self.layout.micro_batches:
+            raise ValueError(f"{len(batches)} micro-batches given, the schedule was built for {self.layout.micro_batches}")
+        device = batches[0]["input_ids"].device
+        self.batches, self.mtp_weight = batches, mtp_weight
+        self.totals = StepTotals(torch.zeros(3, dtype=torch.float64, device=device),
+                                 torch.zeros(self.shard.num_moe, self.shard.config.n_routed_experts, device=device))
+        self.saved: dict[tuple[int, int], _Saved] = {}
+        self.local: dict[tuple[str, int, int], torch.Tensor] = {}  # hand-offs between chunks of this rank
+        self.deferred: deque[Callable[[], None]] = deque()
+        for op in self.ops:
+            self._run(op)
+        for work, _ in self.totals.sends:
+            work.wait()
+        self.totals.sends.clear()
+        return self.totals
+
+    def _run(self, op: Op) -> None:
+        if op.kind == "W":
+            self.deferred.popleft()()
+            return
+        f_in = self._receive_forward(*op.forward) if op.forward else None
+        b_in = self._receive_backward(*op.backward) if op.backward else None
+        if op.kind == "FB":
+            self.overlap(lambda: self._forward(*op.forward, f_in), lambda: self._backward(*op.backward, b_in, False))
+        elif op.kind == "F":
+            self._forward(*op.forward, f_in)
+        else:
+            self._backward(*op.backward, b_in, op.kind == "I")
+        if op.forward:
+            self._send_forward(*op.forward)
+        if op.backward:
+            self._send_backward(*op.backward)
+
+    def _hidden_shape(self, micro: int) -> tuple[int, ...]:
+        ids = self.batches[micro]["input_ids"]
+        return (*ids.shape, self.shard.config.hidden_size)
+
+    def _receive(self, kind: str, stage: int, micro: int) -> torch.Tensor:
+        rank, chunk = self.layout.place(stage, micro)
+        if rank == self.rank:
+            return self.local.pop((kind, stage, micro))
+        buffer = torch.empty(self._hidden_shape(micro), dtype=self.weights[0].dtype, device=self.batches[0]["input_ids"].device)
+        dist.recv(buffer, src=self.peers[rank], group=self.channels[(kind, chunk)])
+        return buffer
+
+    def _send(self, kind: str, chunk: int, stage: int, micro: int, tensor: torch.Tensor) -> None:
+        rank, _ = self.layout.place(stage, micro)
+        if rank == self.rank:  # keyed like the receiver asks: by the sending stage
+            self.local[(kind, stage - 1 if kind == "act" else stage + 1, micro)] = tensor
+        else:
+            tensor = tensor.contiguous()  # kept with its request until the step's sends complete
+            work = dist.isend(tensor, dst=self.peers[rank], group=self.channels[(kind, chunk)])
+            self.totals.sends.append((work, tensor))
+
+    def _receive_forward(self, chunk: int, micro: int) -> torch.Tensor:
+        stage = self.layout.stage(self.rank, chunk)
+        if stage == 0:
+            return self.batches[micro]["input_ids"]
+        return self._receive("act", stage - 1, micro).requires_grad_()
+
+    def _receive_backward(self, chunk: int, micro: int) -> torch.Tensor | None:
+        stage = self.layout.stage(self.rank, chunk)
+        return None if stage == self.layout.stages - 1 else self._receive("grad", stage + 1, micro)
+
+    def _forward(self, chunk: int, micro: int, inputs: torch.Tensor) -> None:
+        stage = self.layout.stage(self.rank, chunk)
+        result = self.shard.run_stage(stage, inputs, self.batches[micro], 1.0 / self.layout.micro_batches, self.mtp_weight)
+        self.saved[(chunk, micro)] = _Saved(inputs, result)
+        self.totals.values += result.values
+        for index, load in result.loads:
+            self.totals.loads[index] += load
+
+    def _send_forward(self, chunk: int, micro: int) -> None:
+        stage = self.layout.stage(self.rank, chunk)
+        if stage < self.layout.stages - 1:
+            self._send("act", chunk, stage + 1, micro, self.saved[(chunk, micro)].result.output.detach())
+
+    def _backward(self, chunk: int, micro: int, grad: torch.Tensor | None, split: bool) -> None:
+        """Input gradient now; the weight gradient now (``split`` False) or in a later ``W`` op."""
+        saved = self.saved[(chunk, micro)]
+        outputs, grads = [], []
+        if saved.result.output is not None:
+            outputs.append(saved.result.output)
+            grads.append(grad)
+        if saved.result.objective is not None:
+            outputs.append(saved.result.objective)
+            grads.append(torch.ones_like(saved.result.objective))
+        has_input = saved.inputs.requires_grad
+        if not split or not has_input:  # stage 0 has no input gradient: its whole backward runs here
+            torch.autograd.backward(outputs, grads)
+            saved.input_grad = saved.inputs.grad
+            if split:
+                self.deferred.append(lambda: None)
+            return
+        (saved.input_grad,), groups = stage_backward_input(outputs, grads, [saved.inputs], iter(self.weights))
+        self.deferred.append(lambda: stage_backward_weight(iter(self.weights), groups))
+
+    def _send_backward(self, chunk: int, micro: int) -> None:
+        stage = self.layout.stage(self.rank, chunk)
+        saved = self.saved.pop((chunk, micro))
+        if stage > 0:
+            self._send("grad", chunk, stage - 1, micro, saved.input_grad)

@@ -1,0 +1,92 @@
+"""DualPipe end to end: the schedule simulator against the report's bubble formulas, and
+pipelined pre-training through the real launcher against the single-process run."""
+
+import json
+import shutil
+
+import pytest
+
+from launch.convert import load_checkpoint_model
+from plugins.dualpipe import Op, ScheduleError, build_schedule, check
+from plugins.pipeline_sim import Costs, bubbles, formula, main as simulate_main, simulate
+
+from .launcher import launch, metrics, ok
+
+
+@pytest.mark.parametrize("pp", [4, 8, 16])
+@pytest.mark.parametrize("costs", [Costs(1, 2, 1, 2.5), Costs(1.5, 3, 1.5, 3.9), Costs(1, 2, 1, 3)])
+def test_simulated_bubbles_equal_the_report_formulas(pp, costs):
+    """In the report's unit (B = 2F, W = F; F&B from fully overlapped to not at all)."""
+    for schedule, ranks in (("dualpipe", pp), ("dualpipev", pp // 2), ("1f1b", pp)):
+        layout = check(schedule, ranks, 2 * pp + 6)
+        assert max(bubbles(layout, simulate(layout, costs))) == pytest.approx(formula(schedule, ranks, costs)), schedule
+
+
+def test_every_rank_runs_every_micro_batch_of_its_chunks_once():
+    layout = check("dualpipe", 8, 20)
+    for rank in range(8):
+        ops = build_schedule(layout, rank)
+        forwards = sorted(op.forward for op in ops if op.forward)
+        backwards = sorted(op.backward for op in ops if op.backward)
+        expected = sorted((c, m) for c in range(2) for m in layout.micro_batches_of(c))
+        assert forwards == backwards == expected
+        assert sum(op.kind == "I" for op in ops) == sum(op.kind == "W" for op in ops)
+    # rank 0's first overlapped pair: the forward of its 8th micro-batch with the backward of the
+    # 4th fed from the other end (report Figure 5)
+    assert next(op for op in build_schedule(layout, 0) if op.kind == "FB") == Op("FB", (0, 7), (1, 13))
+
+
+def test_schedule_requirements_are_clear_errors():
+    with pytest.raises(ScheduleError, match="even number of pipeline ranks"):
+        check("dualpipe", 3, 12)
+    with pytest.raises(ScheduleError, match=r"even number of micro-batches >= 2 x pp = 8"):
+        check("dualpipe", 4, 6)
+    with pytest.raises(ScheduleError, match="1f1b: needs >= pp = 4"):
+        check("1f1b", 4, 3)
+
+
+def test_simulate_cli_writes_timelines_and_report(tmp_path, capsys):
+    assert simulate_main(["simulate", "--pp", "8", "--micro-batches", "20", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "bubbles_pp8_m20.json").read_text())
+    rows = {r["schedule"]: r for r in report["schedules"]}
+    assert rows["dualpipe"]["bubble_max"] == pytest.approx(4.5) and rows["1f1b"]["bubble_max"] == pytest.approx(21)
+    for row in rows.values():
+        assert (tmp_path / row["timeline"].split("/")[-1]).stat().st_size > 10_000
+    assert "dualpipe" in capsys.readouterr().out
+
+
+LAYERS = ("--set", "model.num_hidden_layers=4", "--set", "train.micro_batch_size=1")
+
+
+def test_pipelined_training_gives_the_single_process_losses(embedded_run, tmp_path):
+    """8 micro-batches per step: --pp 2 and --pp 4 (DualPipe) and --pp 2 --ep 2 on 4 ranks follow
+    the one-process run step for step; a --pp 2 run resumed from its step-2 checkpoint too, and its
+    parameters after 4 steps are the one-process ones."""
+    data = embedded_run[1]
+    ok(launch(1, tmp_path / "one", "--steps", "4", *LAYERS, data=data))
+    ok(launch(2, tmp_path / "pp2", "--steps", "2", "--pp", "2", *LAYERS, data=data))
+    result = ok(launch(2, tmp_path / "pp2", "--steps", "4", "--pp", "2", "--resume", *LAYERS, data=data))
+    assert "resumed" in result.stdout and "pipeline: dualpipe over 2 ranks" in result.stdout
+    ok(launch(4, tmp_path / "pp4", "--steps", "3", "--pp", "4", *LAYERS, data=data))
+    ok(launch(4, tmp_path / "pp2_ep2", "--steps", "3", "--pp", "2", "--ep", "2", *LAYERS, data=data))
+    ok(launch(2, tmp_path / "v", "--steps", "2", "--pp", "2", "--pipeline-schedule", "dualpipev", *LAYERS, data=data))
+    reference = metrics(tmp_path / "one")
+    for run, steps in (("pp2", 4), ("pp4", 3), ("pp2_ep2", 3), ("v", 2)):
+        records = metrics(tmp_path / run)
+        assert [r["step"] for r in records] == list(range(1, steps + 1)), run
+        for a, b in zip(reference, records):
+            for key in ("loss", "lm_loss", "mtp_loss", "grad_norm"):
+                assert abs(a[key] - b[key]) <= 1e-4, (run, a["step"], key, a[key], b[key])
+            assert a["expert_load"] == b["expert_load"], run
+    theirs, ours = (load_checkpoint_model(tmp_path / run)[0].state_dict() for run in ("one", "pp2"))
+    assert theirs.keys() == ours.keys()
+    assert max((theirs[k] - ours[k]).abs().max().item() for k in theirs) <= 5e-5
+
+
+def test_pipeline_shapes_that_cannot_run_fail_with_a_clear_error(embedded_run, tmp_path):
+    result = launch(2, tmp_path / "few", "--pp", "2", data=embedded_run[1])  # 8 sequences / 4 per micro-batch
+    assert result.returncode != 0
+    assert "train.batch = 8 sequences = 2 micro-batches per pipeline at --pp 2" in result.stderr
+    assert "dualpipe: needs an even number of micro-batches >= 2 x pp = 4" in result.stderr
+    result = launch(4, tmp_path / "layers", "--pp", "4", "--set", "train.micro_batch_size=1", data=embedded_run[1])
+    assert result.returncode != 0 and "fewer blocks than the 4 pipeline stages" in result.stderr

@@ -1,0 +1,80 @@
+"""The pipeline runtime on 2 and 4 gloo ranks against one process running the whole model on the
+same micro-batches: the losses and every parameter's gradient after one step."""
+
+import dataclasses
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from plugins.config import ModelConfig
+from plugins.dualpipe import check
+from plugins.model import DeepSeekV3
+from plugins.pipeline_parallel import ReplicaSync, channel_groups, stages_of
+from plugins.pipeline_runtime import PipelineRuntime
+from plugins.pipeline_stages import PipelineShard
+
+from .conftest import ROOT
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _model() -> DeepSeekV3:
+    torch.manual_seed(0)
+    config = ModelConfig.from_yaml(ROOT / "configs" / "tiny.yaml")
+    config = dataclasses.replace(config, num_hidden_layers=4)
+    return DeepSeekV3(config)
+
+
+def _batches(count: int) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(7)
+    batches = []
+    for _ in range(count):
+        ids = torch.randint(0, 4096, (2, 32), generator=g)
+        documents = (torch.arange(32) >= 20).long().expand(2, 32)
+        batches.append({"input_ids": ids, "labels": torch.roll(ids, -1, 1), "document_ids": documents})
+    return batches
+
+
+def _worker(rank: int, world: int, port: int, schedule: str, micro: int, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        batches = _batches(micro)
+        reference = _model()
+        outs = [reference(b["input_ids"], labels=b["labels"], document_ids=b["document_ids"]) for b in batches]
+        (torch.stack([o.loss for o in outs]).mean()).backward()
+        expected = torch.tensor([[o.lm_loss.item(), o.mtp_loss.item(), o.aux_loss.item()] for o in outs]).mean(0)
+
+        layout = check(schedule, world, micro)
+        shard = PipelineShard(_model(), stages_of(layout, rank), layout.stages)
+        runtime = PipelineRuntime(layout, rank, shard, list(range(world)), channel_groups(layout.chunks))
+        totals = runtime.step(batches, mtp_weight=reference.config.mtp_loss_weight)
+        ReplicaSync(layout, shard, rank, 1, 0).sum_gradients()
+        values = totals.values.clone()
+        dist.all_reduce(values)
+        reference_grads = dict(reference.named_parameters())
+        worst = max(((p.grad - reference_grads[n].grad).abs().max() / reference_grads[n].grad.abs().max().clamp_min(1e-8)).item()
+                    for n, p in shard.named_parameters())
+        results[rank] = ((values / micro).float() - expected).abs().max().item(), worst, len(list(shard.parameters()))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("schedule,world,micro", [("dualpipe", 2, 4), ("dualpipe", 4, 8), ("dualpipev", 2, 4),
+                                                  ("1f1b", 2, 3)])
+def test_pipeline_step_equals_one_process(schedule, world, micro):
+    results = mp.Manager().dict()
+    mp.spawn(_worker, args=(world, _port(), schedule, micro, results), nprocs=world)
+    for rank in range(world):
+        loss_error, grad_error, count = results[rank]
+        assert count > 0
+        assert loss_error < 1e-5, (rank, loss_error)
+        assert grad_error < 1e-4, (rank, grad_error)
