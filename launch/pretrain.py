@@ -185,9 +185,11 @@ def train(run: RunConfig, args: argparse.Namespace, on_gpu: bool) -> int:
               flush=True)
     first_batch = batch_size(t.batch, 0, granularity)
     pipeline, module, moe_layers = None, model, list(enumerate(model.moe_layers()))
+    num_moe = len(moe_layers)
     if groups.pp > 1:
         pipeline = PipelineStep(model, groups, args.pipeline_schedule, first_batch // (t.micro_batch_size * groups.dp))
         module, moe_layers = pipeline.shard, pipeline.shard.moe_layers()
+        del model  # the other ranks' stages are freed; this rank trains its shard
         checkpointer.suffix = f"_pp{groups.pipeline_rank:03d}"
         checkpointer.dense_writer = groups.dp_rank == 0
         if rank0:
@@ -229,7 +231,7 @@ def train(run: RunConfig, args: argparse.Namespace, on_gpu: bool) -> int:
             gamma, lam = step_value(t.bias_update_speed, tokens), step_value(t.mtp_weight, tokens)
 
             losses = torch.zeros(4, dtype=torch.float64, device=device)
-            loads = torch.zeros(len(model.moe_layers()), n_experts, device=device)
+            loads = torch.zeros(num_moe, n_experts, device=device)
             accumulation = engine.gradient_accumulation_steps() if pipeline is None else \
                 global_batch // (t.micro_batch_size * groups.dp)
             if pipeline is not None:

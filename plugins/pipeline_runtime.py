@@ -58,6 +58,7 @@ class StepTotals:
     values: torch.Tensor
     loads: torch.Tensor
     sends: list = field(default_factory=list)
+    peak_in_flight: int = 0  # most micro-batches whose activations this rank held at once
 
 
 class PipelineRuntime:
@@ -143,6 +144,7 @@ class PipelineRuntime:
         stage = self.layout.stage(self.rank, chunk)
         result = self.shard.run_stage(stage, inputs, self.batches[micro], 1.0 / self.layout.micro_batches, self.mtp_weight)
         self.saved[(chunk, micro)] = _Saved(inputs, result)
+        self.totals.peak_in_flight = max(self.totals.peak_in_flight, len(self.saved))
         self.totals.values += result.values
         for index, load in result.loads:
             self.totals.loads[index] += load

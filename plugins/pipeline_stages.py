@@ -65,7 +65,8 @@ class PipelineShard(nn.Module):
         if "head" in pieces:
             self.norm, self.lm_head, self.mtp = model.norm, model.lm_head, model.mtp
         moe = [m for m in model.modules() if isinstance(m, DeepSeekMoE)]
-        self.moe_index = {id(m): i for i, m in enumerate(moe)}
+        held = {id(m) for m in self.modules() if isinstance(m, DeepSeekMoE)}
+        self.moe_index = {id(m): i for i, m in enumerate(moe) if id(m) in held}  # position in the whole model
         self.num_moe = len(moe)
 
     def moe_layers(self) -> list[tuple[int, DeepSeekMoE]]:
