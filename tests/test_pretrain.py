@@ -93,7 +93,9 @@ def test_resume_reproduces_the_uninterrupted_losses(data, tmp_path):
 
 def test_bias_updates_move_load_toward_balance(data, tmp_path):
     """Early training concentrates tokens on a few experts (MaxVio climbs); with gamma > 0 the
-    bias update pulls MaxVio back down from that peak, with gamma = 0 it stays up."""
+    bias update pulls MaxVio back down from that peak, with gamma = 0 it stays up. (CPU float
+    reductions are not bitwise reproducible run to run, and 80 steps amplify that: the gamma = 0
+    run ends between ~0.7 and ~0.85 of its peak, the gamma = 0.01 run near 0.16.)"""
     windows = {}
     for gamma in ("0.01", "0.0"):
         run_dir = tmp_path / f"gamma{gamma}"
@@ -102,8 +104,8 @@ def test_bias_updates_move_load_toward_balance(data, tmp_path):
         windows[gamma] = [float(np.mean(maxvio[i : i + 8])) for i in range(0, 80, 8)]
     balanced, free = windows["0.01"], windows["0.0"]
     assert balanced[-1] < 0.5 * max(balanced), balanced
-    assert free[-1] > 0.8 * max(free), free
-    assert balanced[-1] < 0.5 * free[-1]
+    assert free[-1] > 0.5 * max(free), free
+    assert balanced[-1] < 0.3 * free[-1], (balanced, free)
 
 
 def test_fp8_emulated_tracks_full_precision(data, tmp_path):
