@@ -111,8 +111,8 @@ def main() -> int:
     rows = []
     for name, schedule, ep, overlap in (("1f1b", "1f1b", 1, True), ("dualpipe", "dualpipe", 1, True),
                                         ("dualpipev", "dualpipev", 1, True),
-                                        (f"dualpipe ep2 overlap", "dualpipe", 2, True),
-                                        (f"dualpipe ep2 sequential", "dualpipe", 2, False)):
+                                        ("dualpipe ep2 overlap", "dualpipe", 2, True),
+                                        ("dualpipe ep2 sequential", "dualpipe", 2, False)):
         ranks = run(schedule, args, ep, overlap)
         rows.append({"name": name, "ranks": len(ranks), "step_s": max(r["step_s"] for r in ranks),
                      "in_flight_max": max(r["in_flight"] for r in ranks),

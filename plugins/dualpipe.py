@@ -98,7 +98,7 @@ class _Builder:
     """Turns phase-level steps into ops with concrete micro-batches (each chunk forwards and
     backwards its micro-batches in order)."""
 
-    def __init__(self, layout: Layout, rank: int, swap: bool = False):
+    def __init__(self, layout: Layout, swap: bool = False):
         self.ops: list[Op] = []
         self.swap = swap
         self.forward_queue = {c: layout.micro_batches_of(c) for c in range(layout.chunks)}
@@ -136,7 +136,7 @@ def _dualpipe(layout: Layout, rank: int) -> list[Op]:
     h = rank if not second_half else layout.ranks - 1 - rank  # distance from the nearer end
     middle = h == half_ranks - 1
     half_chunks = layout.micro_batches // 2
-    s = _Builder(layout, rank, swap=second_half)
+    s = _Builder(layout, swap=second_half)
     for _ in range(2 * (half_ranks - h - 1)):  # 1: warm up phase 0
         s.f(0)
     for _ in range(h + 1):  # 2: F0 F1
@@ -179,7 +179,7 @@ def _drain(s: _Builder, h: int) -> None:
 
 def _dualpipev(layout: Layout, rank: int) -> list[Op]:
     """DualPipe folded: chunk 0 goes down the ranks, chunk 1 comes back up."""
-    n, s = layout.ranks, _Builder(layout, rank)
+    n, s = layout.ranks, _Builder(layout)
     for _ in range(2 * (n - rank - 1)):
         s.f(0)
     for _ in range(rank + 1):
@@ -210,7 +210,7 @@ def _dualpipev(layout: Layout, rank: int) -> list[Op]:
 
 def _one_f_one_b(layout: Layout, rank: int) -> list[Op]:
     """Warm-up forwards, steady one-forward-one-backward, cool-down backwards."""
-    s = _Builder(layout, rank)
+    s = _Builder(layout)
     warmup = min(layout.ranks - rank - 1, layout.micro_batches)
     for _ in range(warmup):
         s.f(0)

@@ -2,7 +2,6 @@
 pipelined pre-training through the real launcher against the single-process run."""
 
 import json
-import shutil
 
 import pytest
 
