@@ -234,22 +234,22 @@ def train(run: RunConfig, args: argparse.Namespace, on_gpu: bool) -> int:
             loads = torch.zeros(num_moe, n_experts, device=device)
             accumulation = engine.gradient_accumulation_steps() if pipeline is None else \
                 global_batch // (t.micro_batch_size * groups.dp)
+            batches = (collate(dataset, [next(stream) for _ in range(t.micro_batch_size)], device)
+                       for _ in range(accumulation))
             if pipeline is not None:
-                batches = [collate(dataset, [next(stream) for _ in range(t.micro_batch_size)], device)
-                           for _ in range(accumulation)]
                 with fp8_autocast(t.fp8):
-                    losses, loads = pipeline.forward_backward(batches, lam)
-            for micro_step in range(accumulation if pipeline is None else 0):
-                batch = collate(dataset, [next(stream) for _ in range(t.micro_batch_size)], device)
-                with fp8_autocast(t.fp8):
-                    out = engine(batch["input_ids"], labels=batch["labels"], document_ids=batch["document_ids"],
-                                 mtp_weight=lam)
-                losses += torch.stack([out.loss, out.lm_loss, out.mtp_loss, out.aux_loss]).detach().double()
-                if out.expert_loads is not None:
-                    loads += out.expert_loads
-                engine.backward(out.loss)
-                if micro_step < accumulation - 1:
-                    engine.step()  # accumulates; the boundary step below applies the update
+                    losses, loads = pipeline.forward_backward(list(batches), lam)
+            else:
+                for micro_step, batch in enumerate(batches):
+                    with fp8_autocast(t.fp8):
+                        out = engine(batch["input_ids"], labels=batch["labels"], document_ids=batch["document_ids"],
+                                     mtp_weight=lam)
+                    losses += torch.stack([out.loss, out.lm_loss, out.mtp_loss, out.aux_loss]).detach().double()
+                    if out.expert_loads is not None:
+                        loads += out.expert_loads
+                    engine.backward(out.loss)
+                    if micro_step < accumulation - 1:
+                        engine.step()  # accumulates; the boundary step below applies the update
             # every micro-batch's losses and loads live on exactly one rank: sums over the world
             dist.all_reduce(losses)
             dist.all_reduce(loads)
