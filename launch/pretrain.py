@@ -148,7 +148,9 @@ def train(run: RunConfig, args: argparse.Namespace, on_gpu: bool) -> int:
     groups = build_groups(args.pp, args.ep)
     rank0 = groups.rank == 0
     run_dir = args.run_dir or Path("runs") / Path(args.config).stem
-    checkpointer = Checkpointer(run_dir, groups.rank)
+    pipelined = groups.pp > 1
+    checkpointer = Checkpointer(run_dir, groups.rank, pipeline_rank=groups.pipeline_rank if pipelined else None,
+                                dense_writer=groups.dp_rank == 0 if pipelined else None)
     if args.resume and checkpointer.latest_tag() is None:
         raise ConfigError(f"{run_dir}: --resume given but there is no complete checkpoint to resume from")
     if not args.resume and checkpointer.latest_tag() is not None:
@@ -158,7 +160,7 @@ def train(run: RunConfig, args: argparse.Namespace, on_gpu: bool) -> int:
     bundle, dataset = setup_data(run, groups.rank)
     granularity = _check_batch(run, groups, dataset)
     t = run.train
-    if groups.pp > 1:
+    if pipelined:
         check_schedule(args.pipeline_schedule, groups, [t.batch.start, t.batch.final], t.micro_batch_size, run.source)
     device = torch.device("cuda", args.local_rank) if on_gpu else torch.device("cpu")
     if rank0:
@@ -186,12 +188,10 @@ def train(run: RunConfig, args: argparse.Namespace, on_gpu: bool) -> int:
     first_batch = batch_size(t.batch, 0, granularity)
     pipeline, module, moe_layers = None, model, list(enumerate(model.moe_layers()))
     num_moe = len(moe_layers)
-    if groups.pp > 1:
+    if pipelined:
         pipeline = PipelineStep(model, groups, args.pipeline_schedule, first_batch // (t.micro_batch_size * groups.dp))
         module, moe_layers = pipeline.shard, pipeline.shard.moe_layers()
         del model  # the other ranks' stages are freed; this rank trains its shard
-        checkpointer.suffix = f"_pp{groups.pipeline_rank:03d}"
-        checkpointer.dense_writer = groups.dp_rank == 0
         if rank0:
             print(f"pipeline: {args.pipeline_schedule} over {groups.pp} ranks x {groups.dp} data-parallel replicas",
                   flush=True)
