@@ -128,36 +128,37 @@ class _Builder:
         self.ops.append(Op("FB", forward=self._next_forward(forward_phase), backward=self._next_backward(backward_phase)))
 
 
-def _dualpipe(layout: Layout, rank: int) -> list[Op]:
-    """The eight steps of DualPipe for one rank. Phase 0 is the direction fed from this rank's own
-    end of the pipeline, so ranks in the second half swap the chunk of each phase."""
-    half_ranks = layout.ranks // 2
-    second_half = rank >= half_ranks
-    h = rank if not second_half else layout.ranks - 1 - rank  # distance from the nearer end
-    middle = h == half_ranks - 1
-    half_chunks = layout.micro_batches // 2
-    s = _Builder(layout, swap=second_half)
-    for _ in range(2 * (half_ranks - h - 1)):  # 1: warm up phase 0
+def _eight_steps(s: _Builder, half: int, h: int, chunks: int) -> list[Op]:
+    """The eight steps of DualPipe (report Figure 5) for a rank ``h`` ranks from its end of a
+    pipeline of ``2 * half`` stage positions, with ``chunks`` micro-batches per phase."""
+    for _ in range(2 * (half - h - 1)):  # 1: warm up phase 0
         s.f(0)
     for _ in range(h + 1):  # 2: F0 F1
         s.f(0)
         s.f(1)
-    for _ in range(half_ranks - h - 1):  # 3: B1 W F1, zero bubble
+    for _ in range(half - h - 1):  # 3: B1 W F1, zero bubble
         s.b(1, zero_bubble=True)
         s.w()
         s.f(1)
-    for i in range(half_chunks - layout.ranks + h + 1):  # 4: main, F0&B1 then F1&B0
-        if i == 0 and middle:  # not overlapped: the middle ranks' first pair is on the critical path
+    for i in range(chunks - 2 * half + h + 1):  # 4: main, F0&B1 then F1&B0
+        if i == 0 and h == half - 1:  # not overlapped: the middle ranks' first pair is on the critical path
             s.f(0)
             s.b(1)
         else:
             s.fb(0, 1)
         s.fb(1, 0)
-    for _ in range(half_ranks - h - 1):  # 5: B1 then F1&B0
+    for _ in range(half - h - 1):  # 5: B1 then F1&B0
         s.b(1)
         s.fb(1, 0)
-    _drain(s, h)
-    for _ in range(half_ranks - h - 1):  # 7: W B0, zero bubble
+    zero_bubble = False
+    for i in range(h + 1):  # 6: B1 B0; the second half of them defer their weight gradients
+        if i == (h + 1) // 2 and h % 2 == 1:
+            zero_bubble = True
+        s.b(1, zero_bubble)
+        if i == (h + 1) // 2 and h % 2 == 0:
+            zero_bubble = True
+        s.b(0, zero_bubble)
+    for _ in range(half - h - 1):  # 7: W B0, zero bubble
         s.w()
         s.b(0, zero_bubble=True)
     for _ in range(h + 1):  # 8: the deferred weight gradients
@@ -165,47 +166,19 @@ def _dualpipe(layout: Layout, rank: int) -> list[Op]:
     return s.ops
 
 
-def _drain(s: _Builder, h: int) -> None:
-    """Step 6: B1 B0 pairs; the second half of them defer their weight gradients."""
-    zero_bubble = False
-    for i in range(h + 1):
-        if i == (h + 1) // 2 and h % 2 == 1:
-            zero_bubble = True
-        s.b(1, zero_bubble)
-        if i == (h + 1) // 2 and h % 2 == 0:
-            zero_bubble = True
-        s.b(0, zero_bubble)
+def _dualpipe(layout: Layout, rank: int) -> list[Op]:
+    """Phase 0 is the direction fed from this rank's own end of the pipeline, so ranks in the
+    second half swap the chunk of each phase."""
+    half = layout.ranks // 2
+    second_half = rank >= half
+    h = layout.ranks - 1 - rank if second_half else rank  # distance from the nearer end
+    return _eight_steps(_Builder(layout, swap=second_half), half, h, layout.micro_batches // 2)
 
 
 def _dualpipev(layout: Layout, rank: int) -> list[Op]:
-    """DualPipe folded: chunk 0 goes down the ranks, chunk 1 comes back up."""
-    n, s = layout.ranks, _Builder(layout)
-    for _ in range(2 * (n - rank - 1)):
-        s.f(0)
-    for _ in range(rank + 1):
-        s.f(0)
-        s.f(1)
-    for _ in range(n - rank - 1):
-        s.b(1, zero_bubble=True)
-        s.w()
-        s.f(1)
-    for i in range(layout.micro_batches - 2 * n + rank + 1):
-        if i == 0 and rank == n - 1:  # the turning rank: its first pair is on the critical path
-            s.f(0)
-            s.b(1)
-        else:
-            s.fb(0, 1)
-        s.fb(1, 0)
-    for _ in range(n - rank - 1):
-        s.b(1)
-        s.fb(1, 0)
-    _drain(s, rank)
-    for _ in range(n - rank - 1):
-        s.w()
-        s.b(0, zero_bubble=True)
-    for _ in range(rank + 1):
-        s.w()
-    return s.ops
+    """DualPipe folded: chunk 0 goes down the ranks, chunk 1 comes back up; the turning rank
+    is the middle one."""
+    return _eight_steps(_Builder(layout), layout.ranks, rank, layout.micro_batches)
 
 
 def _one_f_one_b(layout: Layout, rank: int) -> list[Op]:
