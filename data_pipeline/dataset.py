@@ -11,10 +11,12 @@ import torch
 
 from .layout import FORMAT_VERSION, MANIFEST, PIECES
 
+from plugins.errors import ProjectError
+
 IGNORE_INDEX = -100
 
 
-class DatasetError(ValueError):
+class DatasetError(ProjectError):
     """A packed dataset that cannot serve this run; one line naming the file."""
 
 

@@ -20,8 +20,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from plugins.atomic import check_output_dir, staged_directory
+from plugins.errors import ProjectError
+
 from .layout import FORMAT_VERSION, MANIFEST, PIECES, shard_name, token_dtype
-from .output_dir import OutputDirError, check_output_dir, staged_directory
 from .packing import PACKERS, Packing
 from .sources import SourceError, SourceStats, iter_texts
 
@@ -30,7 +32,7 @@ SHARD_BYTES = 256 << 20
 DEFAULT_SPLIT_RATE = 0.1
 
 
-class PrepareError(ValueError):
+class PrepareError(ProjectError):
     """A request that cannot be prepared; one line naming the option or file."""
 
 
@@ -101,7 +103,7 @@ def prepare(args: argparse.Namespace) -> dict:
     from .encode import DocumentEncoder
 
     _check(args)
-    bundle = load_tokenizer_dir(args.tokenizer)
+    bundle = load_tokenizer_dir(args.tokenizer).require_pipeline_tokens()
     dtype = token_dtype(bundle.vocab_size)
     encoder = DocumentEncoder(bundle, args.fim_rate, args.split_rate, args.seed)
     stats = SourceStats()
@@ -194,11 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.workers is not None:
         os.environ["RAYON_NUM_THREADS"] = str(args.workers)
-    from tokenizer.load import TokenizerDirError
-
     try:
         manifest = prepare(args)
-    except (SourceError, PrepareError, TokenizerDirError, OutputDirError) as error:
+    except ProjectError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     fill = manifest["tokens"] / max(1, manifest["sequences"] * manifest["seq_len"])

@@ -13,10 +13,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from plugins.errors import ProjectError
+
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 
 
-class SourceError(ValueError):
+class SourceError(ProjectError):
     """Unreadable or malformed input; the message names the file/field and what was expected."""
 
 

@@ -10,26 +10,32 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from plugins.errors import ProjectError
+
 
 def fingerprint(tokenizer_json: Path) -> str:
     """Identity of a tokenizer: sha256 of its tokenizer.json (datasets record it in their manifest)."""
     return hashlib.sha256(Path(tokenizer_json).read_bytes()).hexdigest()
 
 
-class TokenizerDirError(ValueError):
+class TokenizerDirError(ProjectError):
     """A tokenizer directory that does not meet the contract; one line naming the file."""
 
 
 @dataclass
 class TokenizerBundle:
+    """A tokenizer directory: this project's (``tokenizer.train``) or a HF one (``transformers``'
+    layout). Evaluation and generation need BOS/EOS; the data pipeline also needs the pad and FIM
+    tokens and the split table (``require_pipeline_tokens``)."""
+
     tokenizer: Tokenizer
     bos_id: int
     eos_id: int
-    pad_id: int
-    fim_begin_id: int
-    fim_hole_id: int
-    fim_end_id: int
-    split_table: dict[int, list[int]]
+    pad_id: int | None
+    fim_begin_id: int | None
+    fim_hole_id: int | None
+    fim_end_id: int | None
+    split_table: dict[int, list[int]] | None
     fingerprint: str
     directory: Path
 
@@ -37,23 +43,50 @@ class TokenizerBundle:
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size()
 
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def require_pipeline_tokens(self) -> TokenizerBundle:
+        """The data pipeline's needs: pad and FIM tokens and ``split_table.json``."""
+        config = self.directory / "tokenizer_config.json"
+        for key, value in [("pad_token", self.pad_id), ("fim_tokens.begin", self.fim_begin_id),
+                           ("fim_tokens.hole", self.fim_hole_id), ("fim_tokens.end", self.fim_end_id)]:
+            if value is None:
+                raise TokenizerDirError(f"{config}: {key} missing (train the tokenizer with `python -m tokenizer.train`)")
+        if self.split_table is None:
+            raise TokenizerDirError(f"{self.directory / 'split_table.json'}: missing (train one with "
+                                    "`python -m tokenizer.train`)")
+        return self
+
+
+def _token_text(value) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or transformers' {"content": ...}."""
+    return value.get("content") if isinstance(value, dict) else value
+
 
 def load_tokenizer_dir(directory: str | Path) -> TokenizerBundle:
     directory = Path(directory)
     files = {name: directory / name for name in ("tokenizer.json", "tokenizer_config.json", "split_table.json")}
-    for path in files.values():
-        if not path.is_file():
-            raise TokenizerDirError(f"{path}: missing (train one with `python -m tokenizer.train`)")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if not files[name].is_file():
+            raise TokenizerDirError(f"{files[name]}: missing (a tokenizer directory needs tokenizer.json and "
+                                    "tokenizer_config.json; train one with `python -m tokenizer.train`)")
     try:
         tokenizer = Tokenizer.from_file(str(files["tokenizer.json"]))
         config = json.loads(files["tokenizer_config.json"].read_text())
-        table = {int(k): list(v) for k, v in json.loads(files["split_table.json"].read_text()).items()}
+        table = None
+        if files["split_table.json"].is_file():
+            table = {int(k): list(v) for k, v in json.loads(files["split_table.json"].read_text()).items()}
     except Exception as error:  # tokenizers raises a bare Exception on a bad file
         raise TokenizerDirError(f"{directory}: unreadable tokenizer files ({str(error).splitlines()[0][:200]})") from None
 
-    def token_id(key: str, text: str | None) -> int:
-        token = tokenizer.token_to_id(text) if text else None
-        if token is None:
+    def token_id(key: str, value, required: bool = True) -> int | None:
+        text = _token_text(value)
+        token = tokenizer.token_to_id(text) if isinstance(text, str) and text else None
+        if token is None and (required or text):
             raise TokenizerDirError(f"{files['tokenizer_config.json']}: {key} {text!r} is not a token of the vocabulary")
         return token
 
@@ -62,10 +95,10 @@ def load_tokenizer_dir(directory: str | Path) -> TokenizerBundle:
         tokenizer=tokenizer,
         bos_id=token_id("bos_token", config.get("bos_token")),
         eos_id=token_id("eos_token", config.get("eos_token")),
-        pad_id=token_id("pad_token", config.get("pad_token")),
-        fim_begin_id=token_id("fim_tokens.begin", fim.get("begin")),
-        fim_hole_id=token_id("fim_tokens.hole", fim.get("hole")),
-        fim_end_id=token_id("fim_tokens.end", fim.get("end")),
+        pad_id=token_id("pad_token", config.get("pad_token"), required=False),
+        fim_begin_id=token_id("fim_tokens.begin", fim.get("begin"), required=False),
+        fim_hole_id=token_id("fim_tokens.hole", fim.get("hole"), required=False),
+        fim_end_id=token_id("fim_tokens.end", fim.get("end"), required=False),
         split_table=table,
         fingerprint=fingerprint(files["tokenizer.json"]),
         directory=directory,

@@ -20,8 +20,9 @@ from pathlib import Path
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from data_pipeline.output_dir import OutputDirError, check_output_dir, staged_directory
-from data_pipeline.sources import SourceError, SourceStats, iter_texts
+from data_pipeline.sources import SourceStats, iter_texts
+from plugins.atomic import check_output_dir, staged_directory
+from plugins.errors import ProjectError
 
 from .bpe_hf import BYTE_ALPHABET, train_byte_level_bpe
 from .bpe_spm import train_sentencepiece_bpe
@@ -32,7 +33,7 @@ from .split_table import build_split_table
 HELDOUT_EVERY = 50  # every 50th document goes to the held-out slice until it is full
 
 
-class TrainError(ValueError):
+class TrainError(ProjectError):
     """A request that cannot be trained; one line naming the option."""
 
 
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         report = train(args)
-    except (SourceError, TrainError, OutputDirError, ValueError) as error:
+    except ProjectError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     width = max(map(len, report))

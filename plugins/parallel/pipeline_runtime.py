@@ -53,10 +53,10 @@ class _Saved:
 
 @dataclass
 class StepTotals:
-    """Unscaled (lm, mtp, balance) sums over this rank's micro-batches, and expert loads [M, E]."""
+    """Unscaled (lm, mtp, balance) sums over this rank's micro-batches (expert loads are counted
+    by the MoE blocks themselves)."""
 
     values: torch.Tensor
-    loads: torch.Tensor
     sends: list = field(default_factory=list)
     peak_in_flight: int = 0  # most micro-batches whose activations this rank held at once
 
@@ -71,7 +71,7 @@ class PipelineRuntime:
         self.layout, self.rank, self.shard, self.peers, self.channels = layout, rank, shard, peers, channels
         self.overlap = overlap
         self.ops = build_schedule(layout, rank)
-        self.weights = list(shard.parameters())
+        self.weights = list(shard.model.parameters())
 
     def step(self, batches: list[dict[str, torch.Tensor]], mtp_weight: float) -> StepTotals:
         """Forward and backward of all micro-batches of one optimizer step; gradients accumulate in
@@ -80,8 +80,7 @@ class PipelineRuntime:
             raise ValueError(f"{len(batches)} micro-batches given, the schedule was built for {self.layout.micro_batches}")
         device = batches[0]["input_ids"].device
         self.batches, self.mtp_weight = batches, mtp_weight
-        self.totals = StepTotals(torch.zeros(3, dtype=torch.float64, device=device),
-                                 torch.zeros(self.shard.num_moe, self.shard.config.n_routed_experts, device=device))
+        self.totals = StepTotals(torch.zeros(3, dtype=torch.float64, device=device))
         self.saved: dict[tuple[int, int], _Saved] = {}
         self.local: dict[tuple[str, int, int], torch.Tensor] = {}  # hand-offs between chunks of this rank
         self.deferred: deque[Callable[[], None]] = deque()
@@ -146,8 +145,6 @@ class PipelineRuntime:
         self.saved[(chunk, micro)] = _Saved(inputs, result)
         self.totals.peak_in_flight = max(self.totals.peak_in_flight, len(self.saved))
         self.totals.values += result.values
-        for index, load in result.loads:
-            self.totals.loads[index] += load
 
     def _send_forward(self, chunk: int, micro: int) -> None:
         stage = self.layout.stage(self.rank, chunk)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .experts import grouped_mm
+from ..model.experts import grouped_mm
 
 TILE = 128
 E4M3 = torch.float8_e4m3fn

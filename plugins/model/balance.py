@@ -23,8 +23,8 @@ def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, alpha: fl
 
 
 def expert_load(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Tokens routed to each expert (float32 [E]): what the bias update and MaxVio read."""
-    return torch.bincount(indices.flatten(), minlength=num_experts).float()
+    """Tokens routed to each expert (int64 [E]): what the bias update and MaxVio read."""
+    return torch.bincount(indices.flatten(), minlength=num_experts)
 
 
 @torch.no_grad()
@@ -33,7 +33,35 @@ def update_router_bias(bias: torch.Tensor, load: torch.Tensor, gamma: float) -> 
 
     ``load`` must be the whole batch's load (all-reduced over data/expert ranks by the caller).
     """
+    load = load.to(bias.dtype)
     bias.add_(gamma * torch.sign(load.mean() - load))
+
+
+# The step's load accounting, one mechanism for every layout: each DeepSeekMoE counts its tokens
+# in ``tokens_per_expert``; after the micro-batches of a step the trainer collects the held
+# blocks' counts into the [MoE blocks, experts] matrix, sums it over all ranks, and applies it.
+def reset_expert_loads(moe_layers) -> None:
+    for moe in moe_layers:
+        moe.tokens_per_expert.zero_()
+
+
+def collect_expert_loads(moe_layers, num_moe_layers: int) -> torch.Tensor:
+    """float32 [M, E]: the held blocks' counts in their rows, zeros for blocks held elsewhere."""
+    moe_layers = list(moe_layers)
+    if not moe_layers:
+        return torch.zeros(num_moe_layers, 0)
+    first = moe_layers[0].tokens_per_expert
+    loads = torch.zeros(num_moe_layers, first.numel(), device=first.device)
+    for moe in moe_layers:
+        loads[moe.moe_index] = moe.tokens_per_expert.float()
+    return loads
+
+
+def update_router_biases(moe_layers, global_loads: torch.Tensor, gamma: float) -> None:
+    """The post-step bias update of every held block from the whole batch's loads [M, E]; resets the counts."""
+    for moe in moe_layers:
+        update_router_bias(moe.gate.e_score_correction_bias, global_loads[moe.moe_index], gamma)
+    reset_expert_loads(moe_layers)
 
 
 def max_violation(load: torch.Tensor) -> torch.Tensor:

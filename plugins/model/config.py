@@ -1,22 +1,21 @@
 """Model configuration: field names follow HF ``DeepseekV3Config`` (ARCHITECTURE.md, "Contracts").
 
-A YAML file under ``configs/`` holds the model in its ``model:`` section; other sections
-(training recipe, data) belong to the launcher. Every error is one line naming the file and key.
+A YAML file under ``configs/`` holds the model in its ``model:`` section, read by the one config
+loader (``plugins.config_tree``); the other sections belong to the launcher. Every error is one
+line naming the file and key.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from ..config_tree import build, read_document
+from ..errors import ConfigError
 
-
-class ConfigError(ValueError):
-    """A configuration value that cannot run; the message names the file and the key."""
+__all__ = ["ConfigError", "ModelConfig", "YarnScaling"]
 
 
 @dataclass
@@ -79,6 +78,11 @@ class ModelConfig:
     @property
     def experts_per_group(self) -> int:
         return self.n_routed_experts // self.n_group
+
+    @property
+    def num_moe_layers(self) -> int:
+        """DeepSeekMoE blocks of the model, MTP blocks included: rows of the expert-load matrix."""
+        return self.num_hidden_layers + self.num_nextn_predict_layers - self.first_k_dense_replace
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         """Layers from ``first_k_dense_replace`` on (MTP blocks included) use DeepSeekMoE."""
@@ -145,59 +149,36 @@ class ModelConfig:
     # ------------------------------------------------------------------- input
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "<dict>") -> ModelConfig:
-        """Build from a mapping, rejecting unknown keys and wrong types with a one-line error."""
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{source}: model: expected a mapping, got {type(raw).__name__}")
-        known = {f.name: f for f in fields(cls) if f.name != "source"}
-        values: dict[str, Any] = {}
-        for key, value in raw.items():
-            if key not in known:
-                raise ConfigError(f"{source}: model.{key}: unknown key (known: {', '.join(sorted(known))})")
-            if key == "rope_scaling" and value is not None:
-                value = _parse_yarn(value, source)
-            elif isinstance(value, int) and not isinstance(value, bool) and known[key].type in ("float", "float | None"):
-                value = float(value)
-            values[key] = value
-        return cls(**values, source=source)
+        """Build from a mapping (the ``model:`` section) with the config tree's rules: unknown keys
+        and wrong types are one-line errors naming ``model.<key>``."""
+        if isinstance(raw, dict) and isinstance(raw.get("rope_scaling"), dict):
+            raw = {**raw, "rope_scaling": _yarn_fields(raw["rope_scaling"], source)}
+        return build(cls, raw, "model", source, source=source)
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> ModelConfig:
-        """Read the ``model:`` section of a YAML config file."""
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such config file")
-        try:
-            document = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}:{where} invalid YAML ({getattr(error, 'problem', error)})") from None
-        if not isinstance(document, dict) or "model" not in document:
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> ModelConfig:
+        """The ``model:`` section of a config file (``base:`` inheritance and ``--set`` applied)."""
+        document = read_document(path, overrides)
+        if "model" not in document:
             raise ConfigError(f"{path}: expected a top-level 'model:' section")
         return cls.from_dict(document["model"], source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out.pop("source")
+        if out["rope_scaling"] is not None:
+            out["rope_scaling"] = {"type": "yarn", **out["rope_scaling"]}
         return out
 
 
-def _parse_yarn(raw: Any, source: str) -> YarnScaling:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: model.rope_scaling: expected a mapping or null")
+def _yarn_fields(raw: dict, source: str) -> dict:
+    """``rope_scaling`` as written in YAML or HF configs: ``type``/``rope_type`` must be yarn."""
     raw = dict(raw)
     kind = raw.pop("type", raw.pop("rope_type", "yarn"))
+    raw.pop("rope_type", None)
     if kind != "yarn":
         raise ConfigError(f"{source}: model.rope_scaling.type: only 'yarn' is supported, got {kind!r}")
-    known = {f.name for f in fields(YarnScaling)}
-    for key in raw:
-        if key not in known:
-            raise ConfigError(f"{source}: model.rope_scaling.{key}: unknown key (known: {', '.join(sorted(known))})")
     for key in ("factor", "original_max_position_embeddings"):
         if key not in raw:
             raise ConfigError(f"{source}: model.rope_scaling.{key}: required for YaRN")
-    for key, value in raw.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-            raise ConfigError(f"{source}: model.rope_scaling.{key}: expected a number, got {value!r}")
-    raw["original_max_position_embeddings"] = int(raw["original_max_position_embeddings"])
-    return YarnScaling(**raw)
+    return raw

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fp8_te
-from .config import ConfigError
-from .experts import RoutedExperts
+from . import te as fp8_te
+from ..errors import ConfigError
+from ..model.experts import RoutedExperts
 from .fp8 import fp8_grouped_linear, fp8_linear
 
 FP8_BACKENDS = ("none", "emulated", "te", "auto")

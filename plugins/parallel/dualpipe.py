@@ -1,6 +1,6 @@
 """Pipeline schedules as per-rank event orders: DualPipe (report 3.2.1, Figure 5), DualPipeV (the
 same schedule folded into a V on half the ranks) and 1F1B. One source of truth: the runtime
-(``plugins.pipeline_runtime``) executes these lists and the simulator (``plugins.pipeline_sim``)
+(``plugins.parallel.pipeline_runtime``) executes these lists and the simulator (``plugins.parallel.pipeline_sim``)
 times them.
 
 Each rank runs two model chunks (one for 1F1B). DualPipe: rank r holds stage r for micro-batches
@@ -11,18 +11,19 @@ stage lives on two ranks whose gradients are summed. DualPipeV: rank r holds sta
 weight-gradient half is deferred), ``W`` (the oldest deferred weight gradient), or ``FB`` (forward of
 one chunk overlapped with the backward of the other, report Figure 4).
 
-    python -m plugins.dualpipe simulate --pp 8 --micro-batches 20 [--f 1 --b 2 --w 1 --fb 2.5] [--out DIR]
+    python -m plugins.parallel simulate --pp 8 --micro-batches 20 [--f 1 --b 2 --w 1 --fb 2.5] [--out DIR]
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
+
+from ..errors import ProjectError
 
 SCHEDULES = ("dualpipe", "dualpipev", "1f1b")
 
 
-class ScheduleError(ValueError):
+class ScheduleError(ProjectError):
     """A pipeline size or micro-batch count the schedule cannot run."""
 
 
@@ -198,13 +199,3 @@ def _one_f_one_b(layout: Layout, rank: int) -> list[Op]:
 def build_schedule(layout: Layout, rank: int) -> list[Op]:
     """The ops rank ``rank`` executes in one training step, in order."""
     return {"dualpipe": _dualpipe, "dualpipev": _dualpipev, "1f1b": _one_f_one_b}[layout.schedule](layout, rank)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .pipeline_sim import main as simulate_main
-
-    return simulate_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

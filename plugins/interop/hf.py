@@ -11,9 +11,7 @@ the model's memory plus a shard, never two copies of the model.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,8 +21,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from .config import ConfigError, ModelConfig
-from .rope import RotaryEmbedding
+from ..atomic import check_output_dir, staged_directory
+from ..errors import ConfigError
+from ..model.config import ModelConfig
+from ..model.deepseek_v3 import DeepSeekV3, init_weights
+from ..model.rope import RotaryEmbedding
 
 _CONFIG_FIELDS = [
     "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
@@ -151,8 +152,6 @@ def _checkpoint_files(directory: Path) -> list[Path]:
 def load_hf_checkpoint(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """Build ``DeepSeekV3`` from a HF checkpoint dir. Weights are allocated once (uninitialised) and
     filled tensor by tensor from the shards. A checkpoint without MTP layers gets fresh MTP modules."""
-    from .model import DeepSeekV3, init_weights
-
     directory = Path(directory)
     config_path = directory / "config.json"
     if not config_path.is_file():
@@ -232,43 +231,36 @@ def _copy(target: torch.Tensor, source: torch.Tensor, key: str, path: Path) -> N
 
 # ------------------------------------------------------------------ saving
 def save_hf_checkpoint(model, directory: str | Path, max_shard_bytes: int = 5 * 2**30) -> Path:
-    """Write ``directory`` (must not exist or be empty) via a temporary sibling renamed into place."""
+    """Write ``directory`` (must not exist or be empty); it appears only once complete."""
     directory = Path(directory)
-    if directory.exists() and any(directory.iterdir()):
-        raise FileExistsError(f"{directory}: exists and is not empty; choose a new directory")
-    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    check_output_dir(directory, overwrite=False, option="HF output directory")
     dtype = model.embed_tokens.weight.dtype
-    shards: list[list[str]] = []
-    pending: dict[str, torch.Tensor] = {}
-    pending_bytes = 0
-    total_bytes = 0
+    with staged_directory(directory) as tmp:
+        shards: list[list[str]] = []
+        pending: dict[str, torch.Tensor] = {}
+        pending_bytes = total_bytes = 0
 
-    def flush() -> None:
-        nonlocal pending, pending_bytes
-        save_file(pending, str(tmp / f"part-{len(shards):05d}.safetensors"), metadata={"format": "pt"})
-        shards.append(list(pending))
-        pending, pending_bytes = {}, 0
+        def flush() -> None:
+            nonlocal pending, pending_bytes
+            save_file(pending, str(tmp / f"part-{len(shards):05d}.safetensors"), metadata={"format": "pt"})
+            shards.append(list(pending))
+            pending, pending_bytes = {}, 0
 
-    for key, tensor in tqdm(iter_hf_tensors(model), desc="writing HF checkpoint", unit="tensor", disable=None):
-        size = tensor.numel() * tensor.element_size()
-        if pending and pending_bytes + size > max_shard_bytes:
+        for key, tensor in tqdm(iter_hf_tensors(model), desc="writing HF checkpoint", unit="tensor", disable=None):
+            size = tensor.numel() * tensor.element_size()
+            if pending and pending_bytes + size > max_shard_bytes:
+                flush()
+            pending[key] = tensor.detach().to("cpu", copy=True).contiguous()
+            pending_bytes += size
+            total_bytes += size
+        if pending:
             flush()
-        pending[key] = tensor.detach().to("cpu", copy=True).contiguous()
-        pending_bytes += size
-        total_bytes += size
-    if pending:
-        flush()
-    weight_map = {}
-    for i, keys in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        (tmp / f"part-{i:05d}.safetensors").rename(tmp / name)
-        weight_map.update({k: name for k in keys})
-    index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    (tmp / "config.json").write_text(json.dumps(config_to_hf(model.config, dtype), indent=2))
-    if directory.exists():
-        directory.rmdir()
-    tmp.rename(directory)
+        weight_map = {}
+        for i, keys in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            (tmp / f"part-{i:05d}.safetensors").rename(tmp / name)
+            weight_map.update({k: name for k in keys})
+        index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        (tmp / "config.json").write_text(json.dumps(config_to_hf(model.config, dtype), indent=2))
     return directory

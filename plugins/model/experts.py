@@ -1,51 +1,14 @@
 """Routed experts as one grouped computation over tokens sorted by expert (report 2.1.2, eq. 12).
 
-Dispatch sorts the (token, slot) pairs by expert, the experts run as grouped GEMMs
-(``torch.nn.functional.grouped_mm``) over the contiguous per-expert segments, and combine
-scatters the gate-weighted outputs back to their tokens. Every token keeps all of its k experts:
-there is no capacity and no dropping. ``plan_dispatch``/``dispatch``/``combine`` are separate
-callables so expert parallelism can put an all-to-all between them and DualPipe can overlap it.
+A dispatcher (``plugins.model.dispatch``) sorts the rows by expert; the experts run as grouped
+GEMMs (``torch.nn.functional.grouped_mm``) over the contiguous per-expert segments.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-
-@dataclass
-class DispatchPlan:
-    """Rows of the sorted buffer: ``token_index[j]`` is the token of row j, ``slot_order[j]`` its
-    flattened (token, slot) position; ``counts[e]`` rows belong to expert e, in expert order."""
-
-    token_index: torch.Tensor
-    slot_order: torch.Tensor
-    counts: torch.Tensor
-
-
-def plan_dispatch(indices: torch.Tensor, num_experts: int) -> DispatchPlan:
-    flat = indices.flatten()
-    slot_order = flat.argsort(stable=True)
-    return DispatchPlan(
-        token_index=slot_order // indices.shape[1],
-        slot_order=slot_order,
-        counts=torch.bincount(flat, minlength=num_experts),
-    )
-
-
-def dispatch(x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-    """Token rows [N, D] -> expert-sorted rows [N*k, D]."""
-    return x[plan.token_index]
-
-
-def combine(y: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan, num_tokens: int) -> torch.Tensor:
-    """Expert-sorted outputs [N*k, D] -> per-token gate-weighted sums [N, D] (in ``y``'s dtype)."""
-    gate = weights.flatten()[plan.slot_order].unsqueeze(-1)
-    out = torch.zeros(num_tokens, y.shape[-1], dtype=y.dtype, device=y.device)
-    return out.index_add(0, plan.token_index, (y.float() * gate).to(y.dtype))
 
 
 def _grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .mla import LatentCache
-from .model import DeepSeekV3
+from ..errors import ConfigError
+from ..model.mla import LatentCache
+from ..model.deepseek_v3 import DeepSeekV3
 
 
 @dataclass
@@ -49,7 +50,8 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: tor
 
 def _step(model: DeepSeekV3, ids: list[int], cache: LatentCache) -> tuple[torch.Tensor, torch.Tensor, tuple]:
     device = model.embed_tokens.weight.device
-    h, rope, _, _ = model.hidden_states(torch.tensor([ids], device=device), cache)
+    rope = model.rope(len(ids), device, start=cache.seq_len)
+    h = model.trunk(model.embed_tokens(torch.tensor([ids], device=device)), rope, cache=cache)
     return model.lm_head(model.norm(h))[0], h, rope
 
 
@@ -75,7 +77,7 @@ def generate_speculative(model: DeepSeekV3, prompt: list[int], max_new_tokens: i
                          eos_id: int | None = None) -> Decoded:
     """Greedy decoding with MTP depth 1 drafting one token ahead; the same tokens as ``generate``."""
     if not len(model.mtp):
-        raise ValueError("speculative decoding with MTP needs a model with num_nextn_predict_layers >= 1")
+        raise ConfigError("speculative decoding with MTP needs a model with num_nextn_predict_layers >= 1")
     main_layers = range(len(model.layers))
     cache = LatentCache(len(model.layers) + 1)  # the MTP block's cache sits at index num_hidden_layers
     mtp = model.mtp[0]
@@ -84,7 +86,7 @@ def generate_speculative(model: DeepSeekV3, prompt: list[int], max_new_tokens: i
     def draft_after(h: torch.Tensor, known_next: list[int], rope: tuple) -> int:
         """MTP over positions whose hidden state ``h`` and next token are known: the token after."""
         ahead = model.embed_tokens(torch.tensor([known_next], device=device))
-        h_mtp, _, _ = mtp(h, ahead, rope, cache)
+        h_mtp = mtp(h, ahead, rope, cache)
         return int(model.lm_head(mtp.norm(h_mtp))[0, -1].argmax())
 
     started = time.perf_counter()

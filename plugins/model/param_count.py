@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .config import ModelConfig
+from .deepseek_v3 import DeepSeekV3
 from .moe import DeepSeekMoE
 
 
@@ -18,15 +19,13 @@ def _numel(module: torch.nn.Module) -> int:
 
 
 def count_parameters(config: ModelConfig) -> dict[str, int]:
-    from .model import DeepSeekV3
-
     with torch.device("meta"):
         model = DeepSeekV3(config)
     mtp = _numel(model.mtp)
     total = _numel(model) - mtp
     k, e = config.num_experts_per_tok, config.n_routed_experts
     inactive = sum(
-        _numel(moe.experts) * (e - k) // e for layer in model.layers for moe in [layer.mlp] if isinstance(moe, DeepSeekMoE)
+        _numel(moe.experts) * (e - k) // e for layer in model.layers.values() for moe in [layer.mlp] if isinstance(moe, DeepSeekMoE)
     )
     mtp_inactive = sum(_numel(moe.experts) * (e - k) // e for moe in model.mtp.modules() if isinstance(moe, DeepSeekMoE))
     return {"total": total, "activated": total - inactive, "mtp": mtp, "mtp_activated": mtp - mtp_inactive}

@@ -19,20 +19,12 @@ class DecoderLayer(nn.Module):
         self.self_attn = MultiHeadLatentAttention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if config.is_moe_layer(layer_idx):
-            self.mlp = DeepSeekMoE(config)
+            self.mlp = DeepSeekMoE(config, moe_index=layer_idx - config.first_k_dense_replace)
         else:
             self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
-    @property
-    def is_moe(self) -> bool:
-        return isinstance(self.mlp, DeepSeekMoE)
-
     def forward(
         self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: LatentCache | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Returns the new hidden state and, for MoE blocks, the balance loss and expert load."""
+    ) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), rope, cache)
-        if self.is_moe:
-            ffn, balance, load = self.mlp(self.post_attention_layernorm(h))
-            return h + ffn, balance, load
-        return h + self.mlp(self.post_attention_layernorm(h)), None, None
+        return h + self.mlp(self.post_attention_layernorm(h))

@@ -1,10 +1,13 @@
 """Expert parallelism (report 3.2.2): each of the ``size`` ranks of an expert-parallel group holds
 ``n_routed_experts / size`` consecutive routed experts. After routing, a rank's expert-sorted rows
-(``plugins.experts.dispatch``) are sent to the ranks that hold their experts with one variable-split
-all-to-all (the per-expert counts are exchanged first: no capacity, no dropped token), computed by
-the local experts in one grouped computation, and sent back by the reverse all-to-all before the
-gate-weighted combine. ``ExpertExchange.dispatch`` and ``.combine`` are separate calls so a
-pipeline schedule can overlap one micro-batch's exchange with another's computation.
+are sent to the ranks that hold their experts with one variable-split all-to-all (the per-expert
+counts are exchanged first: no capacity, no dropped token), computed by the local experts in one
+grouped computation, and sent back by the reverse all-to-all before the gate-weighted combine.
+
+``AllToAllDispatcher`` is the token dispatcher DeepSeekMoE calls under expert parallelism
+(``apply_expert_parallel`` installs it and keeps each rank's experts); its ``dispatch`` and
+``combine`` are separate calls so a pipeline schedule can overlap one micro-batch's exchange with
+another's computation.
 """
 
 from __future__ import annotations
@@ -13,6 +16,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+from ..model.dispatch import Dispatched, TokenDispatcher, permutation, permute, unpermute
+from ..model.moe import DeepSeekMoE
+from ..model.router import Routing
 
 
 class _AllToAll(torch.autograd.Function):
@@ -107,3 +115,36 @@ def distinct_destinations(indices: torch.Tensor, destinations: torch.Tensor) -> 
     ranks = destinations[indices]  # [N, k]
     sorted_ranks = ranks.sort(dim=-1).values
     return 1 + (sorted_ranks[:, 1:] != sorted_ranks[:, :-1]).sum(-1)
+
+
+class AllToAllDispatcher(TokenDispatcher):
+    """Local permutation by global expert, then the exchange to the experts' ranks; ``combine``
+    reverses both. One exchange (and its destination statistics) serves every MoE block."""
+
+    def __init__(self, exchange: ExpertExchange, num_experts: int):
+        self.exchange, self.num_experts = exchange, num_experts
+
+    def dispatch(self, tokens: torch.Tensor, routing: Routing) -> Dispatched:
+        perm = permutation(routing.indices, self.num_experts)
+        self.exchange.observe(routing.indices)
+        local_rows, plan = self.exchange.dispatch(permute(tokens, perm), perm.counts)
+        return Dispatched(local_rows, plan.local_counts, (perm, plan, routing.weights, tokens.shape[0]))
+
+    def combine(self, expert_output: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
+        perm, plan, weights, num_tokens = dispatched.state
+        return unpermute(self.exchange.combine(expert_output, plan), weights, perm, num_tokens)
+
+
+def apply_expert_parallel(model: nn.Module, exchange: ExpertExchange) -> list[nn.Parameter]:
+    """Keep only this rank's routed experts in every DeepSeekMoE of ``model`` and route their
+    tokens through ``exchange``. Parameters become new, smaller tensors (copies of the local slice),
+    so call this before an optimizer sees them. Returns the expert parameters."""
+    params = []
+    for moe in (m for m in model.modules() if isinstance(m, DeepSeekMoE)):
+        experts = moe.experts
+        for name in ("gate_up_proj", "down_proj"):
+            setattr(experts, name, nn.Parameter(getattr(experts, name).data[exchange.local_slice].clone()))
+            params.append(getattr(experts, name))
+        experts.num_experts = exchange.local_experts
+        moe.dispatcher = AllToAllDispatcher(exchange, moe.num_experts)
+    return params

@@ -56,8 +56,8 @@ class MTPModule(nn.Module):
         ahead_embeds: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         cache: LatentCache | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Returns ``h^k`` (before the final norm; the next depth's input), balance loss, load.
-        With ``cache`` the block attends over its own earlier positions (speculative drafting)."""
+    ) -> torch.Tensor:
+        """Returns ``h^k`` (before the final norm; the next depth's input). With ``cache`` the
+        block attends over its own earlier positions (speculative drafting)."""
         h = self.eh_proj(torch.cat([self.enorm(ahead_embeds), self.hnorm(h_prev)], dim=-1))
         return self.block(h, rope, cache)

@@ -1,4 +1,4 @@
-"""Timing a pipeline schedule's event order (``plugins.dualpipe.build_schedule``) with given op
+"""Timing a pipeline schedule's event order (``plugins.parallel.dualpipe.build_schedule``) with given op
 costs: each rank runs its ops in order, an op starts when its rank is free and its inputs exist
 (communication free), and the bubble of a rank is its idle time before its last op ends. The
 report's Table 2 formulas are printed beside the measured bubbles (F, B, W: forward, full
@@ -6,18 +6,18 @@ backward, weight-gradient cost of one chunk; F&B: an overlapped forward+backward
 agree exactly in the report's unit, B = 2F and W = F, for any F&B; for other ratios the table's
 expression is an approximation and the measured bubble is the one to trust.
 
-    python -m plugins.dualpipe simulate --pp 8 --micro-batches 20 [--f 1 --b 2 --w 1 --fb 2.5] [--out DIR]
+    python -m plugins.parallel simulate --pp 8 --micro-batches 20 [--f 1 --b 2 --w 1 --fb 2.5] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..atomic import write_text_atomic
 from .dualpipe import SCHEDULES, Layout, Op, ScheduleError, build_schedule, check
 
 
@@ -145,7 +145,7 @@ def timeline_png(layout: Layout, intervals: list[Interval], path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m plugins.dualpipe", description="pipeline schedules")
+    parser = argparse.ArgumentParser(prog="python -m plugins.parallel", description="pipeline schedules")
     commands = parser.add_subparsers(dest="command", required=True)
     sim = commands.add_parser("simulate", help="time DualPipe, DualPipeV and 1F1B; timeline PNGs; bubbles vs formulas")
     sim.add_argument("--pp", type=int, required=True, help="pipeline ranks")
@@ -178,11 +178,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['schedule']:<10} {r['ranks']:>5} {r['stages']:>6} {r['bubble_max']:>18.2f} {r['formula']:>8.2f} "
               f"{r['makespan']:>9.2f}")
     report = args.out / f"bubbles_pp{args.pp}_m{args.micro_batches}.json"
-    report.with_suffix(".tmp").write_text(json.dumps({"costs": costs.__dict__, "schedules": rows}, indent=1))
-    os.replace(report.with_suffix(".tmp"), report)
+    write_text_atomic(report, json.dumps({"costs": costs.__dict__, "schedules": rows}, indent=1))
     print(f"wrote {report} and the timelines {', '.join(r['timeline'] for r in rows)}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

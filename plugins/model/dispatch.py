@@ -1,0 +1,82 @@
+"""Token dispatchers (report 2.1.2, eq. 12): how a DeepSeekMoE layer's tokens reach its routed
+experts and come back. ``dispatch`` turns token rows and the router's choice into rows sorted by
+(local) expert; ``combine`` turns the experts' outputs back into per-token gate-weighted sums.
+Every token keeps all of its k experts: no capacity, no dropping.
+
+``LocalDispatcher`` permutes within the process (all experts are here). Expert parallelism
+swaps in ``plugins.parallel.expert.AllToAllDispatcher`` with the same two calls, chosen when the
+model is set up, never by a branch in the layer; the two calls are separate so a pipeline
+schedule can overlap one micro-batch's exchange with another's computation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .router import Routing
+
+
+@dataclass
+class Permutation:
+    """Rows of the expert-sorted buffer: ``token_index[j]`` is the token of row j, ``slot_order[j]``
+    its flattened (token, slot) position; ``counts[e]`` rows belong to expert e, in expert order."""
+
+    token_index: torch.Tensor
+    slot_order: torch.Tensor
+    counts: torch.Tensor
+
+
+def permutation(indices: torch.Tensor, num_experts: int) -> Permutation:
+    """The expert-sorted order of the (token, slot) pairs of a routing decision [N, k]."""
+    flat = indices.flatten()
+    slot_order = flat.argsort(stable=True)
+    return Permutation(slot_order // indices.shape[1], slot_order, torch.bincount(flat, minlength=num_experts))
+
+
+def permute(x: torch.Tensor, perm: Permutation) -> torch.Tensor:
+    """Token rows [N, D] -> expert-sorted rows [N*k, D]."""
+    return x[perm.token_index]
+
+
+def unpermute(y: torch.Tensor, weights: torch.Tensor, perm: Permutation, num_tokens: int) -> torch.Tensor:
+    """Expert-sorted outputs [N*k, D] -> per-token gate-weighted sums [N, D] (in ``y``'s dtype)."""
+    gate = weights.flatten()[perm.slot_order].unsqueeze(-1)
+    out = torch.zeros(num_tokens, y.shape[-1], dtype=y.dtype, device=y.device)
+    return out.index_add(0, perm.token_index, (y.float() * gate).to(y.dtype))
+
+
+@dataclass
+class Dispatched:
+    """What ``dispatch`` hands the experts (``rows`` sorted by local expert, ``counts`` per local
+    expert) and what ``combine`` needs to bring their outputs back (``state``)."""
+
+    rows: torch.Tensor
+    counts: torch.Tensor
+    state: object
+
+
+class TokenDispatcher:
+    """The interface DeepSeekMoE calls."""
+
+    def dispatch(self, tokens: torch.Tensor, routing: Routing) -> Dispatched:
+        raise NotImplementedError
+
+    def combine(self, expert_output: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class LocalDispatcher(TokenDispatcher):
+    """All ``num_experts`` experts live in this process: a permutation and its inverse."""
+
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
+
+    def dispatch(self, tokens: torch.Tensor, routing: Routing) -> Dispatched:
+        perm = permutation(routing.indices, self.num_experts)
+        return Dispatched(permute(tokens, perm), perm.counts, (perm, routing.weights, tokens.shape[0]))
+
+    def combine(self, expert_output: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
+        perm, weights, num_tokens = dispatched.state
+        return unpermute(expert_output, weights, perm, num_tokens)

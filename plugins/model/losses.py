@@ -1,0 +1,61 @@
+"""The training objective, defined once (report 2.2 eq. 25 and 2.1.2 eq. 17-20):
+
+    L = L_Main + lambda/D * sum_k L_MTP^k + sum over MoE blocks of alpha * L_Bal
+
+used by the whole model's forward and by every pipeline stage alike (a stage adds the terms it
+holds; the sum over stages is this)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .mtp import IGNORE_INDEX
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy in float32 over targets != -100 (0, still differentiable, when none)."""
+    flat = targets.reshape(-1)
+    if not (flat != IGNORE_INDEX).any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), flat, ignore_index=IGNORE_INDEX)
+
+
+def mtp_objective(depth_losses: list[torch.Tensor], weight: float) -> torch.Tensor | None:
+    """``lambda / D * sum_k L_MTP^k`` (eq. 25); None without MTP modules."""
+    if not depth_losses:
+        return None
+    return weight / len(depth_losses) * torch.stack(depth_losses).sum()
+
+
+def take_balance_losses(moe_layers) -> torch.Tensor | None:
+    """Sum of the balance losses the given MoE blocks computed in their last forward (each is taken
+    once, so a block's graph is not kept alive); None when none of them ran."""
+    losses = []
+    for moe in moe_layers:
+        if moe.balance_loss is not None:
+            losses.append(moe.balance_loss)
+            moe.balance_loss = None
+    return torch.stack(losses).sum() if losses else None
+
+
+@dataclass
+class Losses:
+    """The objective's three terms (any may be absent on a pipeline stage)."""
+
+    lm: torch.Tensor | None = None
+    mtp: torch.Tensor | None = None
+    balance: torch.Tensor | None = None
+
+    @property
+    def total(self) -> torch.Tensor | None:
+        terms = [t for t in (self.lm, self.mtp, self.balance) if t is not None]
+        return torch.stack(terms).sum() if terms else None
+
+    def values(self, device: torch.device) -> torch.Tensor:
+        """Detached float64 (lm, mtp, balance), zeros for absent terms: what is logged and summed
+        over ranks (no host synchronisation)."""
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        return torch.stack([zero if t is None else t.detach().double() for t in (self.lm, self.mtp, self.balance)])

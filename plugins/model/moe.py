@@ -1,0 +1,61 @@
+"""DeepSeekMoE layer (report 2.1.2, eq. 12): shared experts always on, routed experts chosen by the
+aux-loss-free router and reached through a token dispatcher.
+
+Each forward also leaves two things for the training loop, so no block has to thread them:
+``balance_loss`` (this forward's sequence-wise balance loss, eq. 17-20, taken by
+``plugins.model.losses.take_balance_losses``) and ``tokens_per_expert`` (tokens routed to each
+expert since the last ``plugins.model.balance.reset_expert_loads``: the load that the bias
+update and MaxVio read after the optimizer step).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .balance import expert_load, sequence_balance_loss
+from .config import ModelConfig
+from .dispatch import LocalDispatcher, TokenDispatcher
+from .experts import RoutedExperts
+from .mlp import SwiGLU
+from .router import Router
+
+
+class DeepSeekMoE(nn.Module):
+    """``moe_index``: this block's position among the model's MoE blocks (main blocks, then MTP);
+    the row of the [MoE blocks, experts] load matrix it fills."""
+
+    def __init__(self, config: ModelConfig, moe_index: int = 0):
+        super().__init__()
+        self.num_experts = config.n_routed_experts
+        self.alpha = config.aux_loss_alpha
+        self.moe_index = moe_index
+        self.gate = Router(config)
+        self.experts = RoutedExperts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
+        self.shared_experts = (
+            SwiGLU(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+            if config.n_shared_experts
+            else None
+        )
+        self.dispatcher: TokenDispatcher = LocalDispatcher(config.n_routed_experts)
+        # integer counts: exact at any batch size, and untouched by a cast of the model to bf16
+        self.register_buffer("tokens_per_expert", torch.zeros(config.n_routed_experts, dtype=torch.int64),
+                             persistent=False)
+        self.balance_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` [B, T, D] -> [B, T, D]."""
+        batch, seq_len, dim = x.shape
+        tokens = x.reshape(-1, dim)
+        routing = self.gate(tokens)
+        dispatched = self.dispatcher.dispatch(tokens, routing)
+        routed = self.dispatcher.combine(self.experts(dispatched.rows, dispatched.counts), dispatched)
+        out = routed.view(batch, seq_len, dim)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        self.balance_loss = sequence_balance_loss(
+            routing.scores.view(batch, seq_len, -1), routing.indices.view(batch, seq_len, -1), self.alpha
+        )
+        with torch.no_grad():
+            self.tokens_per_expert += expert_load(routing.indices, self.num_experts)
+        return out

@@ -1,0 +1,61 @@
+"""Replica bookkeeping for pipeline parallelism.
+
+A model piece held by several pipeline ranks (every stage under DualPipe, the embedding under
+1F1B with MTP) is one parameter trained from all of them: ``ReplicaSync`` sums the replicas'
+gradients once per step, before the data-parallel reduction, and marks all copies but the first
+``ds_pipe_replicated`` so DeepSpeed's global gradient norm counts each parameter once. The
+process groups come from the launcher's one group builder (``launch.groups``), one per set of
+pipeline ranks that ``replica_sets`` lists.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from .dualpipe import Layout
+from .pipeline_stages import piece_of, stage_pieces
+
+
+def stages_of(layout: Layout, rank: int) -> list[int]:
+    return sorted({layout.stage(rank, c) for c in range(layout.chunks)})
+
+
+def holders(layout: Layout, config) -> dict[str, tuple[int, ...]]:
+    """piece -> the pipeline ranks holding it."""
+    held: dict[str, set[int]] = {}
+    for rank in range(layout.ranks):
+        for stage in stages_of(layout, rank):
+            for piece in stage_pieces(config, stage, layout.stages):
+                held.setdefault(piece, set()).add(rank)
+    return {piece: tuple(sorted(ranks)) for piece, ranks in held.items()}
+
+
+def replica_sets(layout: Layout, config) -> list[tuple[int, ...]]:
+    """The sets of pipeline ranks that hold a piece together (each needs a process group)."""
+    return sorted({ranks for ranks in holders(layout, config).values() if len(ranks) > 1})
+
+
+class ReplicaSync:
+    """``rank``: this pipeline rank; ``groups``: replica set -> the group of this data-parallel
+    replica's ranks of that set (only the sets this rank belongs to)."""
+
+    def __init__(self, layout: Layout, model: torch.nn.Module, rank: int,
+                 groups: dict[tuple[int, ...], dist.ProcessGroup]):
+        owners = holders(layout, model.config)
+        by_set: dict[tuple[int, ...], list[torch.nn.Parameter]] = {}
+        for name, param in model.named_parameters():
+            ranks = owners[piece_of(name)]
+            param.ds_pipe_replicated = rank != ranks[0]
+            if len(ranks) > 1:
+                by_set.setdefault(ranks, []).append(param)
+        self.buckets = [(groups[ranks], params) for ranks, params in sorted(by_set.items())]
+
+    def sum_gradients(self) -> None:
+        for group, params in self.buckets:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            flat = _flatten_dense_tensors(grads)
+            dist.all_reduce(flat, group=group)
+            for param, summed in zip(params, _unflatten_dense_tensors(flat, grads)):
+                param.grad = summed
