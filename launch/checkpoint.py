@@ -19,7 +19,6 @@ resumes from the previous complete checkpoint.
 
 from __future__ import annotations
 
-import os
 import random
 import re
 from pathlib import Path
@@ -30,7 +29,11 @@ import torch.distributed as dist
 from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_set_full_fp32_param,
                              safe_set_full_optimizer_state)
 
-from plugins.experts import RoutedExperts
+from plugins.atomic import torch_save_atomic, write_text_atomic
+from plugins.errors import ProjectError
+from plugins.model.experts import RoutedExperts
+
+from . import ds_internals
 
 LATEST = "latest"
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -48,9 +51,8 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
-def _save(obj, path: Path) -> None:
-    torch.save(obj, path.with_suffix(".tmp"))
-    os.replace(path.with_suffix(".tmp"), path)
+class CheckpointError(ProjectError):
+    """A checkpoint that is missing or incomplete; one line naming the directory or file."""
 
 
 def expert_parameter_names(model: torch.nn.Module) -> set[str]:
@@ -67,7 +69,7 @@ def read_dense(directory: Path) -> dict:
     """``dense.pt``, or the pipeline ranks' ``dense_ppNNN.pt`` merged: params, buffers, adam_step, client."""
     files = sorted(p for p in directory.iterdir() if DENSE_FILE.fullmatch(p.name))
     if not files:
-        raise FileNotFoundError(f"{directory}: no dense.pt (not a complete checkpoint)")
+        raise CheckpointError(f"{directory}: no dense.pt (not a complete checkpoint)")
     merged = {"params": {}, "buffers": {}}
     for path in files:
         stored = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
@@ -93,22 +95,8 @@ def read_experts(directory: Path, names: set[str], start: int, stop: int) -> dic
     for name, states in pieces.items():
         held = sum(part.shape[0] for part in states.get("value", []))
         if held != stop - start:
-            raise FileNotFoundError(f"{directory}: the expert files hold {held} of experts {start}..{stop - 1} of {name}")
+            raise CheckpointError(f"{directory}: the expert files hold {held} of experts {start}..{stop - 1} of {name}")
     return {name: {key: torch.cat(parts) for key, parts in states.items()} for name, states in pieces.items()}
-
-
-def _link_optimizer_states(engine) -> None:
-    """Make every parameter's view of its AdamW moments valid. DeepSpeed links them once, after the
-    first optimizer step of the first ZeRO parameter group, so the other groups' views stay empty;
-    before any step (a resumed run) there are no moments at all. Create what is missing (zeros,
-    step 0) and re-link all groups."""
-    zero = engine.optimizer
-    for flat in zero.single_partition_of_fp32_groups:
-        state = zero.optimizer.state[flat]
-        if not state:
-            state.update(step=torch.zeros(()), exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat))
-    zero._hp_optimizer_states_linked = False
-    zero._lazy_init_hp_params_optimizer_state()
 
 
 class Checkpointer:
@@ -134,7 +122,7 @@ class Checkpointer:
         directory = self.directory / tag
         directory.mkdir(parents=True, exist_ok=True)
         model = engine.module
-        _link_optimizer_states(engine)
+        ds_internals.link_optimizer_states(engine)
         expert_names = expert_parameter_names(model)
         dense, experts = {}, {}
         for name, param in model.named_parameters():  # the same order on every rank: the gathers are collective
@@ -145,18 +133,16 @@ class Checkpointer:
         if self.dense_writer:
             params = dict(model.named_parameters())
             buffers = {k: v.cpu() for k, v in model.state_dict().items() if k not in params}
-            _save({"params": dense, "buffers": buffers, "adam_step": self._adam_step(engine), "client": client_state},
-                  directory / f"dense{self.suffix}.pt")
+            torch_save_atomic({"params": dense, "buffers": buffers, "adam_step": ds_internals.adam_step(engine),
+                               "client": client_state}, directory / f"dense{self.suffix}.pt")
         if experts and (self.expert_writer or self.dense_writer):
             first, last = (self.expert_slice.start, self.expert_slice.stop) if self.expert_slice else \
                 (0, next(iter(experts.values()))["value"].shape[0])
-            _save(experts, directory / f"experts_{first:05d}-{last:05d}{self.suffix}.pt")
-        _save(_rng_state(), directory / f"rng_rank{self.rank}.pt")
+            torch_save_atomic(experts, directory / f"experts_{first:05d}-{last:05d}{self.suffix}.pt")
+        torch_save_atomic(_rng_state(), directory / f"rng_rank{self.rank}.pt")
         dist.barrier()
         if self.rank == 0:
-            pointer = self.directory / f"{LATEST}.tmp"
-            pointer.write_text(tag)
-            os.replace(pointer, self.directory / LATEST)
+            write_text_atomic(self.directory / LATEST, tag)
         dist.barrier()
         return tag
 
@@ -164,11 +150,11 @@ class Checkpointer:
         """Restore the latest complete checkpoint into the engine; returns its tag and client state."""
         tag = self.latest_tag()
         if tag is None:
-            raise FileNotFoundError(f"{self.directory}: no complete checkpoint to resume from")
+            raise CheckpointError(f"{self.directory}: no complete checkpoint to resume from")
         directory = self.directory / tag
         model = engine.module
         saved = read_dense(directory)
-        _link_optimizer_states(engine)
+        ds_internals.link_optimizer_states(engine)
         expert_names = expert_parameter_names(model)
         experts = {}
         if expert_names:
@@ -183,12 +169,6 @@ class Checkpointer:
             for key in MOMENTS:
                 safe_set_full_optimizer_state(param, state[key].to(param.device), key)
         model.load_state_dict(saved["buffers"], strict=False)
-        for state in engine.optimizer.optimizer.state.values():
-            state["step"].fill_(saved["adam_step"])
+        ds_internals.set_adam_step(engine, saved["adam_step"])
         _set_rng_state(torch.load(directory / f"rng_rank{self.rank}.pt", weights_only=False))
         return tag, saved["client"]
-
-    @staticmethod
-    def _adam_step(engine) -> float:
-        steps = [float(state["step"]) for state in engine.optimizer.optimizer.state.values()]
-        return steps[0] if steps else 0.0

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import torch
 
-from launch.checkpoint import Checkpointer, expert_parameter_names, is_checkpoint, read_dense, read_experts
-from launch.recipe import load_run_config
-from plugins.config import ConfigError
-from plugins.model import DeepSeekV3
-from plugins.rope import RotaryEmbedding
+from plugins.errors import ConfigError, run_cli
+from plugins.interop.hf import save_hf_checkpoint
+from plugins.model.deepseek_v3 import DeepSeekV3
+from plugins.model.rope import RotaryEmbedding
+
+from .checkpoint import Checkpointer, expert_parameter_names, is_checkpoint, read_dense, read_experts
+from .config import load_run_config
 
 
 def load_checkpoint_model(run_dir: Path, tag: str | None = None) -> tuple[DeepSeekV3, str]:
@@ -48,14 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("output", type=Path, help="new directory for the HF checkpoint")
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: the latest complete one)")
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> int:
         model, tag = load_checkpoint_model(args.run_dir, args.tag)
-        model.to_hf(args.output)
-    except (ConfigError, FileExistsError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.output}/ (HF DeepseekV3, from {args.run_dir}/checkpoints/{tag})")
-    return 0
+        save_hf_checkpoint(model, args.output)
+        print(f"wrote {args.output}/ (HF DeepseekV3, from {args.run_dir}/checkpoints/{tag})")
+        return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -10,22 +10,24 @@ import json
 import sys
 from pathlib import Path
 
+from plugins.errors import ProjectError
+
 from . import plots
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no metrics (is {run_dir} a run directory?)")
+        raise ProjectError(f"{path}: no metrics (is {run_dir} a run directory?)")
     records = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if line.strip():
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
-                raise ValueError(f"{path}: line {number}: invalid JSON") from None
+                raise ProjectError(f"{path}: line {number}: invalid JSON") from None
     if not records:
-        raise ValueError(f"{path}: empty")
+        raise ProjectError(f"{path}: empty")
     return records
 
 
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         written = render(args.run_dir)
-    except (FileNotFoundError, ValueError) as error:
+    except ProjectError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     for path in written:

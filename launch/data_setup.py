@@ -13,10 +13,10 @@ import torch.distributed as dist
 
 from data_pipeline import PackedDataset
 from data_pipeline.builtin_corpus import write_python_corpus
-from plugins.config import ConfigError
+from plugins.errors import ConfigError
 from tokenizer.load import TokenizerBundle, load_tokenizer_dir
 
-from .recipe import RunConfig
+from .config import RunConfig
 
 
 def _build_builtin(run: RunConfig, tokenizer_dir: Path, dataset_dir: Path) -> None:

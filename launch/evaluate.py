@@ -24,11 +24,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data_pipeline.sources import SourceError, iter_texts
-from plugins.config import ConfigError
-from plugins.model import DeepSeekV3
+from data_pipeline.sources import iter_texts
+from plugins.atomic import write_text_atomic
+from plugins.errors import ConfigError, ProjectError
+from plugins.model.deepseek_v3 import DeepSeekV3
+from tokenizer.load import TokenizerBundle
 
-from launch.model_source import TextTokenizer, load_model_and_tokenizer
+from .model_source import load_model_and_tokenizer
 
 
 def windows(num_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
@@ -56,7 +58,7 @@ def token_nll(model: DeepSeekV3, ids: list[int], seq_len: int, stride: int) -> t
     return torch.cat(losses) if losses else torch.zeros(0, dtype=torch.float64)
 
 
-def evaluate_texts(model: DeepSeekV3, tokenizer: TextTokenizer, texts, seq_len: int, stride: int) -> dict:
+def evaluate_texts(model: DeepSeekV3, tokenizer: TokenizerBundle, texts, seq_len: int, stride: int) -> dict:
     nll, tokens, text_bytes, documents = 0.0, 0, 0, 0
     for text in tqdm(texts, desc="evaluating", unit=" docs", file=sys.stderr):
         losses = token_nll(model, [tokenizer.bos_id, *tokenizer.encode(text)], seq_len, stride)
@@ -93,7 +95,7 @@ def read_choices(path: Path) -> list[dict]:
 
 
 @torch.no_grad()
-def score_choices(model: DeepSeekV3, tokenizer: TextTokenizer, items: list[dict], seq_len: int) -> dict:
+def score_choices(model: DeepSeekV3, tokenizer: TokenizerBundle, items: list[dict], seq_len: int) -> dict:
     predictions = []
     for item in tqdm(items, desc="multiple choice", unit=" items", file=sys.stderr):
         context = [tokenizer.bos_id, *tokenizer.encode(item["context"])]
@@ -138,15 +140,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.choices:
             result["choices"] = {"file": str(args.choices),
                                  **score_choices(loaded.model, tokenizer, read_choices(args.choices), seq_len)}
-    except (ConfigError, SourceError, FileNotFoundError) as error:
+    except ProjectError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(json.dumps(result))
     output = args.output or (loaded.run_dir / "eval.json" if loaded.run_dir else None)
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
-        output.with_suffix(".tmp").write_text(json.dumps(result, indent=2))
-        output.with_suffix(".tmp").replace(output)
+        write_text_atomic(output, json.dumps(result, indent=2))
         print(f"wrote {output}", file=sys.stderr)
     return 0
 

@@ -14,10 +14,10 @@ import argparse
 import json
 import sys
 
-from plugins.config import ConfigError
-from plugins.decoding import generate, generate_speculative
+from plugins.errors import ConfigError, ProjectError
+from plugins.inference.decoding import generate, generate_speculative
 
-from launch.model_source import load_model_and_tokenizer
+from .model_source import load_model_and_tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
                               f"model's {limit} positions")
         if args.speculative and not len(loaded.model.mtp):
             raise ConfigError(f"{args.model}: --speculative mtp needs a model with an MTP module")
-    except (ConfigError, FileNotFoundError) as error:
+    except ProjectError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     model, eos = loaded.model, tokenizer.eos_id

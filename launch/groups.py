@@ -1,17 +1,28 @@
-"""Process groups, decided in one place: world = pp x dp, ranks laid out pipeline-major
-(rank = pipeline_rank * dp + dp_rank) as DeepSpeed's ``PipeDataParallelTopology``, whose grid is
-the engine's ``mpu`` under pipelining (data-parallel groups per pipeline rank, gradient norms
-summed over the pipeline). Expert parallelism lives inside the data-parallel group as DeepSpeed
-lays it out: expert-parallel groups of ``ep`` consecutive ranks, and expert-data-parallel groups
-of the ranks holding the same experts ([0, ep, 2ep, ...], [1, ep + 1, ...], ... per pipeline rank)."""
+"""Every process group of a run, built in one place and in the same order on every rank.
+
+World = pp x dp, ranks pipeline-major (rank = pipeline_rank * dp + dp_rank) as DeepSpeed's
+``PipeDataParallelTopology``, whose grid is the engine's ``mpu`` under pipelining (data-parallel
+groups per pipeline rank, gradient norms summed over the pipeline). Expert parallelism lives
+inside the data-parallel group as DeepSpeed lays it out: expert-parallel groups of ``ep``
+consecutive ranks, expert-data-parallel groups of the ranks holding the same experts. Under
+pipelining: the same expert ranks again for backward exchanges (so a micro-batch's backward
+all-to-all can run beside another's forward one), one world group per (activation | gradient,
+chunk) for point-to-point, and one group per set of pipeline ranks sharing a replicated piece.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
-from plugins.config import ConfigError
+from plugins.errors import ConfigError
+from plugins.model.config import ModelConfig
+from plugins.parallel.dualpipe import Layout
+from plugins.parallel.replicas import replica_sets
+
+from . import ds_internals
+
 
 @dataclass
 class ParallelGroups:
@@ -21,55 +32,59 @@ class ParallelGroups:
     dp: int
     ep: int
     dp_rank: int
-    dp_group: dist.ProcessGroup | None  # None: the default (world) group
+    dp_group: dist.ProcessGroup | None = None  # None: the default (world) group
     ep_group: dist.ProcessGroup | None = None  # this rank's expert-parallel group (ep > 1)
     expert_dp_rank: int = 0  # position among the ranks that hold the same experts
     expert_group_name: str | None = None  # DeepSpeed's name for the ep / expert-dp groups
     ep_backward_group: dist.ProcessGroup | None = None  # the same ranks again, for backward exchanges (pp > 1)
-    pipeline_rank: int = 0
     mpu: object | None = None  # DeepSpeed's PipelineParallelGrid (pp > 1)
+    channels: dict = field(default_factory=dict)  # ("act" | "grad", chunk) -> group (pp > 1)
+    replicas: dict = field(default_factory=dict)  # pipeline-rank set -> group of this replica (pp > 1)
+
+    @property
+    def pipeline_rank(self) -> int:
+        return self.rank // self.dp
+
+    @property
+    def pipeline_peers(self) -> list[int]:
+        """Global rank of each pipeline rank of this data-parallel replica."""
+        return [p * self.dp + self.dp_rank for p in range(self.pp)]
 
 
-def check_parallel_flags(pp: int, ep: int, num_experts: int, schedule: str = "dualpipe") -> None:
-    """Reject values the framework cannot run with a clear error instead of a silent fallback."""
-    if pp < 1:
-        raise ConfigError(f"--pp {pp}: must be a positive number of pipeline ranks")
-    if schedule == "dualpipe" and pp > 1 and pp % 2:
-        raise ConfigError(f"--pp {pp}: DualPipe needs an even number of pipeline ranks "
-                          "(each rank holds stage i and stage pp-1-i); use --pipeline-schedule dualpipev or 1f1b")
-    if ep < 1 or num_experts % ep:
-        raise ConfigError(f"--ep {ep}: must be a positive divisor of model.n_routed_experts = {num_experts}")
-
-
-def build_groups(pp: int, ep: int) -> ParallelGroups:
-    rank, world = dist.get_rank(), dist.get_world_size()
+def check_world(pp: int, ep: int, world: int) -> int:
+    """The data-parallel size of a layout, or a one-line error saying what would run."""
     if world % pp:
-        raise ConfigError(f"--pp {pp}: does not divide the {world} launched ranks (world = pp x dp)")
+        raise ConfigError(f"--pp {pp}: does not divide the {world} launched ranks (world = pp x dp); "
+                          f"launch a multiple of {pp} ranks or pick a --pp dividing {world}")
     dp = world // pp
     if dp % ep:
-        raise ConfigError(f"--ep {ep}: does not divide the data-parallel size {dp} (the {world} launched ranks)")
-    groups = ParallelGroups(rank=rank, world=world, pp=pp, dp=dp, ep=ep, dp_rank=rank % dp, dp_group=None,
-                            pipeline_rank=rank // dp)
-    from deepspeed.utils import groups as ds_groups
+        raise ConfigError(f"--ep {ep}: does not divide the data-parallel size {dp} (the {world} launched ranks / "
+                          f"--pp {pp}); pick an --ep dividing {dp}")
+    return dp
 
+
+def build_groups(pp: int, ep: int, schedule: str, config: ModelConfig) -> ParallelGroups:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dp = check_world(pp, ep, world)
+    groups = ParallelGroups(rank=rank, world=world, pp=pp, dp=dp, ep=ep, dp_rank=rank % dp)
     if pp > 1:
-        from deepspeed.runtime.pipe.topology import PipeDataParallelTopology, PipelineParallelGrid
-
-        groups.mpu = ds_groups.mpu = PipelineParallelGrid(topology=PipeDataParallelTopology(num_pp=pp, num_dp=dp))
+        groups.mpu = ds_internals.pipeline_grid(pp, dp)
         groups.dp_group = groups.mpu.get_data_parallel_group()
     if ep > 1:
-        # DeepSpeed's own expert groups: its expert-gradient all-reduce and ZeRO-1 partitions of the
-        # expert parameters find them by this name.
-        name = f"ep_size_{ep}"
+        groups.ep_group, groups.expert_dp_rank, groups.expert_group_name = ds_internals.expert_groups(ep, groups.mpu)
         if pp > 1:
-            ds_groups._create_expert_data_and_model_parallel(ep, mpu=groups.mpu)
-            for start in range(0, world, ep):  # every rank creates every group, in the same order
+            for start in range(0, world, ep):
                 backward = dist.new_group(list(range(start, start + ep)))
                 if start <= rank < start + ep:
                     groups.ep_backward_group = backward
-        else:
-            ds_groups._create_expert_and_data_parallel(ep)
-        groups.ep_group = ds_groups._get_expert_parallel_group(name)
-        groups.expert_dp_rank = ds_groups._get_expert_data_parallel_rank(name)
-        groups.expert_group_name = name
+    if pp > 1:
+        layout = Layout(schedule, pp, micro_batches=2 * pp)  # where stages live does not depend on the count
+        everyone = list(range(world))
+        groups.channels = {(kind, chunk): dist.new_group(everyone)
+                           for kind in ("act", "grad") for chunk in range(layout.chunks)}
+        for replica in range(dp):
+            for ranks in replica_sets(layout, config):
+                group = dist.new_group([p * dp + replica for p in ranks])
+                if replica == groups.dp_rank and groups.pipeline_rank in ranks:
+                    groups.replicas[ranks] = group
     return groups

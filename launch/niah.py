@@ -19,11 +19,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data_pipeline.sources import SourceError, iter_texts
-from plugins.config import ConfigError
-from plugins.decoding import generate
+from data_pipeline.sources import iter_texts
+from plugins.atomic import write_text_atomic
+from plugins.errors import ConfigError, ProjectError
+from plugins.inference.decoding import generate
+from tokenizer.load import TokenizerBundle
 
-from launch.model_source import TextTokenizer, load_model_and_tokenizer
+from .model_source import load_model_and_tokenizer
 
 NEEDLE = "\nThe secret passphrase is {}.\n"
 QUESTION = "\nWhat is the secret passphrase? The secret passphrase is"
@@ -35,7 +37,7 @@ def builtin_haystack() -> list[str]:
     return [text for _, text in sorted(topics.items())]
 
 
-def build_prompt(haystack: list[int], tokenizer: TextTokenizer, length: int, depth: float, secret: str,
+def build_prompt(haystack: list[int], tokenizer: TokenizerBundle, length: int, depth: float, secret: str,
                  offset: int) -> list[int]:
     """``<bos>`` + haystack tokens with the needle at ``depth`` + the question: ``length`` tokens."""
     needle, question = tokenizer.encode(NEEDLE.format(secret)), tokenizer.encode(QUESTION)
@@ -51,7 +53,7 @@ def build_prompt(haystack: list[int], tokenizer: TextTokenizer, length: int, dep
     return [tokenizer.bos_id, *filler[:cut], *needle, *filler[cut:], *question]
 
 
-def run_niah(model, tokenizer: TextTokenizer, haystack: list[int], lengths: list[int], depths: list[float],
+def run_niah(model, tokenizer: TokenizerBundle, haystack: list[int], lengths: list[int], depths: list[float],
              trials: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     cells = []
@@ -118,13 +120,12 @@ def main(argv: list[str] | None = None) -> int:
         texts = iter_texts(args.haystack) if args.haystack else builtin_haystack()
         haystack = [token for text in texts for token in tokenizer.encode(text)]
         cells = run_niah(loaded.model, tokenizer, haystack, sorted(args.lengths), args.depths, args.trials, args.seed)
-    except (ConfigError, SourceError, FileNotFoundError) as error:
+    except ProjectError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     output.mkdir(parents=True, exist_ok=True)
     result = {"model": loaded.description, "trials": args.trials, "seed": args.seed, "cells": cells}
-    (output / "niah.tmp").write_text(json.dumps(result, indent=2))
-    (output / "niah.tmp").replace(output / "niah.json")
+    write_text_atomic(output / "niah.json", json.dumps(result, indent=2))
     plot(cells, sorted(args.lengths), args.depths, output / "niah.png", f"needle in a haystack\n{loaded.description}")
     mean = sum(c["score"] for c in cells) / len(cells)
     print(f"mean retrieval {mean:.2f} over {len(cells)} cells; wrote {output / 'niah.json'} and {output / 'niah.png'}")

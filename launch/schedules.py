@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from .recipe import BatchSchedule, LRSchedule, StepSchedule
+from .config import BatchSchedule, LRSchedule, StepSchedule
 
 
 def learning_rate(schedule: LRSchedule, step: int, tokens: float) -> float:

@@ -136,15 +136,16 @@ def _coerce(value: Any, hint: Any, where: str, source: str) -> Any:
     raise TypeError(f"{where}: no rule for type {hint!r}")  # a programming error, not a user's
 
 
-def build(cls, raw: Any, where: str, source: str, **extra):
-    """A dataclass ``cls`` from a mapping; ``where`` is the key path used in error messages."""
+def build(cls, raw: Any, where: str, file: str, **extra):
+    """A dataclass ``cls`` from a mapping; ``where`` (the key path) and ``file`` name it in error
+    messages; ``extra`` are fields set by the caller, not the file."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: {where}: expected a mapping, got {type(raw).__name__}")
+        raise ConfigError(f"{file}: {where}: expected a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls) if f.init and f.name not in extra}
     values = {}
     for key, value in raw.items():
         if key not in known:
-            raise ConfigError(f"{source}: {where}.{key}: unknown key (known: {', '.join(sorted(known))})")
-        values[key] = _coerce(value, hints[key], f"{where}.{key}", source)
+            raise ConfigError(f"{file}: {where}.{key}: unknown key (known: {', '.join(sorted(known))})")
+        values[key] = _coerce(value, hints[key], f"{where}.{key}", file)
     return cls(**values, **extra)

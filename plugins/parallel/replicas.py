@@ -2,8 +2,8 @@
 
 A model piece held by several pipeline ranks (every stage under DualPipe, the embedding under
 1F1B with MTP) is one parameter trained from all of them: ``ReplicaSync`` sums the replicas'
-gradients once per step, before the data-parallel reduction, and marks all copies but the first
-``ds_pipe_replicated`` so DeepSpeed's global gradient norm counts each parameter once. The
+gradients once per step, before the data-parallel reduction; ``secondary`` lists the copies held
+by any but the first of their ranks, which the gradient norm must count once. The
 process groups come from the launcher's one group builder (``launch.groups``), one per set of
 pipeline ranks that ``replica_sets`` lists.
 """
@@ -45,9 +45,11 @@ class ReplicaSync:
                  groups: dict[tuple[int, ...], dist.ProcessGroup]):
         owners = holders(layout, model.config)
         by_set: dict[tuple[int, ...], list[torch.nn.Parameter]] = {}
+        self.secondary: list[torch.nn.Parameter] = []
         for name, param in model.named_parameters():
             ranks = owners[piece_of(name)]
-            param.ds_pipe_replicated = rank != ranks[0]
+            if rank != ranks[0]:
+                self.secondary.append(param)
             if len(ranks) > 1:
                 by_set.setdefault(ranks, []).append(param)
         self.buckets = [(groups[ranks], params) for ranks, params in sorted(by_set.items())]

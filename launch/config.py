@@ -1,0 +1,167 @@
+"""The run config tree: ``model:`` (``plugins.model.config.ModelConfig``), ``data:``, ``train:`` and
+``parallel:``, read by the one config loader (``plugins.config_tree``: ``base:`` inheritance,
+``--set section.key=value``, numbers in any YAML spelling, one-line errors naming the key path).
+
+Every schedule is token-based as in the report (4.2 "Training Hyper-Parameters"); the 671B
+config carries the report's numbers, the tiny one the same shape scaled down. The run directory's
+``config.yaml`` records the effective values, parallel layout included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from plugins.config_tree import build, read_document
+from plugins.errors import ConfigError
+from plugins.model.config import ModelConfig
+from plugins.parallel.dualpipe import SCHEDULES
+from plugins.precision.policy import DEFAULT_FP8_MODULES, FP8_BACKENDS
+
+SECTIONS = ("model", "data", "train", "parallel")
+
+
+@dataclass
+class LRSchedule:
+    """Linear warm-up over ``warmup_steps``; ``peak`` until ``constant_tokens``; cosine to
+    ``cosine_final`` over ``cosine_tokens``; held for ``hold_tokens``; then ``final``."""
+
+    peak: float = 2.2e-4
+    warmup_steps: int = 2000
+    constant_tokens: float = 10.0e12
+    cosine_tokens: float = 4.3e12
+    cosine_final: float = 2.2e-5
+    hold_tokens: float = 333e9
+    final: float = 7.3e-6
+
+
+@dataclass
+class BatchSchedule:
+    """Global batch in sequences, ramped from ``start`` to ``final`` over ``ramp_tokens``."""
+
+    start: int = 3072
+    final: int = 15360
+    ramp_tokens: float = 469e9
+
+
+@dataclass
+class StepSchedule:
+    """A value that switches to ``then`` once ``until_tokens`` have been trained on."""
+
+    value: float
+    until_tokens: float
+    then: float
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "data/packed"
+    tokenizer: str = "data/tokenizer"
+    builtin_corpus: bool = False  # build tokenizer and dataset from Python's own text when missing
+    seq_len: int = 4096
+    builtin_megabytes: int = 8
+
+
+@dataclass
+class TrainConfig:
+    total_tokens: float = 14.8e12
+    micro_batch_size: int = 1
+    lr: LRSchedule = field(default_factory=LRSchedule)
+    batch: BatchSchedule = field(default_factory=BatchSchedule)
+    bias_update_speed: StepSchedule = field(default_factory=lambda: StepSchedule(0.001, 14.3e12, 0.0))
+    mtp_weight: StepSchedule = field(default_factory=lambda: StepSchedule(0.3, 10.0e12, 0.1))
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.1
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_interval: int = 1
+    save_interval: int = 1000
+    heatmap_interval: int = 50
+    wandb_project: str = "deepseek-pretrain"
+    wandb_mode: str = "auto"  # auto: online when WANDB_API_KEY is set, else offline; or online/offline/disabled
+
+
+@dataclass
+class ParallelConfig:
+    """The layout (report 3.2): world = pp x dp ranks, expert parallelism inside dp, and the FP8
+    recipe of the linears (report 3.3). ``--pp``, ``--ep``, ``--pipeline-schedule`` and ``--fp8``
+    override these."""
+
+    pp: int = 1
+    ep: int = 1
+    pipeline_schedule: str = "dualpipe"
+    fp8: str = "none"  # none, emulated, te or auto
+    fp8_modules: list[str] = field(default_factory=lambda: list(DEFAULT_FP8_MODULES))  # module-name patterns
+    fp8_power_of_two_scales: bool = True  # scales rounded up to powers of two, as TE's block-scaling recipe
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    parallel: ParallelConfig
+    source: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model.to_dict(), "data": dataclasses.asdict(self.data),
+                "train": {**dataclasses.asdict(self.train), "betas": list(self.train.betas)},
+                "parallel": dataclasses.asdict(self.parallel)}
+
+
+def _validate(run: RunConfig) -> None:
+    src, t, d, p = run.source, run.train, run.data, run.parallel
+
+    def fail(key: str, message: str) -> None:
+        raise ConfigError(f"{src}: {key}: {message}")
+
+    for key in ["micro_batch_size", "log_interval", "save_interval", "heatmap_interval"]:
+        if getattr(t, key) <= 0:
+            fail(f"train.{key}", f"must be positive, got {getattr(t, key)}")
+    if t.total_tokens <= 0:
+        fail("train.total_tokens", "must be positive")
+    if not 0 < t.batch.start <= t.batch.final:
+        fail("train.batch.start", f"expected 0 < start <= final, got {t.batch.start} and {t.batch.final}")
+    if t.lr.peak <= 0 or t.lr.warmup_steps < 0:
+        fail("train.lr", "peak must be positive and warmup_steps non-negative")
+    if t.wandb_mode not in ("auto", "online", "offline", "disabled"):
+        fail("train.wandb_mode", f"expected auto, online, offline or disabled, got {t.wandb_mode!r}")
+    if d.seq_len < 2:
+        fail("data.seq_len", "must be at least 2")
+    if d.seq_len > run.model.max_position_embeddings:
+        fail("data.seq_len", f"{d.seq_len} exceeds model.max_position_embeddings={run.model.max_position_embeddings}")
+    if p.fp8 not in FP8_BACKENDS:
+        fail("parallel.fp8", f"expected one of {', '.join(FP8_BACKENDS)}, got {p.fp8!r}")
+    if p.pipeline_schedule not in SCHEDULES:
+        fail("parallel.pipeline_schedule", f"expected one of {', '.join(SCHEDULES)}, got {p.pipeline_schedule!r}")
+    if p.pp < 1:
+        fail("parallel.pp", f"must be a positive number of pipeline ranks, got {p.pp}")
+    if p.pipeline_schedule == "dualpipe" and p.pp > 1 and p.pp % 2:
+        fail("parallel.pp", f"{p.pp}: DualPipe needs an even number of pipeline ranks (each rank holds stage i "
+                            "and stage pp-1-i); use --pipeline-schedule dualpipev or 1f1b")
+    if p.ep < 1 or run.model.n_routed_experts % p.ep:
+        fail("parallel.ep", f"{p.ep}: must be a positive divisor of model.n_routed_experts = "
+                            f"{run.model.n_routed_experts}")
+
+
+def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """The effective run config of ``path`` with ``overrides`` (``section.key=value``) applied."""
+    document = read_document(path, overrides)
+    source = str(path)
+    unknown = set(document) - set(SECTIONS)
+    if unknown:
+        raise ConfigError(f"{source}: {sorted(unknown)[0]}: unknown section (expected {', '.join(SECTIONS)})")
+    if "model" not in document:
+        raise ConfigError(f"{source}: expected a top-level 'model:' section")
+    run = RunConfig(
+        model=ModelConfig.from_dict(document["model"], source=source),
+        data=build(DataConfig, document.get("data") or {}, "data", source),
+        train=build(TrainConfig, document.get("train") or {}, "train", source),
+        parallel=build(ParallelConfig, document.get("parallel") or {}, "parallel", source),
+        source=source,
+    )
+    _validate(run)
+    return run

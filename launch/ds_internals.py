@@ -1,0 +1,127 @@
+"""Every place this project reaches into DeepSpeed beyond its documented API, in one module, so a
+DeepSpeed upgrade is checked here (``pyproject.toml`` pins the tested range).
+
+- expert parallelism: DeepSpeed's own expert / expert-data-parallel groups (``ep_size_N``), the
+  ``allreduce``/``group_name`` marks on expert parameters and ``moe`` optimizer groups, and an
+  engine that turns its MoE gradient path on for marked parameters of a model that is not its
+  own MoE layer class (report 3.2.2: EP inside ZeRO-1 data parallelism);
+- pipeline parallelism: the ``PipelineParallelGrid`` as ``mpu`` and the ``ds_pipe_replicated``
+  mark, so the global gradient norm counts a replicated parameter once;
+- checkpoints: ZeRO-1's per-parameter views of the AdamW moments and its step counter;
+- the CPU all-reduce's leaked ``/dev/shm`` buffers.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from deepspeed import DeepSpeedConfig, DeepSpeedEngine, set_optimizer_flags
+from deepspeed.moe.utils import is_moe_param
+from deepspeed.utils import groups as ds_groups
+
+
+# ----------------------------------------------------------------------------------- groups
+def pipeline_grid(pp: int, dp: int):
+    """DeepSpeed's pipeline grid (ranks pipeline-major), registered as its global ``mpu``."""
+    from deepspeed.runtime.pipe.topology import PipeDataParallelTopology, PipelineParallelGrid
+
+    ds_groups.mpu = PipelineParallelGrid(topology=PipeDataParallelTopology(num_pp=pp, num_dp=dp))
+    return ds_groups.mpu
+
+
+def expert_groups(ep: int, mpu=None) -> tuple[dist.ProcessGroup, int, str]:
+    """DeepSpeed's expert-parallel groups of ``ep`` consecutive ranks inside each data-parallel
+    group; returns (this rank's expert-parallel group, its rank among the ranks holding the same
+    experts, the groups' name). Its expert-gradient all-reduce and ZeRO-1 partitions find them by name."""
+    name = f"ep_size_{ep}"
+    if mpu is not None:
+        ds_groups._create_expert_data_and_model_parallel(ep, mpu=mpu)
+    else:
+        ds_groups._create_expert_and_data_parallel(ep)
+    return ds_groups._get_expert_parallel_group(name), ds_groups._get_expert_data_parallel_rank(name), name
+
+
+# ---------------------------------------------------------------------------- parameter marks
+def mark_expert_parameters(params, group_name: str) -> None:
+    """Expert parameters: reduced over the expert-data-parallel group only, ZeRO-partitioned there."""
+    for param in params:
+        param.allreduce = False
+        param.group_name = group_name
+
+
+def mark_pipe_replicated(params) -> None:
+    """Copies of a parameter another pipeline rank also holds: left out of the global gradient norm."""
+    for param in params:
+        param.ds_pipe_replicated = True
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only; none on norms (the router bias is a buffer, not a parameter).
+    Expert-parallel banks form their own ``moe`` group, which DeepSpeed reduces and partitions
+    over the ranks holding the same experts."""
+    experts = [p for p in model.parameters() if is_moe_param(p)]
+    decay = [p for p in model.parameters() if p.ndim >= 2 and not is_moe_param(p)]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if experts:
+        groups.append({"params": experts, "weight_decay": weight_decay, "moe": True, "name": experts[0].group_name})
+    return groups
+
+
+# ------------------------------------------------------------------------------------ engine
+class ExpertParallelEngine(DeepSpeedEngine):
+    def _configure_distributed_model(self, model: torch.nn.Module) -> None:
+        super()._configure_distributed_model(model)
+        self.has_moe_layers = self.has_moe_layers or any(is_moe_param(p) for p in model.parameters())
+
+
+def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict, mpu=None) -> DeepSpeedEngine:
+    """``deepspeed.initialize`` for our model: the stock engine, or the expert-parallel one when
+    some parameters are marked as experts; ``mpu``: the pipeline grid under pipelining."""
+    if not any(is_moe_param(p) for p in model.parameters()):
+        import deepspeed
+
+        return deepspeed.initialize(model=model, optimizer=optimizer, config=config, mpu=mpu)[0]
+    config_class = DeepSpeedConfig(config, mpu)
+    set_optimizer_flags(config_class, model)
+    return ExpertParallelEngine(args=None, model=model, optimizer=optimizer, config=config, config_class=config_class,
+                                mpu=mpu)
+
+
+# ------------------------------------------------------------------------- optimizer states
+def link_optimizer_states(engine) -> None:
+    """Make every parameter's view of its AdamW moments valid. DeepSpeed links them once, after the
+    first optimizer step of the first ZeRO parameter group, so the other groups' views stay empty;
+    before any step (a resumed run) there are no moments at all. Create what is missing (zeros,
+    step 0) and re-link all groups."""
+    zero = engine.optimizer
+    for flat in zero.single_partition_of_fp32_groups:
+        state = zero.optimizer.state[flat]
+        if not state:
+            state.update(step=torch.zeros(()), exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat))
+    zero._hp_optimizer_states_linked = False
+    zero._lazy_init_hp_params_optimizer_state()
+
+
+def adam_step(engine) -> float:
+    steps = [float(state["step"]) for state in engine.optimizer.optimizer.state.values()]
+    return steps[0] if steps else 0.0
+
+
+def set_adam_step(engine, step: float) -> None:
+    for state in engine.optimizer.optimizer.state.values():
+        state["step"].fill_(step)
+
+
+# ------------------------------------------------------------------------------ shared memory
+def release_shared_memory_names() -> None:
+    """DeepSpeed's CPU all-reduce maps a 69 MB /dev/shm buffer per rank and never unlinks it, so
+    every run leaks them until /dev/shm is full. Once every rank has mapped its peers' buffers
+    (the barrier), each rank unlinks its own name; the mappings stay valid until exit."""
+    dist.barrier()
+    pattern = f"deepspeed_allreduce_buffer_{os.getuid()}_*_{os.environ.get('MASTER_PORT', '*')}_{dist.get_rank()}"
+    for path in Path("/dev/shm").glob(pattern):
+        path.unlink(missing_ok=True)

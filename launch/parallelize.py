@@ -1,0 +1,82 @@
+"""Apply a run's layout to the model (TorchTitan's ``parallelize``): FP8 linears (report 3.3),
+expert parallelism (3.2.2) and this rank's pipeline stages (3.2.1). The model's math is
+untouched; what changes is where its parameters live and how tokens reach the experts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from plugins.errors import ConfigError
+from plugins.model.deepseek_v3 import DeepSeekV3
+from plugins.parallel.dualpipe import Layout, ScheduleError, check
+from plugins.parallel.expert import ExpertExchange, apply_expert_parallel
+from plugins.parallel.pipeline_stages import PipelineShard
+from plugins.parallel.replicas import stages_of
+from plugins.precision.policy import convert_to_fp8, fp8_targets
+
+from . import ds_internals
+from .config import RunConfig
+from .groups import ParallelGroups
+
+
+@dataclass
+class Parallelized:
+    """The rank's trainable module, and the pieces of the layout the trainer needs."""
+
+    module: DeepSeekV3
+    exchange: ExpertExchange | None
+    shard: PipelineShard | None
+    fp8_modules: list[str]
+
+
+def check_fp8_policy(run: RunConfig) -> None:
+    """An FP8 run whose ``parallel.fp8_modules`` match nothing is a config error, found on the meta device."""
+    if run.parallel.fp8 == "none":
+        return
+    with torch.device("meta"):
+        probe = DeepSeekV3(run.model)
+    if not fp8_targets(probe, run.parallel.fp8_modules):
+        raise ConfigError(f"{run.source}: parallel.fp8_modules: {run.parallel.fp8_modules} match no linear layer "
+                          "of the model")
+
+
+def _fix_hint(schedule: str, pp: int, dp: int, batch: int, micro: int) -> str:
+    """What would make a batch run under the schedule: a micro-batch size, or a larger batch."""
+    for candidate in range(micro - 1, 0, -1):
+        if batch % (candidate * dp) == 0:
+            try:
+                check(schedule, pp, batch // (candidate * dp))
+                return f"--set train.micro_batch_size={candidate}"
+            except ScheduleError:
+                continue
+    need = 2 * pp * micro * dp
+    return f"global batches of at least {need} sequences (--set train.batch.start={need})"
+
+
+def check_schedule(run: RunConfig, groups: ParallelGroups, batch_sizes: list[int]) -> None:
+    """Every global batch of the ramp must give the pipeline schedule enough micro-batches."""
+    schedule, micro = run.parallel.pipeline_schedule, run.train.micro_batch_size
+    for size in batch_sizes:
+        count = size // (micro * groups.dp)
+        try:
+            check(schedule, groups.pp, count)
+        except ScheduleError as error:
+            raise ConfigError(f"{run.source}: train.batch = {size} sequences = {count} micro-batches of "
+                              f"{micro} per pipeline at --pp {groups.pp}: {error}; fix: "
+                              f"{_fix_hint(schedule, groups.pp, groups.dp, size, micro)}") from None
+
+
+def parallelize(model: DeepSeekV3, run: RunConfig, groups: ParallelGroups) -> Parallelized:
+    p = run.parallel
+    fp8_modules = convert_to_fp8(model, p.fp8, p.fp8_modules, p.fp8_power_of_two_scales)
+    exchange = None
+    if groups.ep > 1:
+        exchange = ExpertExchange(groups.ep_group, run.model.n_routed_experts, groups.ep_backward_group)
+        ds_internals.mark_expert_parameters(apply_expert_parallel(model, exchange), groups.expert_group_name)
+    shard = None
+    if groups.pp > 1:
+        layout = Layout(p.pipeline_schedule, groups.pp, micro_batches=2 * groups.pp)
+        shard = PipelineShard(model, stages_of(layout, groups.pipeline_rank), layout.stages)
+    return Parallelized(model, exchange, shard, fp8_modules)

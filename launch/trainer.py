@@ -1,0 +1,287 @@
+"""The pre-training loop (TorchTitan's ``Trainer``): ``__init__`` builds the process groups, data,
+model, engine and checkpointer; ``train_step`` runs one optimizer step and returns its metrics;
+``train`` loops, logs and saves.
+
+Each step (nanoGPT order): the schedules' values at the tokens trained so far (report 4.2) ->
+the step's micro-batches through ``forward_backward`` (gradient accumulation or the pipeline
+schedule) -> one all-reduce of the losses and the [MoE blocks, experts] loads -> a non-finite
+check -> DeepSpeed reduces, clips (1.0) and applies AdamW -> every MoE block's router bias moves by
++-gamma from the whole batch's loads (report 2.1.2) -> metrics, and a checkpoint at the interval.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+from data_pipeline import PackedDataset, PackedSampler
+from plugins.atomic import write_text_atomic
+from plugins.errors import ConfigError, ProjectError
+from plugins.model.balance import collect_expert_loads, max_violation, reset_expert_loads, update_router_biases
+from plugins.model.deepseek_v3 import DeepSeekV3
+
+from . import ds_internals
+from .checkpoint import Checkpointer
+from .config import RunConfig
+from .data_setup import setup_data
+from .forward_backward import GradientAccumulation, PipelineSchedule
+from .groups import build_groups
+from .parallelize import check_schedule, parallelize
+from .schedules import batch_size, learning_rate, step_value
+
+
+class TrainingStopped(ProjectError):
+    """A run that cannot go on (non-finite loss or gradient); the message says where to resume."""
+
+
+@dataclass
+class RunOptions:
+    """What the command line adds to the config: where the run lives and how it starts and stops."""
+
+    run_dir: Path
+    steps: int | None = None
+    resume: bool = False
+    init_from: str | None = None
+
+
+def initialise_from(model: DeepSeekV3, path: str) -> None:
+    """Copy a pre-trained model's weights and router biases (report 4.3: the extension stages start
+    from the pre-trained model); the architecture must match, the rope scaling may differ."""
+    from .model_source import load_model
+
+    source = load_model(path).model.state_dict()
+    target = model.state_dict()
+    mismatched = [k for k in target if k not in source or source[k].shape != target[k].shape]
+    if mismatched or len(source) != len(target):
+        raise ConfigError(f"--init-from {path}: its weights do not fit this config's model "
+                          f"(first difference: {(mismatched or sorted(set(source) - set(target)))[0]})")
+    model.load_state_dict(source)
+
+
+def deepspeed_config(run: RunConfig, dp: int, pipelined: bool, global_batch: int, on_gpu: bool) -> dict:
+    """Under pipelining the schedule owns the micro-batches: the engine sees one batch per step and
+    reduces the gradients the schedule left in ``.grad`` at ``step()``."""
+    micro = global_batch // dp if pipelined else run.train.micro_batch_size
+    return {
+        **({"managed_gradient_accumulation": False} if pipelined else {}),
+        "train_batch_size": global_batch,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": global_batch // (micro * dp),
+        "zero_optimization": {"stage": 1},
+        "gradient_clipping": run.train.grad_clip,
+        "bf16": {"enabled": on_gpu},
+        "steps_per_print": 2**62,
+        "zero_allow_untested_optimizer": True,
+    }
+
+
+def collate(dataset: PackedDataset, indices: list[int], device: torch.device) -> dict[str, torch.Tensor]:
+    samples = [dataset[i] for i in indices]
+    return {key: torch.stack([s[key] for s in samples]).to(device) for key in samples[0]}
+
+
+class Trainer:
+    def __init__(self, run: RunConfig, options: RunOptions, device: torch.device):
+        self.run, self.options, self.device = run, options, device
+        t, p = run.train, run.parallel
+        self.groups = groups = build_groups(p.pp, p.ep, p.pipeline_schedule, run.model)
+        self.rank0 = groups.rank == 0
+        self.pipelined = groups.pp > 1
+        self._check_run_dir()
+        _, self.dataset = setup_data(run, groups.rank)
+        self.granularity = self._check_batch()
+        if self.pipelined:
+            check_schedule(run, groups, [t.batch.start, t.batch.final])
+        if self.rank0:
+            options.run_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(options.run_dir / "config.yaml", yaml.safe_dump(run.to_dict(), sort_keys=False))
+
+        torch.manual_seed(t.seed)
+        model = DeepSeekV3(run.model)
+        if options.init_from and not options.resume:
+            initialise_from(model, options.init_from)
+            self._say(f"initialised the weights from {options.init_from}")
+        built = parallelize(model, run, groups)
+        self.module, self.exchange = built.module, built.exchange
+        self.moe_layers = self.module.moe_layers()
+        self._describe(built)
+        first_batch = batch_size(t.batch, 0, self.granularity)
+        optimizer = torch.optim.AdamW(ds_internals.parameter_groups(self.module, t.weight_decay),
+                                      lr=learning_rate(t.lr, 0, 0), betas=t.betas, eps=t.eps)
+        self.engine = ds_internals.initialize(
+            self.module, optimizer, deepspeed_config(run, groups.dp, self.pipelined, first_batch, device.type == "cuda"),
+            groups.mpu)
+        for moe in self.moe_layers:  # bf16 engines cast buffers too; the bias stays float32 (report 3.3.1)
+            moe.gate.e_score_correction_bias.data = moe.gate.e_score_correction_bias.data.float()
+        self.steps = (PipelineSchedule(built.shard, groups, p.pipeline_schedule, p.fp8) if self.pipelined
+                      else GradientAccumulation(self.engine, p.fp8))
+        self.checkpointer = Checkpointer(
+            options.run_dir, groups.rank,
+            expert_slice=self.exchange.local_slice if self.exchange else None,
+            expert_writer=groups.expert_dp_rank == 0,
+            pipeline_rank=groups.pipeline_rank if self.pipelined else None,
+            dense_writer=groups.dp_rank == 0 if self.pipelined else None)
+        self.sampler = PackedSampler(len(self.dataset), rank=groups.dp_rank, world_size=groups.dp, seed=t.seed)
+        self.step, self.tokens = 0, 0
+        if options.resume:
+            self.restore()
+        self.last_good = self.checkpointer.latest_tag()
+        self.logger = None
+        if self.rank0:
+            from .metrics import MetricsLogger
+
+            self.logger = MetricsLogger(options.run_dir, run.to_dict(), t.wandb_mode, t.wandb_project,
+                                        t.heatmap_interval, resume_step=self.step if options.resume else None)
+        self.stream = iter(self.sampler)
+
+    # ------------------------------------------------------------------------------ building
+    def _say(self, message: str) -> None:
+        if self.rank0:
+            print(message, flush=True)
+
+    def _check_run_dir(self) -> None:
+        latest = Checkpointer(self.options.run_dir, self.groups.rank).latest_tag()
+        if self.options.resume and latest is None:
+            raise ConfigError(f"{self.options.run_dir}: --resume given but there is no complete checkpoint to resume "
+                              "from")
+        if not self.options.resume and latest is not None:
+            raise ConfigError(f"{self.options.run_dir}: already holds checkpoints; pass --resume to continue it or "
+                              "pick another --run-dir")
+
+    def _check_batch(self) -> int:
+        t, dp = self.run.train, self.groups.dp
+        granularity = t.micro_batch_size * dp
+        for name in ("start", "final"):
+            value = getattr(t.batch, name)
+            if value % granularity:
+                raise ConfigError(f"{self.run.source}: train.batch.{name}: {value} sequences is not a multiple of "
+                                  f"micro_batch_size x data-parallel ranks = {t.micro_batch_size} x {dp}; fix: "
+                                  f"--set train.batch.{name}={max(granularity, value // granularity * granularity)}")
+        if len(self.dataset) < granularity:
+            raise ConfigError(f"{self.run.data.dataset}: the dataset's {len(self.dataset)} sequences cannot fill one "
+                              "micro-batch per rank")
+        return granularity
+
+    def _describe(self, built) -> None:
+        p = self.run.parallel
+        if self.exchange is not None:
+            self._say(f"expert parallelism: {p.ep} ranks x {self.exchange.local_experts} routed experts per MoE block")
+        if built.fp8_modules:
+            self._say(f"FP8 ({p.fp8}): {len(built.fp8_modules)} modules with 1x128 / 128x128 block-scaled E4M3 GEMMs "
+                      "(report 3.3); embedding, head, gate, norms and MTP projection stay in higher precision")
+        if self.pipelined:
+            self._say(f"pipeline: {p.pipeline_schedule} over {p.pp} ranks x {self.groups.dp} data-parallel replicas")
+
+    # -------------------------------------------------------------------------------- a step
+    def forward_backward(self, global_batch: int, mtp_weight: float) -> torch.Tensor:
+        """The step's micro-batches of this rank through the model; (lm, mtp, balance) sums."""
+        micro = self.run.train.micro_batch_size
+        count = global_batch // (micro * self.groups.dp)
+        batches = [collate(self.dataset, [next(self.stream) for _ in range(micro)], self.device) for _ in range(count)]
+        return self.steps.forward_backward(batches, mtp_weight)
+
+    def train_step(self) -> tuple[dict, torch.Tensor]:
+        t = self.run.train
+        started = time.perf_counter()
+        global_batch = batch_size(t.batch, self.tokens, self.granularity)
+        if not self.pipelined and global_batch != self.engine.train_batch_size():
+            self.engine.set_train_batch_size(global_batch)
+        lr = learning_rate(t.lr, self.step, self.tokens)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        gamma, lam = step_value(t.bias_update_speed, self.tokens), step_value(t.mtp_weight, self.tokens)
+
+        reset_expert_loads(self.moe_layers)
+        values = self.forward_backward(global_batch, lam)
+        # every micro-batch's losses and loads live on exactly one rank: one sum over the world
+        loads = collect_expert_loads(self.moe_layers, self.run.model.num_moe_layers).to(self.device)
+        reduced = torch.cat([values, loads.double().flatten()])
+        dist.all_reduce(reduced)
+        values = reduced[:3] / (global_batch // t.micro_batch_size)
+        loads = reduced[3:].float().view_as(loads)
+        destinations = self._destinations()
+        if not torch.isfinite(values).all():  # a NaN anywhere reaches every rank through the sum
+            raise TrainingStopped(
+                f"step {self.step + 1}: non-finite loss ({self._summary(values)}); MaxVio per MoE block: "
+                f"{np.round(max_violation(loads).tolist(), 3).tolist()}; last good checkpoint: {self._last_good()} "
+                "(resume with --resume)")
+        self.engine.step()
+        update_router_biases(self.moe_layers, loads, gamma)
+        grad_norm = float(self.engine.get_global_grad_norm())
+        if not np.isfinite(grad_norm):
+            raise TrainingStopped(f"step {self.step + 1}: non-finite gradient norm ({grad_norm}); last good "
+                                  f"checkpoint: {self._last_good()}")
+        self.step += 1
+        self.tokens += global_batch * self.run.data.seq_len
+        seconds = time.perf_counter() - started
+        lm, mtp, aux = values.tolist()
+        maxvio = max_violation(loads).tolist() if loads.numel() else []
+        record = {
+            "step": self.step, "tokens": self.tokens, "loss": lm + mtp + aux, "lm_loss": lm, "mtp_loss": mtp,
+            "aux_loss": aux, "lr": lr, "grad_norm": grad_norm,
+            "tokens_per_s": global_batch * self.run.data.seq_len / seconds, "step_seconds": seconds,
+            "batch_size": global_batch, "mtp_weight": lam, "bias_update_speed": gamma,
+            "maxvio": maxvio, "maxvio_global": float(np.mean(maxvio)) if maxvio else 0.0,
+        }
+        if destinations is not None:
+            record["ep_destinations_mean"], record["ep_destinations_max"] = destinations
+        return record, loads
+
+    def _destinations(self) -> tuple[float, float] | None:
+        """Mean and max distinct expert-parallel ranks a token reached, over the whole batch."""
+        if self.exchange is None:
+            return None
+        tokens_sum_max = self.exchange.take_statistics()
+        dist.all_reduce(tokens_sum_max[:2])
+        dist.all_reduce(tokens_sum_max[2:], op=dist.ReduceOp.MAX)
+        return (tokens_sum_max[1] / tokens_sum_max[0]).item(), tokens_sum_max[2].item()
+
+    @staticmethod
+    def _summary(values: torch.Tensor) -> str:
+        lm, mtp, aux = values.tolist()
+        return f"loss={lm + mtp + aux:.4g}, lm={lm:.4g}, mtp={mtp:.4g}, aux={aux:.4g}"
+
+    def _last_good(self) -> str:
+        return str(self.checkpointer.directory / self.last_good) if self.last_good else "none"
+
+    # --------------------------------------------------------------------------- the loop
+    def finished(self) -> bool:
+        return (self.options.steps is not None and self.step >= self.options.steps) or \
+            self.tokens >= self.run.train.total_tokens
+
+    def train(self) -> None:
+        t = self.run.train
+        try:
+            while not self.finished():
+                record, loads = self.train_step()
+                if self.logger is not None and self.step % t.log_interval == 0:
+                    self.logger.log(record, loads.cpu().numpy() if loads.numel() else None)
+                    print(f"step {self.step} | tokens {self.tokens} | loss {record['loss']:.4f} "
+                          f"(lm {record['lm_loss']:.4f} mtp {record['mtp_loss']:.4f} aux {record['aux_loss']:.2e}) | "
+                          f"lr {record['lr']:.3e} | grad norm {record['grad_norm']:.3f} | "
+                          f"MaxVio {record['maxvio_global']:.3f} | {record['tokens_per_s']:.0f} tokens/s", flush=True)
+                if self.step % t.save_interval == 0 or self.finished():
+                    self.save()
+        finally:
+            if self.logger is not None:
+                self.logger.close()
+        self._say(f"finished at step {self.step} ({self.tokens} tokens); run dir {self.options.run_dir} "
+                  f"(metrics.jsonl, checkpoints/, wandb/; plots: python -m launch.dashboard {self.options.run_dir})")
+
+    # ------------------------------------------------------------------------ checkpoints
+    def save(self) -> None:
+        state = {"step": self.step, "tokens": self.tokens, "sampler": self.sampler.state_dict()}
+        self.last_good = self.checkpointer.save(self.engine, self.step, state)
+        self._say(f"saved checkpoint {self.checkpointer.directory / self.last_good}")
+
+    def restore(self) -> None:
+        tag, client = self.checkpointer.load(self.engine)
+        self.step, self.tokens = client["step"], client["tokens"]
+        self.sampler.load_state_dict(client["sampler"])
+        self._say(f"resumed {self.options.run_dir} from {tag} (step {self.step}, {self.tokens} tokens)")
