@@ -22,11 +22,11 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from common import time_interleaved, write_result  # benchmarks/ is the script directory, first on sys.path
-from plugins.config import ModelConfig
-from plugins.expert_parallel import ExpertExchange
-from plugins.experts import RoutedExperts, dispatch, plan_dispatch
-from plugins.model import init_weights
-from plugins.moe import DeepSeekMoE, shard_experts
+from plugins.model.config import ModelConfig
+from plugins.parallel.expert import ExpertExchange
+from plugins.model.experts import RoutedExperts, dispatch, plan_dispatch
+from plugins.model.deepseek_v3 import init_weights
+from plugins.model.moe import DeepSeekMoE, shard_experts
 
 
 def config_from(args) -> ModelConfig:

@@ -20,12 +20,12 @@ import statistics
 import torch
 
 from common import time_interleaved, write_result  # benchmarks/ is the script directory, first on sys.path
-from plugins import fp8_te
-from plugins.config import ModelConfig
-from plugins.experts import grouped_mm
-from plugins.fp8 import fp8_grouped_linear, fp8_linear
-from plugins.model import DeepSeekV3
-from plugins.precision import convert_to_fp8
+from plugins.precision.policy import te as fp8_te
+from plugins.model.config import ModelConfig
+from plugins.model.experts import grouped_mm
+from plugins.precision.fp8 import fp8_grouped_linear, fp8_linear
+from plugins.model.deepseek_v3 import DeepSeekV3
+from plugins.precision.policy import convert_to_fp8
 
 # (name, K, N, experts): the 16B ablation's MLA, dense-FFN and expert GEMMs (hidden 2048).
 SHAPES = [("kv_a_proj (2048->576)", 2048, 576, 0), ("o_proj (2048->2048)", 2048, 2048, 0),

@@ -26,14 +26,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from common import write_result  # benchmarks/ is the script directory, first on sys.path
-from plugins.config import ModelConfig
-from plugins.dualpipe import check
-from plugins.expert_parallel import ExpertExchange
-from plugins.model import DeepSeekV3
-from plugins.moe import shard_experts
-from plugins.pipeline_parallel import ReplicaSync, channel_groups, stages_of
-from plugins.pipeline_runtime import PipelineRuntime, overlap_threads
-from plugins.pipeline_stages import PipelineShard
+from plugins.model.config import ModelConfig
+from plugins.parallel.dualpipe import check
+from plugins.parallel.expert import ExpertExchange
+from plugins.model.deepseek_v3 import DeepSeekV3
+from plugins.model.moe import shard_experts
+from plugins.parallel.replicas import ReplicaSync, channel_groups, stages_of
+from plugins.parallel.pipeline_runtime import PipelineRuntime, overlap_threads
+from plugins.parallel.pipeline_stages import PipelineShard
 
 
 def _sequential(forward, backward) -> None:

@@ -27,8 +27,8 @@ def bare_loop(run, dataset, steps: int, batch: int) -> list[float]:
     """The obvious alternative: a plain loop with torch.optim.AdamW; returns seconds per step."""
     from data_pipeline import PackedSampler
     from launch.pretrain import collate, parameter_groups
-    from plugins.balance import update_router_bias
-    from plugins.model import DeepSeekV3
+    from plugins.model.balance import update_router_bias
+    from plugins.model.deepseek_v3 import DeepSeekV3
 
     t = run.train
     torch.manual_seed(t.seed)
@@ -63,7 +63,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from launch.data_setup import setup_data
-    from launch.recipe import load_run_config
+    from launch.config import load_run_config
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

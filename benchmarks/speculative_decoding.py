@@ -18,7 +18,7 @@ import torch
 
 from common import write_result  # benchmarks/ is the script directory, first on sys.path
 from launch.model_source import load_model_and_tokenizer
-from plugins.decoding import generate, generate_speculative
+from plugins.inference.decoding import generate, generate_speculative
 
 
 def real_prompts(count: int) -> list[tuple[str, str]]:

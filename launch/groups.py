@@ -78,13 +78,22 @@ def build_groups(pp: int, ep: int, schedule: str, config: ModelConfig) -> Parall
                 if start <= rank < start + ep:
                     groups.ep_backward_group = backward
     if pp > 1:
-        layout = Layout(schedule, pp, micro_batches=2 * pp)  # where stages live does not depend on the count
-        everyone = list(range(world))
-        groups.channels = {(kind, chunk): dist.new_group(everyone)
-                           for kind in ("act", "grad") for chunk in range(layout.chunks)}
-        for replica in range(dp):
-            for ranks in replica_sets(layout, config):
-                group = dist.new_group([p * dp + replica for p in ranks])
-                if replica == groups.dp_rank and groups.pipeline_rank in ranks:
-                    groups.replicas[ranks] = group
+        groups.channels, groups.replicas = pipeline_groups(schedule, pp, dp, config)
     return groups
+
+
+def pipeline_groups(schedule: str, pp: int, dp: int, config: ModelConfig) -> tuple[dict, dict]:
+    """The point-to-point channels, one world group per (activation | gradient, chunk), and this
+    rank's replica groups (pipeline-rank set -> group of this data-parallel replica's ranks).
+    Collective: every rank calls it, in the same order."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    layout = Layout(schedule, pp, micro_batches=2 * pp)  # where stages live does not depend on the count
+    channels = {(kind, chunk): dist.new_group(list(range(world)))
+                for kind in ("act", "grad") for chunk in range(layout.chunks)}
+    replicas = {}
+    for replica in range(dp):
+        for ranks in replica_sets(layout, config):
+            group = dist.new_group([p * dp + replica for p in ranks])
+            if replica == rank % dp and rank // dp in ranks:
+                replicas[ranks] = group
+    return channels, replicas

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from plugins.config import ModelConfig
+from plugins.model.config import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,9 +5,10 @@ import sys
 import pytest
 import torch
 
-from plugins.config import ConfigError, ModelConfig
-from plugins.model import DeepSeekV3
-from plugins.param_count import count_parameters
+from plugins.errors import ConfigError
+from plugins.model.config import ModelConfig
+from plugins.model.deepseek_v3 import DeepSeekV3
+from plugins.model.param_count import count_parameters
 
 from .conftest import ROOT
 

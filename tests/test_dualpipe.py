@@ -6,8 +6,8 @@ import json
 import pytest
 
 from launch.convert import load_checkpoint_model
-from plugins.dualpipe import Op, ScheduleError, build_schedule, check
-from plugins.pipeline_sim import Costs, bubbles, formula, main as simulate_main, simulate
+from plugins.parallel.dualpipe import Op, ScheduleError, build_schedule, check
+from plugins.parallel.pipeline_sim import Costs, bubbles, formula, main as simulate_main, simulate
 
 from .launcher import launch, metrics, ok
 

@@ -9,10 +9,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from plugins.config import ModelConfig
-from plugins.expert_parallel import ExpertExchange, distinct_destinations
-from plugins.model import init_weights
-from plugins.moe import DeepSeekMoE, shard_experts
+from plugins.model.config import ModelConfig
+from plugins.parallel.expert import ExpertExchange, distinct_destinations
+from plugins.model.deepseek_v3 import init_weights
+from plugins.model.moe import DeepSeekMoE, shard_experts
 
 from .conftest import ROOT
 from .launcher import launch, metrics, ok

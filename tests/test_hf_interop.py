@@ -6,8 +6,8 @@ import warnings
 import pytest
 import torch
 
-from plugins.config import ConfigError
-from plugins.model import DeepSeekV3
+from plugins.errors import ConfigError
+from plugins.model.deepseek_v3 import DeepSeekV3
 
 
 def _load(directory) -> DeepSeekV3:

@@ -12,7 +12,7 @@ from launch.evaluate import main as evaluate
 from launch.generate import main as generate_cli
 from launch.model_source import load_model_and_tokenizer
 from launch.niah import build_prompt, main as niah
-from plugins.decoding import generate, generate_speculative
+from plugins.inference.decoding import generate, generate_speculative
 
 from .corpus import prose_documents, write_jsonl
 from .launcher import launch, metrics, ok

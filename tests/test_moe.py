@@ -3,11 +3,11 @@ import itertools
 import pytest
 import torch
 
-from plugins.balance import expert_load, max_violation, sequence_balance_loss, update_router_bias
-from plugins.config import ModelConfig
-from plugins.experts import RoutedExperts, combine, dispatch, grouped_mm, padded_grouped_mm, plan_dispatch
-from plugins.moe import DeepSeekMoE
-from plugins.router import Router, select_experts
+from plugins.model.balance import expert_load, max_violation, sequence_balance_loss, update_router_bias
+from plugins.model.config import ModelConfig
+from plugins.model.experts import RoutedExperts, combine, dispatch, grouped_mm, padded_grouped_mm, plan_dispatch
+from plugins.model.moe import DeepSeekMoE
+from plugins.model.router import Router, select_experts
 
 
 def _router(n_experts=8, n_group=4, topk_group=2, k=2, dim=8, scale=2.5) -> Router:

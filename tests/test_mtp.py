@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from plugins.model import DeepSeekV3
-from plugins.mtp import mtp_targets
+from plugins.model.deepseek_v3 import DeepSeekV3
+from plugins.model.mtp import mtp_targets
 
 
 def test_mtp_targets_shift_by_depth_and_stop_at_document_ends():

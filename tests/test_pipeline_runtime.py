@@ -10,12 +10,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from plugins.config import ModelConfig
-from plugins.dualpipe import check
-from plugins.model import DeepSeekV3
-from plugins.pipeline_parallel import ReplicaSync, channel_groups, stages_of
-from plugins.pipeline_runtime import PipelineRuntime
-from plugins.pipeline_stages import PipelineShard
+from plugins.model.config import ModelConfig
+from plugins.parallel.dualpipe import check
+from plugins.model.deepseek_v3 import DeepSeekV3
+from plugins.parallel.replicas import ReplicaSync, channel_groups, stages_of
+from plugins.parallel.pipeline_runtime import PipelineRuntime
+from plugins.parallel.pipeline_stages import PipelineShard
 
 from .conftest import ROOT
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from launch.recipe import load_run_config
+from launch.config import load_run_config
 from launch.schedules import batch_size, learning_rate, step_value
 
 from .conftest import ROOT
