@@ -23,10 +23,11 @@ import torch.nn.functional as F
 
 from common import time_interleaved, write_result  # benchmarks/ is the script directory, first on sys.path
 from plugins.model.config import ModelConfig
-from plugins.parallel.expert import ExpertExchange
-from plugins.model.experts import RoutedExperts, dispatch, plan_dispatch
 from plugins.model.deepseek_v3 import init_weights
-from plugins.model.moe import DeepSeekMoE, shard_experts
+from plugins.model.dispatch import permutation, permute
+from plugins.model.experts import RoutedExperts
+from plugins.model.moe import DeepSeekMoE
+from plugins.parallel.expert import ExpertExchange, apply_expert_parallel
 
 
 def config_from(args) -> ModelConfig:
@@ -50,18 +51,17 @@ def grouped_vs_loop(config: ModelConfig, tokens: int, rounds: int) -> dict:
     moe = DeepSeekMoE(config)
     init_weights(moe, 0.02)
     x = torch.randn(tokens, config.hidden_size)
-    routing = moe.gate(x)
-    plan = plan_dispatch(routing.indices, config.n_routed_experts)
-    rows = dispatch(x, plan)
+    perm = permutation(moe.gate(x).indices, config.n_routed_experts)
+    rows = permute(x, perm)
 
     def step(fn):
         moe.zero_grad(set_to_none=True)
-        fn(moe.experts, rows, plan.counts).square().mean().backward()
+        fn(moe.experts, rows, perm.counts).square().mean().backward()
 
     times = time_interleaved({"grouped GEMM": lambda: step(lambda m, r, c: m(r, c)),
                               "per-expert loop": lambda: step(per_expert_loop)}, 1, rounds)
     medians = {name: statistics.median(t) for name, t in times.items()}
-    return {"rows": int(plan.counts.sum()), "median_s": medians,
+    return {"rows": int(perm.counts.sum()), "median_s": medians,
             "loop_over_grouped": medians["per-expert loop"] / medians["grouped GEMM"]}
 
 
@@ -75,17 +75,17 @@ def _exchange_worker(rank: int, world: int, port: int, args, results) -> None:
         moe = DeepSeekMoE(config)
         init_weights(moe, 0.02)
         exchange = ExpertExchange(None, config.n_routed_experts)
-        shard_experts(moe, exchange)
+        apply_expert_parallel(moe, exchange)
         x = torch.randn(args.tokens // world, config.hidden_size, generator=torch.Generator().manual_seed(rank))
         routing = moe.gate(x)
-        plan = plan_dispatch(routing.indices, config.n_routed_experts)
-        rows = dispatch(x, plan)
+        perm = permutation(routing.indices, config.n_routed_experts)
+        rows = permute(x, perm)
         exchange.observe(routing.indices)
         timings = {"dispatch": [], "experts": [], "combine": []}
         for _ in range(args.rounds):
             dist.barrier()
             start = time.perf_counter()
-            local, xplan = exchange.dispatch(rows, plan.counts)
+            local, xplan = exchange.dispatch(rows, perm.counts)
             dispatched = time.perf_counter()
             out = moe.experts(local, xplan.local_counts)
             computed = time.perf_counter()

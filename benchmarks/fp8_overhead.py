@@ -6,26 +6,25 @@ loss gap after N steps from the same weights on the same batch). Prints tables, 
     python benchmarks/fp8_overhead.py --config configs/ablation_16b.yaml --layers 2 --vocab 32768 \
         --batch 4 --seq-len 2048                           # GPU: + Transformer-Engine vs BF16
 
-Rows: ``full`` (float32 on CPU, BF16 on GPU), ``emulated`` (plugins.fp8), ``te`` (where
+Rows: ``full`` (float32 on CPU, BF16 on GPU), ``emulated`` (plugins.precision.fp8), ``te`` (where
 Transformer-Engine block scaling can run: a Hopper GPU with ``pip install -e ".[gpu]"``).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import platform
 import statistics
 
 import torch
 
 from common import time_interleaved, write_result  # benchmarks/ is the script directory, first on sys.path
-from plugins.precision.policy import te as fp8_te
 from plugins.model.config import ModelConfig
-from plugins.model.experts import grouped_mm
-from plugins.precision.fp8 import fp8_grouped_linear, fp8_linear
 from plugins.model.deepseek_v3 import DeepSeekV3
-from plugins.precision.policy import convert_to_fp8
+from plugins.model.experts import grouped_mm
+from plugins.precision import te as fp8_te
+from plugins.precision.fp8 import fp8_grouped_linear, fp8_linear
+from plugins.precision.policy import convert_to_fp8, fp8_autocast
 
 # (name, K, N, experts): the 16B ablation's MLA, dense-FFN and expert GEMMs (hidden 2048).
 SHAPES = [("kv_a_proj (2048->576)", 2048, 576, 0), ("o_proj (2048->2048)", 2048, 2048, 0),
@@ -58,7 +57,7 @@ def gemm_rows(tokens: int, device: torch.device, dtype: torch.dtype, backends: l
             return y.detach()
 
         te_modules = {}
-        active = [b for b in backends if not (b == "te" and experts)]  # TE: dense linears only (see precision.py)
+        active = [b for b in backends if not (b == "te" and experts)]  # TE: dense linears only (see plugins/precision/policy.py)
         if "te" in active:
             linear = torch.nn.Linear(k, n, bias=False, device=device, dtype=dtype)
             linear.weight.data.copy_(w[0])
@@ -88,7 +87,7 @@ def model_rows(config: ModelConfig, device, dtype, backends, batch: int, seq_len
 
         def step(model=model, optimizer=optimizer, backend=backend) -> float:
             optimizer.zero_grad(set_to_none=True)
-            with fp8_te.autocast() if backend == "te" else contextlib.nullcontext():
+            with fp8_autocast(backend):
                 loss = model(ids, labels=labels).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -1,5 +1,5 @@
 """Forward+backward throughput of our DeepSeekV3 vs transformers' DeepseekV3ForCausalLM on the
-same config and the same weights (exported with ``to_hf``). Prints a table, writes JSON.
+same config and the same weights (exported with ``save_hf_checkpoint``). Prints a table, writes JSON.
 
     python benchmarks/model_vs_hf.py --config configs/tiny.yaml --batch 8 --seq-len 256
 """
@@ -14,9 +14,9 @@ import warnings
 from pathlib import Path
 
 import torch
-import yaml
 
 from common import time_interleaved, write_result  # benchmarks/ is the script directory, first on sys.path
+from plugins.interop.hf import save_hf_checkpoint
 from plugins.model.config import ModelConfig
 from plugins.model.deepseek_v3 import DeepSeekV3
 
@@ -36,17 +36,15 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    config = ModelConfig.from_yaml(args.config)
+    config = ModelConfig.from_yaml(args.config, [f"model.{item}" for item in args.set])
     overrides = dict(item.split("=", 1) for item in args.set)
-    config = ModelConfig.from_dict({**config.to_dict(), **{k: yaml.safe_load(v) for k, v in overrides.items()}},
-                                   source=args.config)
     # Same work on both sides: transformers has no MTP module, so time ours without it.
     config.num_nextn_predict_layers = 0
     ours = DeepSeekV3(config).train()
     theirs = {}
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ours.to_hf(Path(tmp) / "hf")
+        save_hf_checkpoint(ours, Path(tmp) / "hf")
         for experts in ("grouped_mm", "eager"):
             model = AutoModelForCausalLM.from_pretrained(
                 Path(tmp) / "hf", attn_implementation="sdpa", experts_implementation=experts

@@ -13,7 +13,6 @@ schedules on this machine only. Resident memory includes the Python/torch runtim
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import platform
 import resource
@@ -26,14 +25,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from common import write_result  # benchmarks/ is the script directory, first on sys.path
+from launch.groups import pipeline_groups
 from plugins.model.config import ModelConfig
-from plugins.parallel.dualpipe import check
-from plugins.parallel.expert import ExpertExchange
 from plugins.model.deepseek_v3 import DeepSeekV3
-from plugins.model.moe import shard_experts
-from plugins.parallel.replicas import ReplicaSync, channel_groups, stages_of
+from plugins.parallel.dualpipe import check
+from plugins.parallel.expert import ExpertExchange, apply_expert_parallel
 from plugins.parallel.pipeline_runtime import PipelineRuntime, overlap_threads
 from plugins.parallel.pipeline_stages import PipelineShard
+from plugins.parallel.replicas import ReplicaSync, stages_of
 
 
 def _sequential(forward, backward) -> None:
@@ -56,19 +55,20 @@ def _worker(rank, world, port, schedule, args, ep, overlap, results) -> None:
         dp = world // args.pp
         pipeline_rank, dp_rank = rank // dp, rank % dp
         torch.manual_seed(0)
-        config = dataclasses.replace(ModelConfig.from_yaml("configs/tiny.yaml"), num_hidden_layers=args.layers)
+        config = ModelConfig.from_yaml("configs/tiny.yaml", [f"model.num_hidden_layers={args.layers}"])
         model = DeepSeekV3(config)
         if ep > 1:  # expert-parallel groups of consecutive ranks inside one pipeline rank
             forward_groups = [dist.new_group(list(range(s, s + ep))) for s in range(0, world, ep)]
             backward_groups = [dist.new_group(list(range(s, s + ep))) for s in range(0, world, ep)]
-            shard_experts(model, ExpertExchange(forward_groups[rank // ep], config.n_routed_experts,
-                                                backward_groups[rank // ep]))
+            apply_expert_parallel(model, ExpertExchange(forward_groups[rank // ep], config.n_routed_experts,
+                                                        backward_groups[rank // ep]))
+        channels, replica_groups = pipeline_groups(schedule, args.pp, dp, config)
         layout = check(schedule, args.pp, args.micro_batches)
         shard = PipelineShard(model, stages_of(layout, pipeline_rank), layout.stages)
         peers = [p * dp + dp_rank for p in range(args.pp)]
-        runtime = PipelineRuntime(layout, pipeline_rank, shard, peers, channel_groups(layout.chunks),
-                                  overlap_threads if overlap else _sequential)
-        replicas = ReplicaSync(layout, shard, pipeline_rank, dp, dp_rank)
+        runtime = PipelineRuntime(layout, pipeline_rank, shard, peers, channels,
+                                  overlap=overlap_threads if overlap else _sequential)
+        replicas = ReplicaSync(layout, shard.model, pipeline_rank, replica_groups)
         g = torch.Generator().manual_seed(dp_rank)
         batches = []
         for _ in range(args.micro_batches):
@@ -84,10 +84,10 @@ def _worker(rank, world, port, schedule, args, ep, overlap, results) -> None:
             if step:  # the first step warms up
                 times.append(time.perf_counter() - start)
             in_flight = max(in_flight, totals.peak_in_flight)
-            shard.zero_grad(set_to_none=True)
+            shard.model.zero_grad(set_to_none=True)
         results[rank] = {"step_s": statistics.median(times), "in_flight": in_flight,
                          "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                         "parameters": sum(p.numel() for p in shard.parameters())}
+                         "parameters": sum(p.numel() for p in shard.model.parameters())}
     finally:
         dist.destroy_process_group()
 

@@ -26,30 +26,29 @@ ROOT = Path(__file__).resolve().parents[1]
 def bare_loop(run, dataset, steps: int, batch: int) -> list[float]:
     """The obvious alternative: a plain loop with torch.optim.AdamW; returns seconds per step."""
     from data_pipeline import PackedSampler
-    from launch.pretrain import collate, parameter_groups
-    from plugins.model.balance import update_router_bias
+    from launch.ds_internals import parameter_groups
+    from launch.trainer import collate
+    from plugins.model.balance import collect_expert_loads, update_router_biases
     from plugins.model.deepseek_v3 import DeepSeekV3
 
     t = run.train
     torch.manual_seed(t.seed)
     model = DeepSeekV3(run.model)
+    moe_layers = model.moe_layers()
     optimizer = torch.optim.AdamW(parameter_groups(model, t.weight_decay), lr=t.lr.peak, betas=t.betas, eps=t.eps)
     stream = iter(PackedSampler(len(dataset), seed=t.seed))
     accumulation = batch // t.micro_batch_size
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        loads = 0
         for _ in range(accumulation):
             data = collate(dataset, [next(stream) for _ in range(t.micro_batch_size)], torch.device("cpu"))
             out = model(data["input_ids"], labels=data["labels"], document_ids=data["document_ids"])
             (out.loss / accumulation).backward()
-            loads = loads + out.expert_loads
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        for moe, load in zip(model.moe_layers(), loads):
-            update_router_bias(moe.gate.e_score_correction_bias, load, 0.001)
+        update_router_biases(moe_layers, collect_expert_loads(moe_layers, run.model.num_moe_layers), 0.001)
         times.append(time.perf_counter() - start)
     return times
 

@@ -8,6 +8,8 @@ import json
 import sysconfig
 from pathlib import Path
 
+from plugins.atomic import write_atomic
+
 
 def python_documents() -> list[str]:
     from pydoc_data.topics import topics
@@ -22,14 +24,18 @@ def write_python_corpus(path: Path, megabytes: int) -> int:
     """Write the documents (repeated if the library is smaller than asked) up to ``megabytes`` of
     text to ``path`` (via a temporary name); returns the text bytes written."""
     documents = python_documents()
-    budget, written = megabytes << 20, 0
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        while written < budget:
-            for text in documents:
-                handle.write(json.dumps({"text": text}) + "\n")
-                written += len(text.encode("utf-8"))
-                if written >= budget:
-                    break
-    tmp.replace(path)
+    budget = megabytes << 20
+
+    def write(tmp: Path) -> None:
+        nonlocal written
+        with tmp.open("w", encoding="utf-8") as handle:
+            while written < budget:
+                for text in documents:
+                    handle.write(json.dumps({"text": text}) + "\n")
+                    written += len(text.encode("utf-8"))
+                    if written >= budget:
+                        break
+
+    written = 0
+    write_atomic(path, write)
     return written

@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from data_pipeline.sources import iter_texts
-from plugins.atomic import write_text_atomic
+from plugins.atomic import save_figure_atomic, write_text_atomic
 from plugins.errors import ConfigError, ProjectError
 from plugins.inference.decoding import generate
 from tokenizer.load import TokenizerBundle
@@ -90,10 +90,7 @@ def plot(cells: list[dict], lengths: list[int], depths: list[float], path: Path,
     ax.set_title(title, fontsize=7)
     fig.colorbar(image, ax=ax, label="retrieval score")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure_atomic(fig, path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:

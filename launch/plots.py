@@ -8,6 +8,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from plugins.atomic import save_figure_atomic  # noqa: E402
+
 
 def expert_load_heatmap(loads: np.ndarray, step: int):
     """MoE block x expert heatmap of each block's share of routed tokens (uniform = 1/E)."""
@@ -53,10 +55,4 @@ def maxvio_curves(records: list[dict]):
 
 def save(fig, path) -> None:
     """Write a PNG under a temporary name, then rename it into place."""
-    from pathlib import Path
-
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure_atomic(fig, path, dpi=100)

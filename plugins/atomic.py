@@ -35,6 +35,16 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def save_figure_atomic(fig, path: str | Path, dpi: int = 100) -> Path:
+    """A matplotlib figure as a PNG at ``path``; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    try:
+        return write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+    finally:
+        plt.close(fig)
+
+
 def torch_save_atomic(obj, path: str | Path) -> Path:
     import torch
 

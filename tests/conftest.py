@@ -9,6 +9,14 @@ from plugins.model.config import ModelConfig
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(items):
+    """Everything that trains through the launcher (the ``embedded_run`` fixture, directly or through
+    another fixture) is slow; so are the modules that mark themselves (several gloo ranks)."""
+    for item in items:
+        if "embedded_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def tiny_config() -> ModelConfig:
     return ModelConfig.from_yaml(ROOT / "configs" / "tiny.yaml")

@@ -4,17 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 
 from .conftest import ROOT
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .distributed import free_port
 
 
 def launch(ranks: int, run_dir, *args, data=None, config="configs/tiny.yaml") -> subprocess.CompletedProcess:
@@ -25,7 +19,7 @@ def launch(ranks: int, run_dir, *args, data=None, config="configs/tiny.yaml") ->
     if data is not None:
         sets += ["--set", f"data.dataset={data['dataset']}", "--set", f"data.tokenizer={data['tokenizer']}",
                  "--set", "data.builtin_corpus=false"]
-    command = [*launcher, "--num_gpus", str(ranks), "--master_port", str(_free_port()), "launch/pretrain.py",
+    command = [*launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()), "launch/pretrain.py",
                "--config", config, "--run-dir", str(run_dir), *sets, *args]
     return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
 

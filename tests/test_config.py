@@ -113,5 +113,66 @@ def test_count_cli_reports_bad_config_in_one_line(tmp_path):
 def test_init_std_follows_config(tiny_config):
     torch.manual_seed(0)
     model = DeepSeekV3(tiny_config)
-    std = model.layers[1].mlp.experts.gate_up_proj.std().item()
+    std = model.layers["1"].mlp.experts.gate_up_proj.std().item()
     assert abs(std - tiny_config.initializer_range) < 0.1 * tiny_config.initializer_range
+
+
+# ------------------------------------------------------------------------- the run config tree
+def _run_config(tmp_path, text: str, overrides=()):
+    from launch.config import load_run_config
+
+    return load_run_config(_write(tmp_path, text), list(overrides))
+
+
+def test_numbers_in_any_yaml_spelling(tmp_path):
+    """PyYAML reads ``1e-6`` (no dot) as a string; every section takes it as the number it is."""
+    base = (ROOT / "configs" / "tiny.yaml").as_posix()
+    run = _run_config(tmp_path, f"base: {base}\nmodel:\n  rms_norm_eps: 1e-6\ntrain:\n  eps: 1e-8\n  total_tokens: 6e5\n"
+                                "  batch: {start: 8, final: 16, ramp_tokens: 1e5}\n")
+    assert run.model.rms_norm_eps == 1e-6 and run.train.eps == 1e-8 and run.train.batch.ramp_tokens == 1e5
+    assert run.train.total_tokens == 6e5 and isinstance(run.train.batch.start, int)
+
+
+@pytest.mark.parametrize("section, text, key", [
+    ("model", "model:\n  hidden_sise: 3", "model.hidden_sise: unknown key"),
+    ("data", "data:\n  seqlen: 3", "data.seqlen: unknown key"),
+    ("train", "train:\n  lr: {peek: 1.0}", "train.lr.peek: unknown key"),
+    ("parallel", "parallel:\n  tp: 2", "parallel.tp: unknown key"),
+    ("section", "optimizer: {}", "optimizer: unknown section"),
+    ("type", "train:\n  micro_batch_size: four", "train.micro_batch_size: expected an integer, got 'four'"),
+    ("type", "train:\n  betas: [0.9]", "train.betas: expected 2 numbers"),
+    ("type", "data:\n  builtin_corpus: 1", "data.builtin_corpus: expected true or false"),
+    ("value", "parallel:\n  pipeline_schedule: gpipe", "parallel.pipeline_schedule: expected one of dualpipe"),
+])
+def test_unknown_keys_and_wrong_types_anywhere_are_one_line_errors(tmp_path, section, text, key):
+    base = (ROOT / "configs" / "tiny.yaml").as_posix()
+    with pytest.raises(ConfigError) as info:
+        _run_config(tmp_path, f"base: {base}\n{text}\n")
+    assert key in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+def test_base_inherits_and_overrides_key_by_key(tmp_path):
+    from launch.config import load_run_config
+
+    tiny = load_run_config(ROOT / "configs" / "tiny.yaml")
+    stage = load_run_config(ROOT / "configs" / "tiny_long_stage2.yaml")  # tiny <- stage 1 <- stage 2
+    assert stage.model == tiny.model
+    assert (stage.data.seq_len, stage.data.tokenizer, stage.train.micro_batch_size) == (512, tiny.data.tokenizer, 2)
+    assert (stage.train.lr.peak, stage.train.heatmap_interval, stage.train.weight_decay) == (1e-4, 10, 0.1)
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_run_config(tmp_path / "a.yaml")
+
+
+def test_set_overrides_and_the_recorded_config_round_trip(tmp_path):
+    import yaml
+
+    from launch.config import load_run_config
+
+    run = load_run_config(ROOT / "configs" / "tiny.yaml", ["parallel.ep=2", "train.lr.peak=1e-3", "model.n_group=2"])
+    assert (run.parallel.ep, run.train.lr.peak, run.model.n_group) == (2, 1e-3, 2)
+    recorded = _write(tmp_path, yaml.safe_dump(run.to_dict(), sort_keys=False))  # what a run dir's config.yaml holds
+    assert load_run_config(recorded).to_dict() == run.to_dict()
+    with pytest.raises(ConfigError, match="--set train: expected section.key=value"):
+        load_run_config(ROOT / "configs" / "tiny.yaml", ["train"])

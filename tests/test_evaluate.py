@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from launch.evaluate import main as evaluate, windows
-from launch.model_source import load_text_tokenizer
+from tokenizer.load import load_tokenizer_dir
 
 from .conftest import hf_reference_config, save_hf
 from .corpus import prose_documents, write_jsonl
@@ -25,7 +25,9 @@ def hf_model(tmp_path_factory, tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def texts():
-    return [t for t in prose_documents(limit=12) if t.strip()][:6]
+    """Six documents of Python's documentation, cut to at most 2,500 characters (~1,000 tokens: long
+    enough for several windows of either size, short enough for a fast oracle)."""
+    return [t[:2500] for t in prose_documents(limit=12) if t.strip()][:6]
 
 
 def _reference_nll(model, ids: list[int], seq_len: int, stride: int) -> float:
@@ -37,26 +39,27 @@ def _reference_nll(model, ids: list[int], seq_len: int, stride: int) -> float:
         with torch.no_grad():
             logits = model(torch.tensor([ids[start:end]])).logits[0].double()
         logp = logits.log_softmax(-1)
-        total -= sum(logp[t - start - 1, ids[t]].item() for t in range(scored, end))
+        total -= logp[torch.arange(scored - start - 1, end - start - 1), torch.tensor(ids[scored:end])].sum().item()
         scored = end
     return total
 
 
-@pytest.mark.parametrize("seq_len,stride", [(512, 256), (48, 16)])
-def test_bits_per_byte_equals_transformers(hf_model, tokenizer_dir, texts, tmp_path, capsys, seq_len, stride):
+@pytest.mark.parametrize("seq_len,stride,documents,chars", [(512, 256, 6, 2500), (48, 16, 2, 1200)])
+def test_bits_per_byte_equals_transformers(hf_model, tokenizer_dir, texts, tmp_path, capsys, seq_len, stride,
+                                           documents, chars):
     directory, model = hf_model
+    texts = [t[:chars] for t in texts[:documents]]
     data = write_jsonl(tmp_path / "heldout.jsonl", texts)
     assert evaluate(["--model", str(directory), "--tokenizer", str(tokenizer_dir), "--data", str(data),
                      "--seq-len", str(seq_len), "--stride", str(stride), "--output", str(tmp_path / "eval.json")]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result == json.loads((tmp_path / "eval.json").read_text())
-    tokenizer = load_text_tokenizer(tokenizer_dir)
+    tokenizer = load_tokenizer_dir(tokenizer_dir)
     nll = sum(_reference_nll(model, [tokenizer.bos_id, *tokenizer.encode(t)], seq_len, stride) for t in texts)
     text_bytes = sum(len(t.encode("utf-8")) for t in texts)
     assert result["bytes"] == text_bytes and result["documents"] == len(texts)
     expected = nll / (math.log(2) * text_bytes)
     assert abs(result["bits_per_byte"] - expected) / expected <= 1e-4
-    assert abs(result["perplexity"] - math.exp(result["loss"])) < 1e-9
 
 
 def test_windows_score_every_token_once_with_bounded_context():
@@ -69,7 +72,7 @@ def test_windows_score_every_token_once_with_bounded_context():
 def test_multiple_choice_picks_the_option_transformers_scores_best(hf_model, tokenizer_dir, tmp_path, capsys):
     """Scored against transformers: the option with the lowest NLL per byte wins."""
     directory, model = hf_model
-    tokenizer = load_text_tokenizer(tokenizer_dir)
+    tokenizer = load_tokenizer_dir(tokenizer_dir)
     items = [{"context": "The quick brown fox", "options": [" jumps over the dog", " sat on a mat", " 123 456"],
               "answer": 0}, {"context": "def f(x):", "options": ["\n    return x", " zzz qqq"], "answer": 1}]
     expected = []

@@ -1,8 +1,6 @@
 """Expert-parallel dispatch/combine on 2 and 4 gloo ranks against the single-process DeepSeekMoE."""
 
-import os
 import shutil
-import socket
 
 import pytest
 import torch
@@ -10,18 +8,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from plugins.model.config import ModelConfig
-from plugins.parallel.expert import ExpertExchange, distinct_destinations
+from plugins.parallel.expert import ExpertExchange, apply_expert_parallel, distinct_destinations
 from plugins.model.deepseek_v3 import init_weights
-from plugins.model.moe import DeepSeekMoE, shard_experts
+from plugins.model.moe import DeepSeekMoE
 
 from .conftest import ROOT
+from .distributed import spawn
 from .launcher import launch, metrics, ok
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytestmark = pytest.mark.slow
 
 
 def _layer(skew: str) -> DeepSeekMoE:
@@ -42,47 +37,41 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
-def _worker(rank: int, world: int, port: int, skew: str, counts: list[int], results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        # reference: every rank's tokens through the whole layer in one process
-        reference = _layer(skew)
-        ref_out = [reference(_tokens(r, counts[r]))[0] for r in range(world)]
-        sum(o.square().sum() for o in ref_out).backward()
+def _worker(rank: int, world: int, skew: str, counts: list[int], results) -> None:
+    # reference: every rank's tokens through the whole layer in one process
+    reference = _layer(skew)
+    ref_out = [reference(_tokens(r, counts[r])) for r in range(world)]
+    sum(o.square().sum() for o in ref_out).backward()
 
-        moe = _layer(skew)
-        exchange = ExpertExchange(None, moe.num_experts)
-        shard_experts(moe, exchange)
-        out, _, load = moe(_tokens(rank, counts[rank]))
-        out.square().sum().backward()
-        dist.all_reduce(load)
-        local = exchange.local_slice
-        routing = moe.gate(_tokens(rank, counts[rank]).reshape(-1, 128))
-        results[rank] = {
-            "out": (out - ref_out[rank]).abs().max().item(),
-            # expert weights see every rank's tokens: their gradient is the sum over ranks' losses
-            "experts": max(_relative(moe.experts.gate_up_proj.grad, reference.experts.gate_up_proj.grad[local]),
-                           _relative(moe.experts.down_proj.grad, reference.experts.down_proj.grad[local])),
-            "local_shape": tuple(moe.experts.gate_up_proj.shape),
-            "gate_grad_own": moe.gate.weight.grad.clone(),
-            "load": load.tolist(),
-            "destinations": distinct_destinations(routing.indices, torch.arange(world).repeat_interleave(16 // world)).tolist(),
-        }
-        if rank == 0:
-            results["reference_load"] = sum(
-                torch.bincount(reference.gate(_tokens(r, counts[r]).reshape(-1, 128)).indices.flatten(), minlength=16)
-                for r in range(world)).tolist()
-            results["reference_gate_grad"] = reference.gate.weight.grad.clone()
-    finally:
-        dist.destroy_process_group()
+    moe = _layer(skew)
+    exchange = ExpertExchange(None, moe.num_experts)
+    apply_expert_parallel(moe, exchange)
+    out = moe(_tokens(rank, counts[rank]))
+    out.square().sum().backward()
+    load = moe.tokens_per_expert.clone()
+    dist.all_reduce(load)
+    local = exchange.local_slice
+    routing = moe.gate(_tokens(rank, counts[rank]).reshape(-1, 128))
+    results[rank] = {
+        "out": (out - ref_out[rank]).abs().max().item(),
+        # expert weights see every rank's tokens: their gradient is the sum over ranks' losses
+        "experts": max(_relative(moe.experts.gate_up_proj.grad, reference.experts.gate_up_proj.grad[local]),
+                       _relative(moe.experts.down_proj.grad, reference.experts.down_proj.grad[local])),
+        "local_shape": tuple(moe.experts.gate_up_proj.shape),
+        "gate_grad_own": moe.gate.weight.grad.clone(),
+        "load": load.tolist(),
+        "destinations": distinct_destinations(routing.indices, torch.arange(world).repeat_interleave(16 // world)).tolist(),
+    }
+    if rank == 0:
+        results["reference_load"] = reference.tokens_per_expert.tolist()
+        results["reference_gate_grad"] = reference.gate.weight.grad.clone()
 
 
 @pytest.mark.parametrize("world,skew,counts", [(2, "none", [40, 24]), (4, "none", [16, 3, 33, 8]),
                                                (2, "one_rank", [20, 20]), (4, "one_rank", [5, 9, 1, 30])])
 def test_expert_parallel_layer_equals_the_single_process_layer(world, skew, counts):
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(world, _port(), skew, counts, results), nprocs=world, join=True)
+    spawn(_worker, world, skew, counts, results)
     for rank in range(world):
         r = results[rank]
         assert r["local_shape"][0] == 16 // world

@@ -6,14 +6,16 @@ import warnings
 import pytest
 import torch
 
+from plugins.atomic import OutputDirError
 from plugins.errors import ConfigError
+from plugins.interop.hf import load_hf_checkpoint, save_hf_checkpoint
 from plugins.model.deepseek_v3 import DeepSeekV3
 
 
 def _load(directory) -> DeepSeekV3:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return DeepSeekV3.from_hf(directory).eval()
+        return load_hf_checkpoint(directory).eval()
 
 
 def _hf_load(directory):
@@ -45,7 +47,7 @@ def test_from_hf_matches_transformers_logits(hf_checkpoint, ids):
 
 def test_checkpoint_without_mtp_layers_gets_fresh_mtp_modules(hf_checkpoint):
     with pytest.warns(UserWarning, match="no MTP layers"):
-        model = DeepSeekV3.from_hf(hf_checkpoint[0])
+        model = load_hf_checkpoint(hf_checkpoint[0])
     eh = model.mtp[0].eh_proj.weight
     assert torch.isfinite(eh).all() and eh.std() > 0
 
@@ -55,7 +57,7 @@ def test_to_hf_loads_in_transformers_and_round_trips(hf_checkpoint, ids, tmp_pat
     with torch.no_grad():
         for moe in ours.moe_layers():
             moe.gate.e_score_correction_bias.normal_(0, 0.05)
-    ours.to_hf(tmp_path / "export", max_shard_bytes=64 * 1024)  # force several shards
+    save_hf_checkpoint(ours, tmp_path / "export", max_shard_bytes=64 * 1024)  # force several shards
     index = json.loads((tmp_path / "export" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     mtp_layer = ours.config.num_hidden_layers
@@ -75,8 +77,8 @@ def test_to_hf_loads_in_transformers_and_round_trips(hf_checkpoint, ids, tmp_pat
 
 def test_to_hf_refuses_a_non_empty_directory(tiny_config, tmp_path):
     (tmp_path / "keep.txt").write_text("user data")
-    with pytest.raises(FileExistsError, match="not empty"):
-        DeepSeekV3(tiny_config).to_hf(tmp_path)
+    with pytest.raises(OutputDirError, match="not empty"):
+        save_hf_checkpoint(DeepSeekV3(tiny_config), tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
 
 
@@ -90,14 +92,14 @@ def test_from_hf_rejects_a_mismatched_checkpoint(hf_checkpoint, tmp_path):
     for f in directory.glob("*.safetensors"):
         (bad / f.name).symlink_to(f)
     with pytest.raises(ConfigError, match="does not match the config"):
-        DeepSeekV3.from_hf(bad)
+        load_hf_checkpoint(bad)
     with pytest.raises(ConfigError, match="no config.json"):
-        DeepSeekV3.from_hf(tmp_path)
+        load_hf_checkpoint(tmp_path)
 
 
 def test_bf16_load_keeps_router_bias_in_float32(hf_checkpoint):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = DeepSeekV3.from_hf(hf_checkpoint[0], dtype=torch.bfloat16)
+        model = load_hf_checkpoint(hf_checkpoint[0], dtype=torch.bfloat16)
     assert model.embed_tokens.weight.dtype == torch.bfloat16
     assert all(m.gate.e_score_correction_bias.dtype == torch.float32 for m in model.moe_layers())

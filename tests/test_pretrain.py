@@ -130,9 +130,9 @@ def test_configs_that_cannot_run_fail_before_any_work(data, tmp_path):
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2 and result.stderr.strip().startswith("error: --pp 3: DualPipe needs an even number")
     result = subprocess.run([sys.executable, "launch/pretrain.py", "--config", "configs/tiny.yaml",
-                             "--set", "train.fp8=emulated", "--set", "train.fp8_modules=[lm_head_typo]"],
+                             "--set", "parallel.fp8=emulated", "--set", "parallel.fp8_modules=[lm_head_typo]"],
                             capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 2 and "train.fp8_modules: ['lm_head_typo'] match no linear layer" in result.stderr
+    assert result.returncode == 2 and "parallel.fp8_modules: ['lm_head_typo'] match no linear layer" in result.stderr
     result = launch(2, tmp_path / "odd", "--set", "train.batch.start=12", data=data)
     assert result.returncode != 0
     assert "train.batch.start: 12 sequences is not a multiple of micro_batch_size x data-parallel ranks" in result.stderr

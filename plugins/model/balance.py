@@ -66,5 +66,6 @@ def update_router_biases(moe_layers, global_loads: torch.Tensor, gamma: float) -
 
 def max_violation(load: torch.Tensor) -> torch.Tensor:
     """MaxVio = (max load - mean load) / mean load over the last dimension (0 = perfect balance)."""
+    load = load.float()
     mean = load.mean(-1)
     return (load.max(-1).values - mean) / mean.clamp_min(1e-12)

@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..atomic import write_text_atomic
+from ..atomic import save_figure_atomic, write_text_atomic
 from .dualpipe import SCHEDULES, Layout, Op, ScheduleError, build_schedule, check
 
 
@@ -137,10 +137,7 @@ def timeline_png(layout: Layout, intervals: list[Interval], path: Path) -> Path:
     ax.legend(handles=[Patch(color=COLOURS[k], label=v) for k, v in names.items()], loc="upper center",
               bbox_to_anchor=(0.5, -0.25), ncol=5, fontsize=7, frameon=False)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure_atomic(fig, path, dpi=110)
     return path
 
 
