@@ -9,17 +9,16 @@ from pathlib import Path
 from typing import Callable
 
 from data_pipeline.builtin_corpus import write_python_corpus as build_corpus
+from plugins.atomic import write_text_atomic
 
 __all__ = ["build_corpus", "time_interleaved", "write_result"]
 
 
 def write_result(path: str | Path, result: dict) -> Path:
-    """Write a benchmark's JSON under a temporary name, then rename it into place."""
+    """Write a benchmark's JSON atomically (its directory created if missing)."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out)
+    write_text_atomic(out, json.dumps(result, indent=2))
     print(f"wrote {out}")
     return out
 

@@ -57,7 +57,7 @@ def gemm_rows(tokens: int, device: torch.device, dtype: torch.dtype, backends: l
             return y.detach()
 
         te_modules = {}
-        active = [b for b in backends if not (b == "te" and experts)]  # TE: dense linears only (see plugins/precision/policy.py)
+        active = [b for b in backends if not (b == "te" and experts)]  # TE: dense linears only (see convert_to_fp8)
         if "te" in active:
             linear = torch.nn.Linear(k, n, bias=False, device=device, dtype=dtype)
             linear.weight.data.copy_(w[0])

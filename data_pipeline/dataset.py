@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .layout import FORMAT_VERSION, MANIFEST, PIECES
-
 from plugins.errors import ProjectError
+
+from .layout import FORMAT_VERSION, MANIFEST, PIECES
 
 IGNORE_INDEX = -100
 

@@ -25,7 +25,7 @@ from plugins.errors import ProjectError
 
 from .layout import FORMAT_VERSION, MANIFEST, PIECES, shard_name, token_dtype
 from .packing import PACKERS, Packing
-from .sources import SourceError, SourceStats, iter_texts
+from .sources import SourceStats, iter_texts
 
 BATCH_DOCUMENTS = 256
 SHARD_BYTES = 256 << 20

@@ -26,8 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_set_full_fp32_param,
-                             safe_set_full_optimizer_state)
+from deepspeed.utils import (
+    safe_get_full_fp32_param,
+    safe_get_full_optimizer_state,
+    safe_set_full_fp32_param,
+    safe_set_full_optimizer_state,
+)
 
 from plugins.atomic import torch_save_atomic, write_text_atomic
 from plugins.errors import ProjectError

@@ -33,7 +33,7 @@ def _wandb_run(run_dir: Path, mode: str, project: str, config: dict, resume_id: 
     except Exception as error:  # the service is unreachable: keep the run going, offline
         if mode == "offline":
             raise
-        warnings.warn(f"W&B online init failed ({error}); logging offline under {run_dir}/wandb")
+        warnings.warn(f"W&B online init failed ({error}); logging offline under {run_dir}/wandb", stacklevel=2)
         return wandb.init(mode="offline", settings=wandb.Settings(silent=True), **kwargs)
 
 

@@ -31,3 +31,13 @@ def metrics(run_dir) -> list[dict]:
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
+
+
+def assert_loads_match(a: list[list[float]], b: list[list[float]], context, moved: float = 0.002) -> None:
+    """Expert loads of two layouts of the same run: every block routes the same number of tokens and
+    at most ``moved`` of them chose another expert. Sums run in another order across layouts, so an
+    affinity tie to the last bit may break the other way; anything more is a real difference."""
+    for block_a, block_b in zip(a, b, strict=True):
+        total = sum(block_a)
+        assert sum(block_b) == total, (context, block_a, block_b)
+        assert sum(abs(x - y) for x, y in zip(block_a, block_b)) / 2 <= moved * total, (context, block_a, block_b)

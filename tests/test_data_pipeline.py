@@ -44,7 +44,7 @@ def _documents_from_output(output):
     rows = np.concatenate([np.load(output / name) for name in manifest["shards"]])
     pieces = np.load(output / "pieces.npy")
     docs = {}
-    for seq, start, length, doc, offset in sorted(pieces.tolist(), key=lambda p: (p[3], p[4])):
+    for seq, start, length, doc, _offset in sorted(pieces.tolist(), key=lambda p: (p[3], p[4])):
         docs.setdefault(doc, []).append(rows[seq, start : start + length])
     return rows, pieces, {d: np.concatenate(parts) for d, parts in docs.items()}
 

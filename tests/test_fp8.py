@@ -4,10 +4,10 @@ FP8 linear and grouped-expert autograd, and the precision policy on the model.""
 import pytest
 import torch
 
-from plugins.precision import te as fp8_te
 from plugins.errors import ConfigError
-from plugins.precision.fp8 import E4M3, E4M3_MAX, dequantize, fp8_grouped_linear, fp8_linear, quantize, scaled_mm
 from plugins.model.deepseek_v3 import DeepSeekV3
+from plugins.precision import te as fp8_te
+from plugins.precision.fp8 import E4M3, E4M3_MAX, dequantize, fp8_grouped_linear, fp8_linear, quantize, scaled_mm
 from plugins.precision.policy import FP8Linear, FP8RoutedExperts, convert_to_fp8, resolve_backend
 
 # E4M3 keeps 3 mantissa bits: round-to-nearest errs by at most 2^-4 of a normal value and, averaged

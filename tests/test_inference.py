@@ -11,7 +11,8 @@ import torch
 from launch.evaluate import main as evaluate
 from launch.generate import main as generate_cli
 from launch.model_source import load_model_and_tokenizer
-from launch.niah import build_prompt, main as niah
+from launch.niah import build_prompt
+from launch.niah import main as niah
 from plugins.inference.decoding import generate, generate_speculative
 
 from .corpus import prose_documents, write_jsonl

@@ -1,7 +1,7 @@
 import torch
 
-from plugins.model.mla import LatentCache
 from plugins.model.deepseek_v3 import DeepSeekV3
+from plugins.model.mla import LatentCache
 
 
 def test_absorbed_latent_cache_decoding_equals_the_training_forward(tiny_config):

@@ -43,7 +43,7 @@ def test_mtp_loss_is_lambda_over_depth_times_the_sum(tiny_config):
     labels[:, -1] = -100
     out = model(ids, labels=labels, mtp_weight=0.1)
     assert len(out.mtp_losses) == 2
-    assert out.mtp_loss.item() == pytest.approx(0.1 / 2 * sum(l.item() for l in out.mtp_losses), rel=1e-6)
+    assert out.mtp_loss.item() == pytest.approx(0.1 / 2 * sum(loss.item() for loss in out.mtp_losses), rel=1e-6)
     # lambda = 0 (a schedule's switch-off) leaves the MTP modules' own weights untrained
     model(ids, labels=labels, mtp_weight=0.0).loss.backward()
     assert all(m.norm.weight.grad.abs().max() == 0 for m in model.mtp)  # only MTP logits read it

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
-from ..model.mla import LatentCache
 from ..model.deepseek_v3 import DeepSeekV3
+from ..model.mla import LatentCache
 
 
 @dataclass

@@ -173,7 +173,7 @@ def load_hf_checkpoint(directory: str | Path, device: str | torch.device = "cpu"
     missing = loader.missing()
     mtp_missing = {k for k in missing if k.startswith("mtp.")}
     if mtp_missing and mtp_missing == {k for k in loader.targets if k.startswith("mtp.")}:
-        warnings.warn(f"{directory}: checkpoint has no MTP layers; MTP modules are freshly initialised")
+        warnings.warn(f"{directory}: checkpoint has no MTP layers; MTP modules are freshly initialised", stacklevel=2)
         init_weights(model.mtp, config.initializer_range)
         missing -= mtp_missing
     if config.tie_word_embeddings:

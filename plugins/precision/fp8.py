@@ -49,7 +49,7 @@ class Quantized:
         """The scale of every (padded) row for one K block: [..., R']."""
         return self.scale[..., k_block].repeat_interleave(self.block_rows, dim=-1)
 
-    def transposed(self) -> "Quantized":
+    def transposed(self) -> Quantized:
         """A 128x128-block quantized matrix, transposed: the same blocks, so no re-quantization."""
         if self.block_rows != TILE:
             raise ValueError("only 128x128 blocks transpose without re-quantization (1x128 tiles become 128x1)")

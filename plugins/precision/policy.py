@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import te as fp8_te
 from ..errors import ConfigError
 from ..model.experts import RoutedExperts
+from . import te as fp8_te
 from .fp8 import fp8_grouped_linear, fp8_linear
 
 FP8_BACKENDS = ("none", "emulated", "te", "auto")
@@ -38,7 +38,7 @@ class FP8Linear(nn.Linear):
         return out if self.bias is None else out + self.bias
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, power_of_two: bool) -> "FP8Linear":
+    def from_linear(cls, linear: nn.Linear, power_of_two: bool) -> FP8Linear:
         with torch.device("meta"):
             module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
         module.weight, module.bias = linear.weight, linear.bias
@@ -56,7 +56,7 @@ class FP8RoutedExperts(RoutedExperts):
         return fp8_grouped_linear(F.silu(gate) * up, self.down_proj, counts, self.power_of_two)
 
     @classmethod
-    def from_experts(cls, experts: RoutedExperts, power_of_two: bool) -> "FP8RoutedExperts":
+    def from_experts(cls, experts: RoutedExperts, power_of_two: bool) -> FP8RoutedExperts:
         module = cls.__new__(cls)
         nn.Module.__init__(module)
         module.num_experts = experts.num_experts
