@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from data_pipeline.builtin_corpus import write_python_corpus as build_corpus
 from plugins.atomic import write_text_atomic

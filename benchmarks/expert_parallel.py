@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-
 from common import time_interleaved, write_result  # benchmarks/ is the script directory, first on sys.path
+
 from plugins.model.config import ModelConfig
 from plugins.model.deepseek_v3 import init_weights
 from plugins.model.dispatch import permutation, permute

@@ -17,8 +17,8 @@ import platform
 import statistics
 
 import torch
-
 from common import time_interleaved, write_result  # benchmarks/ is the script directory, first on sys.path
+
 from plugins.model.config import ModelConfig
 from plugins.model.deepseek_v3 import DeepSeekV3
 from plugins.model.experts import grouped_mm

@@ -14,8 +14,8 @@ import warnings
 from pathlib import Path
 
 import torch
-
 from common import time_interleaved, write_result  # benchmarks/ is the script directory, first on sys.path
+
 from plugins.interop.hf import save_hf_checkpoint
 from plugins.model.config import ModelConfig
 from plugins.model.deepseek_v3 import DeepSeekV3

@@ -23,8 +23,8 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from common import write_result  # benchmarks/ is the script directory, first on sys.path
+
 from launch.groups import pipeline_groups
 from plugins.model.config import ModelConfig
 from plugins.model.deepseek_v3 import DeepSeekV3

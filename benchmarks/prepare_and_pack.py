@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from common import build_corpus, write_result  # benchmarks/ is the script directory, first on sys.path
 
 

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import write_result  # benchmarks/ is the script directory, first on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,8 +60,8 @@ def main() -> None:
     parser.add_argument("--output", default="benchmarks/results/pretrain_overhead.json")
     args = parser.parse_args()
 
-    from launch.data_setup import setup_data
     from launch.config import load_run_config
+    from launch.data_setup import setup_data
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from common import build_corpus, write_result  # benchmarks/ is the script directory, first on sys.path
+from common import build_corpus, write_result  # noqa: E402  (benchmarks/ is the script directory, first on sys.path)
 
 
 def child(mode: str, corpus: Path, vocab_size: int, output: Path) -> None:

@@ -14,6 +14,7 @@ import torch
 
 from plugins.errors import ConfigError, run_cli
 from plugins.interop.hf import save_hf_checkpoint
+from plugins.model.balance import reset_expert_loads
 from plugins.model.deepseek_v3 import DeepSeekV3
 from plugins.model.rope import RotaryEmbedding
 
@@ -41,6 +42,7 @@ def load_checkpoint_model(run_dir: Path, tag: str | None = None) -> tuple[DeepSe
     state.update({key: value for key, value in saved["buffers"].items() if not key.endswith("._extra_state")})
     model.load_state_dict(state, assign=True)
     model.rotary = RotaryEmbedding(run.model)  # its frequencies are derived, not stored
+    reset_expert_loads(model.moe_layers())  # nor are the load counters
     return model, tag
 
 

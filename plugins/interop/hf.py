@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from ..atomic import check_output_dir, staged_directory
 from ..errors import ConfigError
+from ..model.balance import reset_expert_loads
 from ..model.config import ModelConfig
 from ..model.deepseek_v3 import DeepSeekV3, init_weights
 from ..model.rope import RotaryEmbedding
@@ -165,6 +166,7 @@ def load_hf_checkpoint(directory: str | Path, device: str | torch.device = "cpu"
                 moe.gate.e_score_correction_bias.data = moe.gate.e_score_correction_bias.float()
     model.to_empty(device=device)
     model.rotary = RotaryEmbedding(config).to(device)
+    reset_expert_loads(model.moe_layers())  # to_empty left them uninitialised
     loader = _ShardLoader(model.state_dict(), config)
     for path in tqdm(_checkpoint_files(directory), desc="loading shards", unit="shard", disable=None):
         with safe_open(str(path), framework="pt", device="cpu") as shard:

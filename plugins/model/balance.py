@@ -41,7 +41,10 @@ def update_router_bias(bias: torch.Tensor, load: torch.Tensor, gamma: float) -> 
 # in ``tokens_per_expert``; after the micro-batches of a step the trainer collects the held
 # blocks' counts into the [MoE blocks, experts] matrix, sums it over all ranks, and applies it.
 def reset_expert_loads(moe_layers) -> None:
+    """Zero every block's counts; also gives them storage after a model was built on ``meta``."""
     for moe in moe_layers:
+        if moe.tokens_per_expert.is_meta:
+            moe.tokens_per_expert = torch.zeros_like(moe.tokens_per_expert, device="cpu")
         moe.tokens_per_expert.zero_()
 
 
