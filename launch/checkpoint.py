@@ -132,7 +132,7 @@ class Checkpointer:
         for name, param in model.named_parameters():  # the same order on every rank: the gathers are collective
             state = {"value": safe_get_full_fp32_param(param).cpu()}
             state.update({key: safe_get_full_optimizer_state(param, key).cpu() for key in MOMENTS})
-            if not getattr(param, "ds_pipe_replicated", False):
+            if not ds_internals.is_pipe_replicated(param):
                 (experts if name in expert_names else dense)[name] = state
         if self.dense_writer:
             params = dict(model.named_parameters())

@@ -58,6 +58,10 @@ def mark_pipe_replicated(params) -> None:
         param.ds_pipe_replicated = True
 
 
+def is_pipe_replicated(param) -> bool:
+    return getattr(param, "ds_pipe_replicated", False)
+
+
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only; none on norms (the router bias is a buffer, not a parameter).
     Expert-parallel banks form their own ``moe`` group, which DeepSpeed reduces and partitions

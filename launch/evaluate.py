@@ -2,7 +2,8 @@
 on held-out text, and multiple-choice accuracy by per-option likelihood.
 
     python -m launch.evaluate --model RUN_DIR|CHECKPOINT_DIR|HF_DIR --data 'heldout/*.jsonl' \
-        [--tokenizer DIR] [--seq-len L] [--stride S] [--choices items.jsonl] [--output FILE]
+        [--tokenizer DIR] [--seq-len L] [--stride S] [--choices items.jsonl] [--output FILE] \
+        [--tasks a,b --include-path configs/eval --num-fewshot K --limit N --batch-size B]
 
 Every document is ``<bos> text``; every text token is scored once, given at most L-1 tokens
 before it: documents longer than L go through windows of L tokens advanced by S (default L/2),
@@ -10,11 +11,17 @@ each scoring only the tokens the previous window did not. Bits per byte (tokeniz
 = sum of token NLL in nats / (ln 2 x UTF-8 bytes of the texts). A ``--choices`` JSONL line is
 ``{"context": str, "options": [str, ...], "answer": int}``; the chosen option is the one with the
 lowest NLL per UTF-8 byte of the option, given the context.
+
+``--tasks`` runs lm-evaluation-harness tasks (the ``eval`` extra; ``launch.lm_eval_model``) on the
+same model, every token scored given at most L-1 tokens before it (the harness's max_length
+L-1): its results go into the output under ``tasks`` and the harness's whole JSON into
+``lm_eval.json`` beside it.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import sys
@@ -122,10 +129,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's max positions)")
     parser.add_argument("--stride", type=int, default=None, help="window advance (default: seq-len / 2)")
     parser.add_argument("--output", type=Path, default=None, help="JSON file (default: RUN_DIR/eval.json for runs)")
+    parser.add_argument("--tasks", default=None, help="lm-eval tasks, comma-separated (e.g. arc_easy,hellaswag)")
+    parser.add_argument("--include-path", default=None, help="directory of local lm-eval task YAMLs")
+    parser.add_argument("--num-fewshot", type=int, default=None, help="lm-eval few-shot examples (default: the task's)")
+    parser.add_argument("--limit", type=int, default=None, help="lm-eval examples per task (for quick checks)")
+    parser.add_argument("--batch-size", type=int, default=1, help="lm-eval sequences per forward")
     args = parser.parse_args(argv)
     try:
-        if not args.data and not args.choices:
-            raise ConfigError("give --data (held-out text) and/or --choices (multiple-choice JSONL)")
+        if not args.data and not args.choices and not args.tasks:
+            raise ConfigError("give --data (held-out text), --choices (multiple-choice JSONL) and/or --tasks (lm-eval)")
+        if args.tasks and importlib.util.find_spec("lm_eval") is None:
+            raise ConfigError("--tasks needs lm-eval: pip install -e '.[eval]'")
         loaded, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer)
         seq_len = args.seq_len or loaded.model.config.max_position_embeddings
         stride = args.stride or max(1, seq_len // 2)
@@ -140,6 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.choices:
             result["choices"] = {"file": str(args.choices),
                                  **score_choices(loaded.model, tokenizer, read_choices(args.choices), seq_len)}
+        if args.tasks:
+            from .lm_eval_model import evaluate_tasks
+
+            harness = evaluate_tasks(loaded, tokenizer, args.tasks.split(","), args.include_path, args.num_fewshot,
+                                     args.limit, args.batch_size, max_length=seq_len - 1)
+            result["tasks"] = harness["results"]
     except ProjectError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -149,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         output.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(output, json.dumps(result, indent=2))
         print(f"wrote {output}", file=sys.stderr)
+        if args.tasks:
+            write_text_atomic(output.parent / "lm_eval.json", json.dumps(harness, indent=2))
+            print(f"wrote {output.parent / 'lm_eval.json'}", file=sys.stderr)
     return 0
 
 

@@ -4,6 +4,7 @@ pipelined pre-training through the real launcher against the single-process run.
 import json
 
 import pytest
+import yaml
 
 from launch.convert import load_checkpoint_model
 from plugins.parallel.dualpipe import Op, ScheduleError, build_schedule, check
@@ -68,6 +69,8 @@ def test_pipelined_training_gives_the_single_process_losses(embedded_run, tmp_pa
     ok(launch(2, tmp_path / "pp2", "--steps", "2", "--pp", "2", *LAYERS, data=data))
     result = ok(launch(2, tmp_path / "pp2", "--steps", "4", "--pp", "2", "--resume", *LAYERS, data=data))
     assert "resumed" in result.stdout and "pipeline: dualpipe over 2 ranks" in result.stdout
+    recorded = yaml.safe_load((tmp_path / "pp2" / "config.yaml").read_text())["parallel"]  # the layout is recorded
+    assert (recorded["pp"], recorded["ep"], recorded["pipeline_schedule"]) == (2, 1, "dualpipe")
     ok(launch(4, tmp_path / "pp4", "--steps", "3", "--pp", "4", *LAYERS, data=data))
     ok(launch(4, tmp_path / "pp2_ep2", "--steps", "3", "--pp", "2", "--ep", "2", *LAYERS, data=data))
     ok(launch(2, tmp_path / "v", "--steps", "2", "--pp", "2", "--pipeline-schedule", "dualpipev", *LAYERS, data=data))

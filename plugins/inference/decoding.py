@@ -38,7 +38,7 @@ class Decoded:
         return self.accepted / self.drafted if self.drafted else 0.0
 
 
-def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+def pick_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
     if temperature <= 0:
         return int(logits.argmax())
     probs = (logits.float() / temperature).softmax(-1)
@@ -63,11 +63,11 @@ def generate(model: DeepSeekV3, prompt: list[int], max_new_tokens: int, temperat
     cache = LatentCache(len(model.layers))
     started = time.perf_counter()
     logits, _, _ = _step(model, prompt, cache)
-    tokens = [_pick(logits[-1], temperature, top_p, generator)]
+    tokens = [pick_token(logits[-1], temperature, top_p, generator)]
     forwards = 1
     while len(tokens) < max_new_tokens and tokens[-1] != eos_id:
         logits, _, _ = _step(model, tokens[-1:], cache)
-        tokens.append(_pick(logits[-1], temperature, top_p, generator))
+        tokens.append(pick_token(logits[-1], temperature, top_p, generator))
         forwards += 1
     return Decoded(tokens, time.perf_counter() - started, forwards)
 
