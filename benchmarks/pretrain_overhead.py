@@ -47,7 +47,8 @@ def bare_loop(run, dataset, steps: int, batch: int) -> list[float]:
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        update_router_biases(moe_layers, collect_expert_loads(moe_layers, run.model.num_moe_layers), 0.001)
+        loads = collect_expert_loads(moe_layers, run.model.num_moe_layers, run.model.n_routed_experts)
+        update_router_biases(moe_layers, loads, 0.001)
         times.append(time.perf_counter() - start)
     return times
 

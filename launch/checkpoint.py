@@ -71,6 +71,8 @@ def is_checkpoint(directory: Path) -> bool:
 
 def read_dense(directory: Path) -> dict:
     """``dense.pt``, or the pipeline ranks' ``dense_ppNNN.pt`` merged: params, buffers, adam_step, client."""
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: no such checkpoint directory")
     files = sorted(p for p in directory.iterdir() if DENSE_FILE.fullmatch(p.name))
     if not files:
         raise CheckpointError(f"{directory}: no dense.pt (not a complete checkpoint)")
@@ -174,5 +176,8 @@ class Checkpointer:
                 safe_set_full_optimizer_state(param, state[key].to(param.device), key)
         model.load_state_dict(saved["buffers"], strict=False)
         ds_internals.set_adam_step(engine, saved["adam_step"])
-        _set_rng_state(torch.load(directory / f"rng_rank{self.rank}.pt", weights_only=False))
+        rng = directory / f"rng_rank{self.rank}.pt"
+        if not rng.is_file():
+            raise CheckpointError(f"{rng}: missing (the checkpoint was saved by fewer ranks; resume with as many)")
+        _set_rng_state(torch.load(rng, weights_only=False))
         return tag, saved["client"]

@@ -151,6 +151,9 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
     """The effective run config of ``path`` with ``overrides`` (``section.key=value``) applied."""
     document = read_document(path, overrides)
     source = str(path)
+    train = document.get("train") or {}
+    for key in [k for k in train if k.startswith("fp8")]:  # run dirs written before parallel: existed
+        document.setdefault("parallel", {}).setdefault(key, train.pop(key))
     unknown = set(document) - set(SECTIONS)
     if unknown:
         raise ConfigError(f"{source}: {sorted(unknown)[0]}: unknown section (expected {', '.join(SECTIONS)})")

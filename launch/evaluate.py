@@ -81,6 +81,8 @@ def evaluate_texts(model: DeepSeekV3, tokenizer: TokenizerBundle, texts, seq_len
 
 
 def read_choices(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise ConfigError(f"--choices {path}: no such file")
     items = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():

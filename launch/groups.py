@@ -27,12 +27,10 @@ from . import ds_internals
 @dataclass
 class ParallelGroups:
     rank: int
-    world: int
     pp: int
     dp: int
     ep: int
     dp_rank: int
-    dp_group: dist.ProcessGroup | None = None  # None: the default (world) group
     ep_group: dist.ProcessGroup | None = None  # this rank's expert-parallel group (ep > 1)
     expert_dp_rank: int = 0  # position among the ranks that hold the same experts
     expert_group_name: str | None = None  # DeepSpeed's name for the ep / expert-dp groups
@@ -66,10 +64,9 @@ def check_world(pp: int, ep: int, world: int) -> int:
 def build_groups(pp: int, ep: int, schedule: str, config: ModelConfig) -> ParallelGroups:
     rank, world = dist.get_rank(), dist.get_world_size()
     dp = check_world(pp, ep, world)
-    groups = ParallelGroups(rank=rank, world=world, pp=pp, dp=dp, ep=ep, dp_rank=rank % dp)
+    groups = ParallelGroups(rank=rank, pp=pp, dp=dp, ep=ep, dp_rank=rank % dp)
     if pp > 1:
         groups.mpu = ds_internals.pipeline_grid(pp, dp)
-        groups.dp_group = groups.mpu.get_data_parallel_group()
     if ep > 1:
         groups.ep_group, groups.expert_dp_rank, groups.expert_group_name = ds_internals.expert_groups(ep, groups.mpu)
         if pp > 1:

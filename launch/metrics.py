@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from plugins.atomic import write_text_atomic
+
 from . import plots
 
 TRAIN_KEYS = ("loss", "lm_loss", "mtp_loss", "aux_loss", "lr", "grad_norm", "batch_size", "mtp_weight",
@@ -42,14 +44,15 @@ class MetricsLogger:
                  resume_step: int | None):
         self.path = run_dir / "metrics.jsonl"
         self.heatmap_interval = heatmap_interval
+        kept = []  # a fresh run starts the file anew (a dead run's rows before its first checkpoint go)
         if resume_step is not None and self.path.is_file():  # drop what the resumed steps will log again
             kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
         id_file = run_dir / "wandb_run_id"
         resume_id = id_file.read_text().strip() if resume_step is not None and id_file.is_file() else None
         self.wandb = _wandb_run(run_dir, mode, project, config, resume_id)
         if self.wandb is not None:
-            id_file.write_text(self.wandb.id)
+            write_text_atomic(id_file, self.wandb.id)
         self.file = self.path.open("a")
 
     def log(self, record: dict, loads: np.ndarray | None) -> None:

@@ -42,7 +42,7 @@ def check_fp8_policy(run: RunConfig) -> None:
                           "of the model")
 
 
-def _fix_hint(schedule: str, pp: int, dp: int, batch: int, micro: int) -> str:
+def _fix_hint(schedule: str, pp: int, dp: int, batch: int, micro: int, key: str) -> str:
     """What would make a batch run under the schedule: a micro-batch size, or a larger batch."""
     for candidate in range(micro - 1, 0, -1):
         if batch % (candidate * dp) == 0:
@@ -51,21 +51,21 @@ def _fix_hint(schedule: str, pp: int, dp: int, batch: int, micro: int) -> str:
                 return f"--set train.micro_batch_size={candidate}"
             except ScheduleError:
                 continue
-    need = 2 * pp * micro * dp
-    return f"global batches of at least {need} sequences (--set train.batch.start={need})"
+    need = (pp if schedule == "1f1b" else 2 * pp) * micro * dp
+    return f"global batches of at least {need} sequences (--set {key}={need})"
 
 
 def check_schedule(run: RunConfig, groups: ParallelGroups, batch_sizes: list[int]) -> None:
     """Every global batch of the ramp must give the pipeline schedule enough micro-batches."""
     schedule, micro = run.parallel.pipeline_schedule, run.train.micro_batch_size
-    for size in batch_sizes:
+    for key, size in zip(("train.batch.start", "train.batch.final"), batch_sizes):
         count = size // (micro * groups.dp)
         try:
             check(schedule, groups.pp, count)
         except ScheduleError as error:
             raise ConfigError(f"{run.source}: train.batch = {size} sequences = {count} micro-batches of "
                               f"{micro} per pipeline at --pp {groups.pp}: {error}; fix: "
-                              f"{_fix_hint(schedule, groups.pp, groups.dp, size, micro)}") from None
+                              f"{_fix_hint(schedule, groups.pp, groups.dp, size, micro, key)}") from None
 
 
 def parallelize(model: DeepSeekV3, run: RunConfig, groups: ParallelGroups) -> Parallelized:

@@ -124,7 +124,7 @@ class Trainer:
         self.checkpointer = Checkpointer(
             options.run_dir, groups.rank,
             expert_slice=self.exchange.local_slice if self.exchange else None,
-            expert_writer=groups.expert_dp_rank == 0,
+            expert_writer=self.exchange is not None and groups.expert_dp_rank == 0,
             pipeline_rank=groups.pipeline_rank if self.pipelined else None,
             dense_writer=groups.dp_rank == 0 if self.pipelined else None)
         self.sampler = PackedSampler(len(self.dataset), rank=groups.dp_rank, world_size=groups.dp, seed=t.seed)
@@ -200,7 +200,8 @@ class Trainer:
         reset_expert_loads(self.moe_layers)
         values = self.forward_backward(global_batch, lam)
         # every micro-batch's losses and loads live on exactly one rank: one sum over the world
-        loads = collect_expert_loads(self.moe_layers, self.run.model.num_moe_layers).to(self.device)
+        loads = collect_expert_loads(self.moe_layers, self.run.model.num_moe_layers, self.run.model.n_routed_experts,
+                                     self.device)
         reduced = torch.cat([values, loads.double().flatten()])
         dist.all_reduce(reduced)
         values = reduced[:3] / (global_batch // t.micro_batch_size)

@@ -41,9 +41,12 @@ def _read_yaml(path: Path) -> dict:
 
 
 def merge(base: dict, override: dict) -> dict:
-    """``override`` on top of ``base``: mappings merge recursively, other values replace."""
+    """``override`` on top of ``base``: mappings merge recursively (an empty ``key:`` keeps the
+    base's mapping), other values replace."""
     out = dict(base)
     for key, value in override.items():
+        if value is None and isinstance(out.get(key), dict):
+            continue
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = merge(out[key], value)
         else:
@@ -73,7 +76,9 @@ def apply_overrides(document: dict, overrides: list[str]) -> dict:
         keys = dotted.split(".")
         node = document
         for key in keys[:-1]:
-            node = node.setdefault(key, {})
+            if node.get(key) is None:
+                node[key] = {}
+            node = node[key]
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item}: {key} is not a section")
         try:
@@ -126,9 +131,11 @@ def _coerce(value: Any, hint: Any, where: str, source: str) -> Any:
         return value
     if hint in (int, float):
         number = _number(value)
-        ok = isinstance(number, (int, float)) and not isinstance(number, bool) and math.isfinite(number)
-        if hint is int:
-            ok = ok and float(number).is_integer()
+        try:
+            ok = isinstance(number, (int, float)) and not isinstance(number, bool) and math.isfinite(number)
+            ok = ok and (hint is float or float(number).is_integer())
+        except OverflowError:
+            ok = False
         if not ok:
             kind = "an integer" if hint is int else "a number"
             raise ConfigError(f"{source}: {where}: expected {kind}, got {value!r}")
@@ -142,10 +149,17 @@ def build(cls, raw: Any, where: str, file: str, **extra):
     if not isinstance(raw, dict):
         raise ConfigError(f"{file}: {where}: expected a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls) if f.init and f.name not in extra}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init and f.name not in extra}
     values = {}
     for key, value in raw.items():
-        if key not in known:
-            raise ConfigError(f"{file}: {where}.{key}: unknown key (known: {', '.join(sorted(known))})")
+        if key not in fields:
+            raise ConfigError(f"{file}: {where}.{key}: unknown key (known: {', '.join(sorted(fields))})")
+        default = fields[key].default_factory
+        if isinstance(value, dict) and dataclasses.is_dataclass(hints[key]) and default is not dataclasses.MISSING:
+            value = merge(dataclasses.asdict(default()), value)  # a partial section overrides the default
         values[key] = _coerce(value, hints[key], f"{where}.{key}", file)
+    missing = [name for name, f in fields.items() if name not in values
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{file}: {where}.{missing[0]}: required")
     return cls(**values, **extra)

@@ -176,3 +176,21 @@ def test_set_overrides_and_the_recorded_config_round_trip(tmp_path):
     assert load_run_config(recorded).to_dict() == run.to_dict()
     with pytest.raises(ConfigError, match="--set train: expected section.key=value"):
         load_run_config(ROOT / "configs" / "tiny.yaml", ["train"])
+
+
+def test_partial_and_empty_sections_keep_the_defaults_and_the_base(tmp_path):
+    base = (ROOT / "configs" / "tiny.yaml").as_posix()
+    run = _run_config(tmp_path, f"base: {base}\nparallel:\ntrain:\n  mtp_weight: {{value: 0.2}}\n",
+                      ["train.bias_update_speed.then=0.5"])
+    assert (run.train.mtp_weight.value, run.train.mtp_weight.until_tokens) == (0.2, 4.0e5)  # the base's mark
+    assert run.train.bias_update_speed.then == 0.5 and run.parallel.pp == 1
+    fresh = _run_config(tmp_path, "model: {vocab_size: 512, hidden_size: 64}\ntrain:\n  mtp_weight: {value: 0.2}\n")
+    assert (fresh.train.mtp_weight.value, fresh.train.mtp_weight.until_tokens) == (0.2, 10.0e12)  # the default's
+    with pytest.raises(ConfigError, match="train.seed: expected an integer"):
+        _run_config(tmp_path, f"base: {base}\ntrain:\n  seed: {10**400}\n")
+
+
+def test_run_dirs_written_before_the_parallel_section_still_load(tmp_path):
+    base = (ROOT / "configs" / "tiny.yaml").as_posix()
+    run = _run_config(tmp_path, f"base: {base}\ntrain:\n  fp8: emulated\n  fp8_modules: ['*.mlp.*']\n")
+    assert (run.parallel.fp8, run.parallel.fp8_modules) == ("emulated", ["*.mlp.*"])

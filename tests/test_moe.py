@@ -154,3 +154,15 @@ def test_bias_update_moves_toward_balance():
     assert bias.tolist() == pytest.approx([-0.001, 0.0, 0.0, 0.001])
     assert max_violation(load).item() == pytest.approx(1.0)
     assert max_violation(torch.full((4,), 3.0)).item() == 0.0
+
+
+def test_load_matrix_has_every_block_and_expert_on_every_rank(tiny_config):
+    """A pipeline rank holding no MoE block still contributes a full [blocks, experts] matrix of zeros
+    to the step's sum; a rank holding some fills their rows."""
+    from plugins.model.balance import collect_expert_loads
+
+    assert collect_expert_loads([], 3, 16).shape == (3, 16)
+    moe = DeepSeekMoE(tiny_config, moe_index=2)
+    moe(torch.randn(1, 8, tiny_config.hidden_size))
+    loads = collect_expert_loads([moe], 3, 16)
+    assert loads[:2].abs().sum() == 0 and loads[2].sum() == 8 * tiny_config.num_experts_per_tok

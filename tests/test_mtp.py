@@ -79,3 +79,19 @@ def test_gradients_reach_every_parameter_but_not_the_router_bias(tiny_config):
     assert not any("e_score_correction_bias" in n for n, _ in model.named_parameters())
     assert [m.tokens_per_expert.sum().item() for m in model.moe_layers()] == [2 * 24 * tiny_config.num_experts_per_tok] * 3
     assert out.aux_loss.requires_grad
+
+
+def test_decoding_through_the_cache_ignores_the_mtp_blocks_balance_loss(tiny_config):
+    """A forward with the latent cache skips MTP: its aux loss is the main blocks' only, whatever an
+    earlier training forward left behind."""
+    from plugins.model.mla import LatentCache
+
+    model = _model(tiny_config)
+    ids = torch.randint(0, tiny_config.vocab_size, (1, 12))
+    labels = torch.roll(ids, -1, 1)
+    model(ids)  # a forward without labels: its balance losses must not be kept for later
+    cached = model(ids, labels=labels, cache=LatentCache(tiny_config.num_hidden_layers))
+    assert all(m.balance_loss is None for m in model.moe_layers())
+    fresh = _model(tiny_config)
+    fresh_cached = fresh(ids, labels=labels, cache=LatentCache(tiny_config.num_hidden_layers))
+    assert cached.aux_loss.item() == pytest.approx(fresh_cached.aux_loss.item(), rel=1e-6)

@@ -48,13 +48,11 @@ def reset_expert_loads(moe_layers) -> None:
         moe.tokens_per_expert.zero_()
 
 
-def collect_expert_loads(moe_layers, num_moe_layers: int) -> torch.Tensor:
-    """float32 [M, E]: the held blocks' counts in their rows, zeros for blocks held elsewhere."""
-    moe_layers = list(moe_layers)
-    if not moe_layers:
-        return torch.zeros(num_moe_layers, 0)
-    first = moe_layers[0].tokens_per_expert
-    loads = torch.zeros(num_moe_layers, first.numel(), device=first.device)
+def collect_expert_loads(moe_layers, num_moe_layers: int, num_experts: int,
+                         device: torch.device | str = "cpu") -> torch.Tensor:
+    """float32 [M, E]: the held blocks' counts in their rows, zeros for blocks held elsewhere (every
+    rank contributes the same shape to the sum, also a pipeline rank without MoE blocks)."""
+    loads = torch.zeros(num_moe_layers, num_experts, device=device)
     for moe in moe_layers:
         loads[moe.moe_index] = moe.tokens_per_expert.float()
     return loads

@@ -175,7 +175,6 @@ def _yarn_fields(raw: dict, source: str) -> dict:
     """``rope_scaling`` as written in YAML or HF configs: ``type``/``rope_type`` must be yarn."""
     raw = dict(raw)
     kind = raw.pop("type", raw.pop("rope_type", "yarn"))
-    raw.pop("rope_type", None)
     if kind != "yarn":
         raise ConfigError(f"{source}: model.rope_scaling.type: only 'yarn' is supported, got {kind!r}")
     for key in ("factor", "original_max_position_embeddings"):

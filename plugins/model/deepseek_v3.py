@@ -128,9 +128,11 @@ class DeepSeekV3(nn.Module):
         rope = self.rope(input_ids.shape[1], input_ids.device, 0 if cache is None else cache.seq_len)
         h = self.trunk(self.embed_tokens(input_ids), rope, cache=cache)
         out = self.outputs(h, input_ids, rope, labels, document_ids, mtp_weight, with_mtp=cache is None)
+        ran = [layer.mlp for layer in self.layers.values()] + ([m.block.mlp for m in self.mtp] if cache is None else [])
+        balance = take_balance_losses(m for m in ran if isinstance(m, DeepSeekMoE))  # taken even when unused
         if labels is not None:
             zero = out.logits.new_zeros((), dtype=torch.float32)
-            losses = Losses(out.lm_loss, out.mtp_loss, take_balance_losses(self.moe_layers()))
+            losses = Losses(out.lm_loss, out.mtp_loss, balance)
             out.mtp_loss = zero if out.mtp_loss is None else out.mtp_loss
             out.aux_loss = zero if losses.balance is None else losses.balance
             out.loss = losses.total
