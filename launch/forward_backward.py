@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from plugins.parallel.dualpipe import check
+from plugins.parallel.dualpipe import Layout, check
 from plugins.parallel.pipeline_runtime import PipelineRuntime
 from plugins.parallel.pipeline_stages import PipelineShard
 from plugins.parallel.replicas import ReplicaSync
@@ -41,8 +41,7 @@ class PipelineSchedule:
 
     def __init__(self, shard: PipelineShard, groups: ParallelGroups, schedule: str, fp8_backend: str):
         self.shard, self.groups, self.schedule, self.fp8_backend = shard, groups, schedule, fp8_backend
-        layout = check(schedule, groups.pp, 2 * groups.pp)
-        self.replicas = ReplicaSync(layout, shard.model, groups.pipeline_rank, groups.replicas)
+        self.replicas = ReplicaSync(Layout.placement(schedule, groups.pp), shard.model, groups.pipeline_rank, groups.replicas)
         ds_internals.mark_pipe_replicated(self.replicas.secondary)
         self.runtimes: dict[int, PipelineRuntime] = {}
 

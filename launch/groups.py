@@ -84,7 +84,7 @@ def pipeline_groups(schedule: str, pp: int, dp: int, config: ModelConfig) -> tup
     rank's replica groups (pipeline-rank set -> group of this data-parallel replica's ranks).
     Collective: every rank calls it, in the same order."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    layout = Layout(schedule, pp, micro_batches=2 * pp)  # where stages live does not depend on the count
+    layout = Layout.placement(schedule, pp)
     channels = {(kind, chunk): dist.new_group(list(range(world)))
                 for kind in ("act", "grad") for chunk in range(layout.chunks)}
     replicas = {}

@@ -77,6 +77,6 @@ def parallelize(model: DeepSeekV3, run: RunConfig, groups: ParallelGroups) -> Pa
         ds_internals.mark_expert_parameters(apply_expert_parallel(model, exchange), groups.expert_group_name)
     shard = None
     if groups.pp > 1:
-        layout = Layout(p.pipeline_schedule, groups.pp, micro_batches=2 * groups.pp)
+        layout = Layout.placement(p.pipeline_schedule, groups.pp)
         shard = PipelineShard(model, stages_of(layout, groups.pipeline_rank), layout.stages)
     return Parallelized(model, exchange, shard, fp8_modules)

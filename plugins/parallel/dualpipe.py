@@ -70,6 +70,12 @@ class Layout:
             return rank if chunk == 0 else 2 * self.ranks - 1 - rank
         return rank if chunk == 0 else self.ranks - 1 - rank
 
+    @classmethod
+    def placement(cls, schedule: str, ranks: int) -> Layout:
+        """Where the stages live, which does not depend on the micro-batch count (stage cutting,
+        replica groups)."""
+        return cls(schedule, ranks, micro_batches=2 * ranks)
+
     def micro_batches_of(self, chunk: int) -> list[int]:
         """The micro-batches a local chunk processes, in order."""
         if self.schedule == "dualpipe":
