@@ -152,3 +152,24 @@ def test_bad_model_args_are_one_line_errors(hf_dir, tokenizer_dir, args, message
     with pytest.raises(ConfigError) as error:
         DeepSeekPretrainLM.create_from_arg_obj(model_args)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_console_script_runs_lm_evals_cli_with_the_model_registered(hf_dir, tokenizer_dir, tmp_path):
+    """``deepseek-lm-eval`` (the README's command line) evaluates a local task and writes lm-eval's
+    results file."""
+    import shutil
+    import subprocess
+
+    script = shutil.which("deepseek-lm-eval")
+    assert script is not None, "pip install -e . installs the deepseek-lm-eval console script"
+    result = subprocess.run([script, "--model", "deepseek-pretrain", "--model_args",
+                             f"path={hf_dir},tokenizer={tokenizer_dir},max_length={MAX_LENGTH}",
+                             "--tasks", "local_choice", "--include_path", "configs/eval", "--device", "cpu",
+                             "--output_path", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    written = list((tmp_path / "out").rglob("results_*.json"))
+    assert len(written) == 1 and "local_choice" in json.loads(written[0].read_text())["results"]
+    bad = subprocess.run([script, "--model", "deepseek-pretrain", "--model_args", f"path={hf_dir},ema=1",
+                          "--tasks", "local_choice", "--include_path", "configs/eval"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: model_args ema:")
