@@ -35,13 +35,13 @@ def bare_loop(run, dataset, steps: int, batch: int) -> list[float]:
     model = DeepSeekV3(run.model)
     moe_layers = model.moe_layers()
     optimizer = torch.optim.AdamW(parameter_groups(model, t.weight_decay), lr=t.lr.peak, betas=t.betas, eps=t.eps)
-    stream = iter(PackedSampler(len(dataset), seed=t.seed))
+    sampler = PackedSampler(len(dataset), seed=t.seed)
     accumulation = batch // t.micro_batch_size
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         for _ in range(accumulation):
-            data = collate(dataset, [next(stream) for _ in range(t.micro_batch_size)], torch.device("cpu"))
+            data = collate(dataset, sampler.take(t.micro_batch_size), torch.device("cpu"))
             out = model(data["input_ids"], labels=data["labels"], document_ids=data["document_ids"])
             (out.loss / accumulation).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)

@@ -1,14 +1,14 @@
-"""Which samples each data-parallel rank reads, in which order, resumably.
+"""Which samples a step reads, in which order, resumably, whatever the data-parallel size.
 
-Each epoch is a permutation drawn from (seed, epoch); rank r takes every world_size-th index of
-it (the tail that does not divide evenly is left out, so every rank sees the same count). The
-position within the epoch is state: ``state_dict()`` in a checkpoint and ``load_state_dict()``
-on resume give exactly the samples an uninterrupted run would have read next.
+The run reads one endless global stream: epoch e is a permutation of all samples drawn from
+(seed, e), and the epochs follow each other. A step of G sequences takes the stream's next G;
+data-parallel rank r of D reads the r-th contiguous G/D of them (its micro-batches in order). The
+only state is how many sequences the run has consumed, a property of the global batch: a
+checkpoint saved at one data-parallel size resumes at another with exactly the sequences the
+uninterrupted run would have read next (and, at a fixed micro-batch size, the same micro-batches).
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterator
 
 import numpy as np
 
@@ -17,40 +17,47 @@ class PackedSampler:
     def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-        if num_samples < world_size:
-            raise ValueError(f"{num_samples} samples cannot feed {world_size} data-parallel ranks")
+        if num_samples < 1:
+            raise ValueError("an empty dataset cannot feed a run")
         self.num_samples, self.rank, self.world_size = num_samples, rank, world_size
         self.seed, self.shuffle = seed, shuffle
-        self.epoch, self.position = 0, 0
+        self.consumed = 0
+        self._epoch, self._order = -1, np.empty(0, dtype=np.int64)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """Every sample index once, in epoch ``epoch``'s reading order."""
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples) if self.shuffle \
+                else np.arange(self.num_samples)
+        return self._order
+
+    def global_indices(self, start: int, count: int) -> list[int]:
+        """Positions ``start .. start + count - 1`` of the global stream."""
+        out = []
+        for position in range(start, start + count):
+            epoch, offset = divmod(position, self.num_samples)
+            out.append(int(self.epoch_order(epoch)[offset]))
+        return out
+
+    def take(self, global_batch: int) -> list[int]:
+        """The next step's ``global_batch`` sequences; returns this rank's contiguous share."""
+        if global_batch % self.world_size:
+            raise ValueError(f"a global batch of {global_batch} does not split over {self.world_size} ranks")
+        share = global_batch // self.world_size
+        indices = self.global_indices(self.consumed + self.rank * share, share)
+        self.consumed += global_batch
+        return indices
 
     @property
-    def per_rank(self) -> int:
-        return self.num_samples // self.world_size
-
-    def epoch_indices(self, epoch: int) -> np.ndarray:
-        """This rank's indices for ``epoch``, in reading order."""
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples) if self.shuffle \
-            else np.arange(self.num_samples)
-        return order[: self.per_rank * self.world_size][self.rank :: self.world_size]
-
-    def __iter__(self) -> Iterator[int]:
-        """Endless: continues from the saved position, then runs epoch after epoch."""
-        while True:
-            indices = self.epoch_indices(self.epoch)
-            while self.position < len(indices):
-                index = int(indices[self.position])
-                self.position += 1
-                yield index
-            self.epoch, self.position = self.epoch + 1, 0
+    def epoch(self) -> int:
+        return self.consumed // self.num_samples
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "num_samples": self.num_samples, "world_size": self.world_size}
+        return {"consumed": self.consumed, "seed": self.seed, "num_samples": self.num_samples}
 
     def load_state_dict(self, state: dict) -> None:
-        if (state["num_samples"], state["world_size"], state["seed"]) != (self.num_samples, self.world_size, self.seed):
-            raise ValueError(
-                f"sampler state is for {state['num_samples']} samples over {state['world_size']} ranks with seed "
-                f"{state['seed']}, not {self.num_samples} over {self.world_size} with seed {self.seed}"
-            )
-        self.epoch, self.position = state["epoch"], state["position"]
+        if (state["num_samples"], state["seed"]) != (self.num_samples, self.seed):
+            raise ValueError(f"sampler state is for {state['num_samples']} samples with seed {state['seed']}, "
+                             f"not {self.num_samples} with seed {self.seed}")
+        self.consumed = state["consumed"]

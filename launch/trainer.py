@@ -138,7 +138,6 @@ class Trainer:
 
             self.logger = MetricsLogger(options.run_dir, run.to_dict(), t.wandb_mode, t.wandb_project,
                                         t.heatmap_interval, resume_step=self.step if options.resume else None)
-        self.stream = iter(self.sampler)
 
     # ------------------------------------------------------------------------------ building
     def _say(self, message: str) -> None:
@@ -182,8 +181,8 @@ class Trainer:
     def forward_backward(self, global_batch: int, mtp_weight: float) -> torch.Tensor:
         """The step's micro-batches of this rank through the model; (lm, mtp, balance) sums."""
         micro = self.run.train.micro_batch_size
-        count = global_batch // (micro * self.groups.dp)
-        batches = [collate(self.dataset, [next(self.stream) for _ in range(micro)], self.device) for _ in range(count)]
+        indices = self.sampler.take(global_batch)
+        batches = [collate(self.dataset, indices[i:i + micro], self.device) for i in range(0, len(indices), micro)]
         return self.steps.forward_backward(batches, mtp_weight)
 
     def train_step(self) -> tuple[dict, torch.Tensor]:

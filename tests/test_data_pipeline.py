@@ -151,28 +151,26 @@ def test_reader_refuses_another_tokenizer(packed):
         PackedDataset(packed[0], tokenizer_fingerprint="0" * 64)
 
 
-def test_sampler_shards_ranks_and_resumes_exactly():
-    ranks = [PackedSampler(103, rank=r, world_size=4, seed=3) for r in range(4)]
-    epoch = [ranks[r].epoch_indices(0) for r in range(4)]
-    assert all(len(e) == 25 for e in epoch)
-    flat = np.concatenate(epoch)
-    assert len(set(flat.tolist())) == 100  # disjoint; 3 left over for an even split
-    assert not np.array_equal(ranks[0].epoch_indices(0), ranks[0].epoch_indices(1))  # reshuffled per epoch
+def test_sampler_global_batches_split_over_ranks_and_resume_at_any_data_parallel_size():
+    def steps(world: int, batches: list[int], sampler_state=None) -> list[list[int]]:
+        ranks = [PackedSampler(103, rank=r, world_size=world, seed=3) for r in range(world)]
+        for sampler in ranks:
+            if sampler_state is not None:
+                sampler.load_state_dict(json.loads(json.dumps(sampler_state)))  # survives a checkpoint
+        out = [[i for sampler in ranks for i in sampler.take(b)] for b in batches]
+        return out, ranks[0].state_dict()
 
-    uninterrupted = PackedSampler(103, rank=1, world_size=4, seed=3)
-    stream = iter(uninterrupted)
-    expected = [next(stream) for _ in range(60)]  # crosses two epoch boundaries
-    first = PackedSampler(103, rank=1, world_size=4, seed=3)
-    stream = iter(first)
-    got = [next(stream) for _ in range(37)]
-    state = json.loads(json.dumps(first.state_dict()))  # survives a checkpoint
-    resumed = PackedSampler(103, rank=1, world_size=4, seed=3)
-    resumed.load_state_dict(state)
-    stream = iter(resumed)
-    got += [next(stream) for _ in range(23)]
-    assert got == expected
+    batches = [8, 8, 16, 16, 32, 32, 16]  # a ramp, crossing two epoch boundaries (128 > 103)
+    uninterrupted, _ = steps(4, batches)
+    epoch0 = [i for step in uninterrupted for i in step][:103]
+    assert sorted(epoch0) == list(range(103))  # every sample once per epoch, none left out
+    assert uninterrupted[4][:8] != sorted(uninterrupted[4][:8])  # shuffled
+    first, state = steps(4, batches[:3])
+    for world in (1, 2, 4, 8):
+        resumed, _ = steps(world, batches[3:], state)
+        assert first + resumed == uninterrupted
     with pytest.raises(ValueError, match="sampler state is for"):
-        PackedSampler(103, rank=1, world_size=2, seed=3).load_state_dict(state)
+        PackedSampler(100, seed=3).load_state_dict(state)
 
 
 def _error(capsys, argv) -> str:
