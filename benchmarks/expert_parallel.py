@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from common import time_interleaved, write_result  # benchmarks/ is the script directory, first on sys.path
 
 from plugins.model.config import ModelConfig
-from plugins.model.deepseek_v3 import init_weights
 from plugins.model.dispatch import permutation, permute
 from plugins.model.experts import RoutedExperts
+from plugins.model.init import init_weights
 from plugins.model.moe import DeepSeekMoE
 from plugins.parallel.expert import ExpertExchange, apply_expert_parallel
 

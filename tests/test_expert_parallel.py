@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from plugins.model.config import ModelConfig
-from plugins.model.deepseek_v3 import init_weights
+from plugins.model.init import init_weights
 from plugins.model.moe import DeepSeekMoE
 from plugins.parallel.expert import ExpertExchange, apply_expert_parallel, distinct_destinations
 

@@ -25,7 +25,8 @@ from ..atomic import check_output_dir, staged_directory
 from ..errors import ConfigError
 from ..model.balance import reset_expert_loads
 from ..model.config import ModelConfig
-from ..model.deepseek_v3 import DeepSeekV3, init_weights
+from ..model.deepseek_v3 import DeepSeekV3
+from ..model.init import init_weights
 from ..model.rope import RotaryEmbedding
 
 _CONFIG_FIELDS = [
@@ -176,7 +177,7 @@ def load_hf_checkpoint(directory: str | Path, device: str | torch.device = "cpu"
     mtp_missing = {k for k in missing if k.startswith("mtp.")}
     if mtp_missing and mtp_missing == {k for k in loader.targets if k.startswith("mtp.")}:
         warnings.warn(f"{directory}: checkpoint has no MTP layers; MTP modules are freshly initialised", stacklevel=2)
-        init_weights(model.mtp, config.initializer_range)
+        init_weights(model.mtp, config.initializer_range, prefix="mtp.")
         missing -= mtp_missing
     if config.tie_word_embeddings:
         missing.discard("lm_head.weight")

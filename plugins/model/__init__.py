@@ -4,6 +4,7 @@ model and its parameter counts. Nothing here imports the distributed package: mo
 between ranks is ``plugins.parallel``'s job."""
 
 from .config import ModelConfig
-from .deepseek_v3 import DeepSeekV3, ModelOutput, init_weights
+from .deepseek_v3 import DeepSeekV3, ModelOutput
+from .init import init_weights, materialize
 
-__all__ = ["DeepSeekV3", "ModelConfig", "ModelOutput", "init_weights"]
+__all__ = ["DeepSeekV3", "ModelConfig", "ModelOutput", "init_weights", "materialize"]

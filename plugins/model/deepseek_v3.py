@@ -18,14 +18,13 @@ from torch import nn
 
 from .block import DecoderLayer
 from .config import ModelConfig
-from .experts import RoutedExperts
+from .init import init_weights
 from .losses import Losses, cross_entropy, mtp_objective, take_balance_losses
 from .mla import LatentCache
 from .moe import DeepSeekMoE
 from .mtp import MTPModule, mtp_targets, shift_left
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
-from .router import Router
 
 
 @dataclass
@@ -45,21 +44,6 @@ class ModelOutput:
     aux_loss: torch.Tensor | None = None
 
 
-@torch.no_grad()
-def init_weights(root: nn.Module, std: float) -> None:
-    """Every weight ~ N(0, std) (report 4.2: 0.006); norms 1; router bias 0."""
-    for module in root.modules():
-        if isinstance(module, (nn.Linear, nn.Embedding, Router)):
-            module.weight.normal_(0.0, std)
-        elif isinstance(module, RoutedExperts):
-            module.gate_up_proj.normal_(0.0, std)
-            module.down_proj.normal_(0.0, std)
-        elif isinstance(module, RMSNorm):
-            module.weight.fill_(1.0)
-        if isinstance(module, Router):
-            module.e_score_correction_bias.zero_()
-
-
 class DeepSeekV3(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -76,8 +60,9 @@ class DeepSeekV3(nn.Module):
         )
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        init_weights(self, self.config.initializer_range)
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Layout-independent values (``plugins.model.init``); without ``seed`` drawn from torch's generator."""
+        init_weights(self, self.config.initializer_range, seed)
 
     def moe_layers(self) -> list[DeepSeekMoE]:
         """The DeepSeekMoE blocks this module holds (main blocks, then MTP), in ``moe_index`` order."""

@@ -55,6 +55,7 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        self.config = config
         yarn = config.rope_scaling
         self.register_buffer(
             "inv_freq", inverse_frequencies(config.qk_rope_head_dim, config.rope_theta, yarn), persistent=False
