@@ -2,10 +2,12 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import sentencepiece as spm
 from tokenizers import Tokenizer
 
+from tokenizer.load import load_tokenizer_dir
 from tokenizer.special_tokens import SpecialTokens
 from tokenizer.train import main
 
@@ -27,8 +29,11 @@ ADVERSARIAL = [
     "windows\r\nline\r\nends\r\n",
     "specials inline <｜fim▁hole｜> and <｜end▁of▁sentence｜> stay",
     "partial special <｜fim▁ho and <｜begin",
+    "\u2581 sentencepiece's space symbol \u2581\u2581 and noncharacters \ufdd0\ufdd1\ufdd2\ufdd0\u2581\ufdd0",
     "a" * 5000,
 ]
+QUOTING_SPECIALS = ("A page quoting the control tokens: " + " ".join(SpecialTokens().as_list())
+                    + "\nand glued together:" + "".join(SpecialTokens().as_list()) + "<｜end▁of▁sentence｜>.")
 
 
 @pytest.fixture(scope="session")
@@ -67,23 +72,63 @@ def _tokenizer(output) -> Tokenizer:
 
 
 def test_round_trip_is_lossless(trained, held_out):
-    backend, output = trained
-    tokenizer = _tokenizer(output)
+    bundle = load_tokenizer_dir(trained[1])
     for text in held_out + ADVERSARIAL:
-        if backend == "sentencepiece":
-            text = text.replace("\u2581", " ")  # sentencepiece's space symbol (documented caveat)
-        ids = tokenizer.encode(text, add_special_tokens=False).ids
-        assert tokenizer.decode(ids, skip_special_tokens=False) == text
-    assert tokenizer.get_vocab_size() == 1024
+        assert bundle.decode(bundle.encode(text)) == text
+    assert bundle.vocab_size == 1024
 
 
-def test_byte_level_round_trips_sentencepiece_space_symbol(trained_dirs):
-    tokenizer = _tokenizer(trained_dirs["tokenizers"])
-    text = "\u2581 literal lower one eighth block \u2581\u2581"
-    assert tokenizer.decode(tokenizer.encode(text).ids, skip_special_tokens=False) == text
+def test_special_token_text_in_a_document_stays_text(trained):
+    """A document quoting every special token encodes as text: no control id, same characters back."""
+    bundle = load_tokenizer_dir(trained[1])
+    controls = {bundle.tokenizer.token_to_id(token) for token in SpecialTokens().as_list()}
+    ids = bundle.encode(QUOTING_SPECIALS)
+    assert not controls & set(ids)
+    assert bundle.decode(ids) == QUOTING_SPECIALS
+    batched = bundle.tokenizer.encode_batch_fast([QUOTING_SPECIALS], add_special_tokens=False)  # the pipeline's call
+    assert batched[0].ids == ids
 
 
-def test_special_tokens_are_single_ids(trained):
+def test_transformers_keeps_special_token_text_as_text(trained):
+    from transformers import AutoTokenizer
+
+    loaded = AutoTokenizer.from_pretrained(trained[1])
+    ids = loaded(QUOTING_SPECIALS, add_special_tokens=False).input_ids
+    assert not set(loaded.all_special_ids) & set(ids)
+    assert loaded.decode(ids) == QUOTING_SPECIALS
+
+
+def test_sentencepiece_model_declares_specials_as_control_symbols(trained_dirs):
+    """sentencepiece never matches control symbols in text (user-defined symbols it would)."""
+    processor = spm.SentencePieceProcessor(model_file=str(trained_dirs["sentencepiece"] / "tokenizer.model"))
+    specials = SpecialTokens().as_list()
+    assert [processor.id_to_piece(i) for i in range(len(specials))] == specials
+    assert all(processor.is_control(i) for i in range(len(specials)))
+    assert not set(range(len(specials))) & set(processor.encode(QUOTING_SPECIALS))
+
+
+@pytest.mark.parametrize("fim_rate", ["0", "1"])
+def test_prepare_output_holds_only_the_control_ids_it_inserted(trained, tmp_path, fim_rate):
+    from data_pipeline.prepare import main as prepare_main
+
+    corpus = write_jsonl(tmp_path / "quoting.jsonl", [QUOTING_SPECIALS])
+    out = tmp_path / "packed"
+    assert prepare_main(["--input", str(corpus), "--tokenizer", str(trained[1]), "--seq-len", "1024",
+                         "--output", str(out), "--fim-rate", fim_rate, "--split-rate", "0"]) == 0
+    bundle = load_tokenizer_dir(trained[1])
+    manifest = json.loads((out / "manifest.json").read_text())
+    tokens = np.concatenate([np.load(out / shard).ravel() for shard in manifest["shards"]]).tolist()
+    controls = [bundle.tokenizer.token_to_id(token) for token in SpecialTokens().as_list()]
+    inserted = {bundle.bos_id: 1, bundle.eos_id: 1, bundle.pad_id: manifest["padding_tokens"]}
+    if fim_rate == "1":
+        inserted.update({bundle.fim_begin_id: 1, bundle.fim_hole_id: 1, bundle.fim_end_id: 1})
+    assert {token: tokens.count(token) for token in controls} == {token: inserted.get(token, 0) for token in controls}
+    if fim_rate == "0":
+        assert tokens[0] == bundle.bos_id and bundle.decode(tokens[1:tokens.index(bundle.eos_id)]) == QUOTING_SPECIALS
+
+
+def test_special_tokens_are_single_ids_in_tokenizer_json(trained):
+    """tokenizer.json registers them as special added tokens 0-5 (matched only where a caller asks)."""
     tokenizer = _tokenizer(trained[1])
     for expected_id, token in enumerate(SpecialTokens().as_list()):
         assert tokenizer.encode(token, add_special_tokens=False).ids == [expected_id]

@@ -26,7 +26,11 @@ class TokenizerDirError(ProjectError):
 class TokenizerBundle:
     """A tokenizer directory: this project's (``tokenizer.train``) or a HF one (``transformers``'
     layout). Evaluation and generation need BOS/EOS; the data pipeline also needs the pad and FIM
-    tokens and the split table (``require_pipeline_tokens``)."""
+    tokens and the split table (``require_pipeline_tokens``).
+
+    Text is always text: ``encode`` (and ``tokenizer``, which the data pipeline batches through)
+    never turns a special token's literal string into its id, so a document quoting
+    ``<｜end▁of▁sentence｜>`` cannot inject an EOS; only the callers insert control ids."""
 
     tokenizer: Tokenizer
     bos_id: int
@@ -76,6 +80,7 @@ def load_tokenizer_dir(directory: str | Path) -> TokenizerBundle:
                                     "tokenizer_config.json; train one with `python -m tokenizer.train`)")
     try:
         tokenizer = Tokenizer.from_file(str(files["tokenizer.json"]))
+        tokenizer.encode_special_tokens = True  # special tokens' text is split like any text (not saved in the file)
         config = json.loads(files["tokenizer_config.json"].read_text())
         table = None
         if files["split_table.json"].is_file():

@@ -26,11 +26,13 @@ from plugins.errors import ProjectError
 
 from .bpe_hf import BYTE_ALPHABET, train_byte_level_bpe
 from .bpe_spm import train_sentencepiece_bpe
+from .chunking import bounded_chunks
 from .load import fingerprint
 from .special_tokens import SpecialTokens
 from .split_table import build_split_table
 
 HELDOUT_EVERY = 50  # every 50th document goes to the held-out slice until it is full
+SMALL_VOCABULARY = 0.9  # warn when the trained vocabulary is below this fraction of the requested size
 
 
 class TrainError(ProjectError):
@@ -83,7 +85,7 @@ class CorpusSplitter:
         with tqdm(total=self.max_bytes, unit="B", unit_scale=True, desc="reading corpus", disable=None) as bar:
             for index, text in enumerate(self.texts):
                 size = len(text.encode("utf-8"))
-                if index % HELDOUT_EVERY == HELDOUT_EVERY - 1 and self.heldout_bytes < self.heldout_budget:
+                if index % HELDOUT_EVERY == HELDOUT_EVERY - 1 and self.heldout_bytes + size <= self.heldout_budget:
                     self.heldout.append(text)
                     self.heldout_bytes += size
                     continue
@@ -110,6 +112,7 @@ def _tokenizer_config(specials: SpecialTokens) -> dict:
         "fim_tokens": {"hole": specials.fim_hole, "begin": specials.fim_begin, "end": specials.fim_end},
         "add_bos_token": False,
         "add_eos_token": False,
+        "split_special_tokens": True,  # transformers, like tokenizer.load: a special token's text stays text
         "clean_up_tokenization_spaces": False,
         "model_max_length": 131072,
     }
@@ -121,18 +124,22 @@ def train(args: argparse.Namespace) -> dict:
     stats = SourceStats()
     texts = iter_texts(args.input, args.dataset, args.dataset_config, args.split, args.text_field, stats=stats)
     corpus = CorpusSplitter(texts, args.max_bytes, args.heldout_bytes)
+    chunks = bounded_chunks(corpus.training_texts())
     start = time.perf_counter()
     if args.backend == "tokenizers":
-        tokenizer, spm_model = train_byte_level_bpe(corpus.training_texts(), args.vocab_size, specials, args.min_frequency), None
+        tokenizer, spm_model = train_byte_level_bpe(chunks, args.vocab_size, specials, args.min_frequency), None
     else:
         try:
-            tokenizer, spm_model = train_sentencepiece_bpe(corpus.training_texts(), args.vocab_size, specials)
+            tokenizer, spm_model = train_sentencepiece_bpe(chunks, args.vocab_size, specials)
         except RuntimeError as error:  # sentencepiece reports e.g. a vocabulary larger than the corpus allows
             raise TrainError(f"sentencepiece: {str(error).splitlines()[-1]}") from None
     seconds = time.perf_counter() - start
     if corpus.training_documents == 0:
         source = args.dataset or " ".join(args.input)
         raise TrainError(f"{source}: no non-empty text found in field {args.text_field!r}")
+    if tokenizer.get_vocab_size() < SMALL_VOCABULARY * args.vocab_size:
+        print(f"warning: --vocab-size {args.vocab_size}: the corpus ({corpus.training_bytes} bytes) yields only "
+              f"{tokenizer.get_vocab_size()} tokens; train on more text for a vocabulary of that size", file=sys.stderr)
 
     with staged_directory(args.output) as tmp:
         return _write(tmp, args, tokenizer, spm_model, specials, corpus, stats, seconds)
