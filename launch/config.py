@@ -79,6 +79,7 @@ class TrainConfig:
     seed: int = 0
     log_interval: int = 1
     save_interval: int = 1000
+    keep_checkpoints: int = 0  # retain the newest N checkpoints (0: all)
     heatmap_interval: int = 50
     wandb_project: str = "deepseek-pretrain"
     wandb_mode: str = "auto"  # auto: online when WANDB_API_KEY is set, else offline; or online/offline/disabled
@@ -121,6 +122,8 @@ def _validate(run: RunConfig) -> None:
     for key in ["micro_batch_size", "log_interval", "save_interval", "heatmap_interval"]:
         if getattr(t, key) <= 0:
             fail(f"train.{key}", f"must be positive, got {getattr(t, key)}")
+    if t.keep_checkpoints < 0:
+        fail("train.keep_checkpoints", f"must be >= 0 (0 keeps all), got {t.keep_checkpoints}")
     if t.total_tokens <= 0:
         fail("train.total_tokens", "must be positive")
     if not 0 < t.batch.start <= t.batch.final:

@@ -1,62 +1,82 @@
 """Export a pre-training checkpoint to a HF DeepseekV3 directory (router biases included as
-``e_score_correction_bias``, MTP at layer ``num_hidden_layers``).
+``e_score_correction_bias``, MTP at layer ``num_hidden_layers``), streamed: tensors are read from
+the sharded checkpoint one parameter (or a bounded batch of routed experts) at a time and written
+shard by shard, so the host never holds the model.
 
-    python -m launch.convert RUN_DIR OUT_DIR [--tag stepNNNNNNNN]
+    python -m launch.convert RUN_DIR|CHECKPOINT_DIR OUT_DIR [--tag stepNNNNNNNN]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from plugins.errors import ConfigError, run_cli
-from plugins.interop.hf import save_hf_checkpoint
-from plugins.model.balance import reset_expert_loads
+from plugins.atomic import check_output_dir
+from plugins.errors import run_cli
+from plugins.interop.hf import hf_tensors, write_hf_directory
 from plugins.model.deepseek_v3 import DeepSeekV3
-from plugins.model.rope import RotaryEmbedding
 
-from .checkpoint import Checkpointer, expert_parameter_names, is_checkpoint, read_dense, read_experts
-from .config import load_run_config
+from . import dcp_pieces
+from .checkpoint import CheckpointError, expert_banks
+from .dcp_pieces import Piece, PieceError
+from .model_source import CheckpointSource, find_checkpoint
+
+READ_BYTES = 2**30  # the routed experts of one bank read together: at most this many bytes
 
 
-def load_checkpoint_model(run_dir: Path, tag: str | None = None) -> tuple[DeepSeekV3, str]:
-    """The model of a run's checkpoint (default: the latest complete one), built from its config.yaml,
-    with every routed expert whatever expert-parallel size wrote it."""
-    run = load_run_config(run_dir / "config.yaml")
-    tag = tag or Checkpointer(run_dir, rank=0).latest_tag()
-    if tag is None:
-        raise ConfigError(f"{run_dir}: no complete checkpoint (checkpoints/latest is missing)")
-    directory = run_dir / "checkpoints" / tag
-    if not is_checkpoint(directory):
-        raise ConfigError(f"{directory}: no dense.pt or dense_ppNNN.pt (not a checkpoint)")
+def _read(directory: Path, key: str, out: torch.Tensor, offset: int = 0, global_numel: int | None = None) -> None:
+    try:
+        if key.startswith("buffers/"):
+            dcp_pieces.load(directory, [], {key: out})
+        else:
+            dcp_pieces.load(directory, [Piece(key, global_numel or out.numel(), offset, out.view(-1))])
+    except PieceError as error:
+        raise CheckpointError(f"{directory}: {error}") from None
+
+
+def checkpoint_tensors(source: CheckpointSource) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF key, tensor) pairs of a checkpoint, read piece by piece (a meta model gives names and shapes)."""
+    config = source.config
     with torch.device("meta"):
-        model = DeepSeekV3(run.model)
-    saved = read_dense(directory)
-    names = expert_parameter_names(model)
-    experts = read_experts(directory, names, 0, run.model.n_routed_experts) if names else {}
-    state = {name: value["value"] for name, value in {**saved["params"], **experts}.items()}
-    # Transformer-Engine linears (--fp8 te) add FP8 metadata next to the same weights.
-    state.update({key: value for key, value in saved["buffers"].items() if not key.endswith("._extra_state")})
-    model.load_state_dict(state, assign=True)
-    model.rotary = RotaryEmbedding(run.model)  # its frequencies are derived, not stored
-    reset_expert_loads(model.moe_layers())  # nor are the load counters
-    return model, tag
+        model = DeepSeekV3(config)
+    banks, params = expert_banks(model), dict(model.named_parameters())
+    for name, meta in model.state_dict(keep_vars=True).items():
+        if name.endswith("_extra_state"):
+            continue
+        if config.tie_word_embeddings and name == "lm_head.weight":
+            continue  # the embedding's tensor (named once in the checkpoint)
+        key = f"model/{name}" if name in params else f"buffers/{name}"
+        if name not in banks:
+            value = torch.empty(meta.shape, dtype=meta.dtype)
+            _read(source.directory, key, value)
+            aliases = [name, "lm_head.weight"] if config.tie_word_embeddings and name == "embed_tokens.weight" else [name]
+            for alias in aliases:
+                yield from hf_tensors(alias, value, config)
+            continue
+        per_expert = meta[0].numel()
+        batch = max(1, READ_BYTES // (4 * per_expert))
+        for first in range(0, meta.shape[0], batch):
+            part = torch.empty((min(batch, meta.shape[0] - first), *meta.shape[1:]))
+            _read(source.directory, key, part, first * per_expert, meta.numel())
+            yield from hf_tensors(name, part, config, first_expert=first)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.convert", description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("run_dir", type=Path, help="a run directory or one of its checkpoint directories")
     parser.add_argument("output", type=Path, help="new directory for the HF checkpoint")
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: the latest complete one)")
     args = parser.parse_args(argv)
 
     def body() -> int:
-        model, tag = load_checkpoint_model(args.run_dir, args.tag)
-        save_hf_checkpoint(model, args.output)
-        print(f"wrote {args.output}/ (HF DeepseekV3, from {args.run_dir}/checkpoints/{tag})")
+        check_output_dir(args.output, overwrite=False, option="HF output directory")
+        source = find_checkpoint(args.run_dir, args.tag)
+        write_hf_directory(source.config, torch.float32, checkpoint_tensors(source), args.output)
+        print(f"wrote {args.output}/ (HF DeepseekV3, from {source.directory})")
         return 0
 
     return run_cli(body)

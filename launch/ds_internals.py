@@ -7,7 +7,8 @@ DeepSpeed upgrade is checked here (``pyproject.toml`` pins the tested range).
   own MoE layer class (report 3.2.2: EP inside ZeRO-1 data parallelism);
 - pipeline parallelism: the ``PipelineParallelGrid`` as ``mpu`` and the ``ds_pipe_replicated``
   mark, so the global gradient norm counts a replicated parameter once;
-- checkpoints: ZeRO-1's per-parameter views of the AdamW moments and its step counter;
+- checkpoints: ZeRO-1's per-parameter fragments of its FP32 partition and AdamW moments, its step
+  counter, and the copy of loaded FP32 partitions back into the model's weights;
 - the CPU all-reduce's leaked ``/dev/shm`` buffers.
 """
 
@@ -108,6 +109,27 @@ def link_optimizer_states(engine) -> None:
             state.update(step=torch.zeros(()), exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat))
     zero._hp_optimizer_states_linked = False
     zero._lazy_init_hp_params_optimizer_state()
+
+
+def zero_fragments(engine) -> list[tuple[str, torch.nn.Parameter, int, dict[str, torch.Tensor]]]:
+    """This rank's ZeRO-1 share of every parameter: (name, parameter, flat start of the share within
+    the parameter, {"model": FP32 master values, "exp_avg", "exp_avg_sq"}), the tensors being 1-D
+    views into the optimizer's own partition (writing them writes the optimizer state)."""
+    link_optimizer_states(engine)
+    shares = []
+    for name, param in engine.module.named_parameters():
+        mapping = getattr(param, "_hp_mapping", None)
+        if mapping is not None:
+            states = {"model": mapping.hp_fragment,
+                      **{key: mapping.get_optim_state_fragment(key) for key in ("exp_avg", "exp_avg_sq")}}
+            shares.append((name, param, mapping.lp_fragment_address.start, states))
+    return shares
+
+
+def copy_master_weights_to_model(engine) -> None:
+    """After the FP32 partitions were loaded: each rank copies its partition into the model's
+    (bf16 or fp32) weights and the data-parallel ranks all-gather the rest, as after a step."""
+    engine.optimizer.update_lp_params()
 
 
 def adam_step(engine) -> float:

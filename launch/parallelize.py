@@ -1,6 +1,7 @@
-"""Apply a run's layout to the model (TorchTitan's ``parallelize``): FP8 linears (report 3.3),
-expert parallelism (3.2.2) and this rank's pipeline stages (3.2.1). The model's math is
-untouched; what changes is where its parameters live and how tokens reach the experts."""
+"""Build the rank's part of the model under the run's layout (TorchTitan's ``parallelize``): expert
+parallelism (report 3.2.2), this rank's pipeline stages (3.2.1) and FP8 linears (3.3). The model's
+math is untouched; what changes is which parameters a rank holds and how tokens reach the experts.
+Nothing outside the rank's part is ever allocated."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 from plugins.errors import ConfigError
 from plugins.model.deepseek_v3 import DeepSeekV3
+from plugins.model.init import materialize
 from plugins.parallel.dualpipe import Layout, ScheduleError, check
 from plugins.parallel.expert import ExpertExchange, apply_expert_parallel
 from plugins.parallel.pipeline_stages import PipelineShard
@@ -29,6 +31,7 @@ class Parallelized:
     exchange: ExpertExchange | None
     shard: PipelineShard | None
     fp8_modules: list[str]
+    expert_offset: int  # the global index of the rank's first routed expert
 
 
 def check_fp8_policy(run: RunConfig) -> None:
@@ -68,15 +71,30 @@ def check_schedule(run: RunConfig, groups: ParallelGroups, batch_sizes: list[int
                               f"{_fix_hint(schedule, groups.pp, groups.dp, size, micro, key)}") from None
 
 
-def parallelize(model: DeepSeekV3, run: RunConfig, groups: ParallelGroups) -> Parallelized:
+def parallelize(run: RunConfig, groups: ParallelGroups, device: torch.device, init_from: str | None = None
+                ) -> Parallelized:
+    """Build only this rank's part of the model: on the ``meta`` device, keep the rank's experts and
+    pipeline stages, then allocate them on ``device`` and initialise them as the whole model would
+    be (``plugins.model.init``), or read them from ``init_from``; then FP8."""
     p = run.parallel
-    fp8_modules = convert_to_fp8(model, p.fp8, p.fp8_modules, p.fp8_power_of_two_scales)
+    with torch.device("meta"):
+        model = DeepSeekV3(run.model)
     exchange = None
     if groups.ep > 1:
         exchange = ExpertExchange(groups.ep_group, run.model.n_routed_experts, groups.ep_backward_group)
-        ds_internals.mark_expert_parameters(apply_expert_parallel(model, exchange), groups.expert_group_name)
+        apply_expert_parallel(model, exchange)
     shard = None
     if groups.pp > 1:
         layout = Layout.placement(p.pipeline_schedule, groups.pp)
         shard = PipelineShard(model, stages_of(layout, groups.pipeline_rank), layout.stages)
-    return Parallelized(model, exchange, shard, fp8_modules)
+    expert_offset = exchange.local_slice.start if exchange else 0
+    materialize(model, device, run.model.initializer_range, run.train.seed, expert_offset)
+    if init_from:
+        from .model_source import read_weights
+
+        read_weights(init_from, model, expert_offset)
+    fp8_modules = convert_to_fp8(model, p.fp8, p.fp8_modules, p.fp8_power_of_two_scales)
+    if exchange is not None:
+        ds_internals.mark_expert_parameters([param for moe in model.moe_layers() for param in moe.experts.parameters()],
+                                            groups.expert_group_name)
+    return Parallelized(model, exchange, shard, fp8_modules, expert_offset)

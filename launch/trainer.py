@@ -24,7 +24,6 @@ from data_pipeline import PackedDataset, PackedSampler
 from plugins.atomic import write_text_atomic
 from plugins.errors import ConfigError, ProjectError
 from plugins.model.balance import collect_expert_loads, max_violation, reset_expert_loads, update_router_biases
-from plugins.model.deepseek_v3 import DeepSeekV3
 
 from . import ds_internals
 from .checkpoint import Checkpointer
@@ -48,20 +47,6 @@ class RunOptions:
     steps: int | None = None
     resume: bool = False
     init_from: str | None = None
-
-
-def initialise_from(model: DeepSeekV3, path: str) -> None:
-    """Copy a pre-trained model's weights and router biases (report 4.3: the extension stages start
-    from the pre-trained model); the architecture must match, the rope scaling may differ."""
-    from .model_source import load_model
-
-    source = load_model(path).model.state_dict()
-    target = model.state_dict()
-    mismatched = [k for k in target if k not in source or source[k].shape != target[k].shape]
-    if mismatched or len(source) != len(target):
-        raise ConfigError(f"--init-from {path}: its weights do not fit this config's model "
-                          f"(first difference: {(mismatched or sorted(set(source) - set(target)))[0]})")
-    model.load_state_dict(source)
 
 
 def deepspeed_config(run: RunConfig, dp: int, pipelined: bool, global_batch: int, on_gpu: bool) -> dict:
@@ -103,11 +88,10 @@ class Trainer:
             write_text_atomic(options.run_dir / "config.yaml", yaml.safe_dump(run.to_dict(), sort_keys=False))
 
         torch.manual_seed(t.seed)
-        model = DeepSeekV3(run.model)
-        if options.init_from and not options.resume:
-            initialise_from(model, options.init_from)
-            self._say(f"initialised the weights from {options.init_from}")
-        built = parallelize(model, run, groups)
+        init_from = options.init_from if not options.resume else None
+        built = parallelize(run, groups, device, init_from)
+        if init_from:
+            self._say(f"initialised the weights from {init_from}")
         self.module, self.exchange = built.module, built.exchange
         self.moe_layers = self.module.moe_layers()
         self._describe(built)
@@ -122,11 +106,9 @@ class Trainer:
         self.steps = (PipelineSchedule(built.shard, groups, p.pipeline_schedule, p.fp8) if self.pipelined
                       else GradientAccumulation(self.engine, p.fp8))
         self.checkpointer = Checkpointer(
-            options.run_dir, groups.rank,
-            expert_slice=self.exchange.local_slice if self.exchange else None,
-            expert_writer=self.exchange is not None and groups.expert_dp_rank == 0,
-            pipeline_rank=groups.pipeline_rank if self.pipelined else None,
-            dense_writer=groups.dp_rank == 0 if self.pipelined else None)
+            options.run_dir, groups.rank, dist.get_world_size(), run.model.n_routed_experts, built.expert_offset,
+            t.keep_checkpoints, layout={"pp": groups.pp, "ep": groups.ep, "dp": groups.dp,
+                                        "pipeline_schedule": p.pipeline_schedule})
         self.sampler = PackedSampler(len(self.dataset), rank=groups.dp_rank, world_size=groups.dp, seed=t.seed)
         self.step, self.tokens = 0, 0
         if options.resume:
@@ -281,7 +263,10 @@ class Trainer:
         self._say(f"saved checkpoint {self.checkpointer.directory / self.last_good}")
 
     def restore(self) -> None:
-        tag, client = self.checkpointer.load(self.engine)
-        self.step, self.tokens = client["step"], client["tokens"]
-        self.sampler.load_state_dict(client["sampler"])
-        self._say(f"resumed {self.options.run_dir} from {tag} (step {self.step}, {self.tokens} tokens)")
+        tag, state = self.checkpointer.load(self.engine)
+        self.step, self.tokens = state["step"], state["tokens"]
+        self.sampler.load_state_dict(state["sampler"])
+        saved = state["layout"]
+        layout = "" if saved == self.checkpointer.layout else \
+            f", saved at pp {saved['pp']} ep {saved['ep']} dp {saved['dp']}, resharded on load"
+        self._say(f"resumed {self.options.run_dir} from {tag} (step {self.step}, {self.tokens} tokens{layout})")

@@ -6,7 +6,7 @@ import json
 import pytest
 import yaml
 
-from launch.convert import load_checkpoint_model
+from launch.model_source import load_model
 from plugins.parallel.dualpipe import Op, ScheduleError, build_schedule, check
 from plugins.parallel.pipeline_sim import Costs, bubbles, formula, simulate
 from plugins.parallel.pipeline_sim import main as simulate_main
@@ -83,7 +83,7 @@ def test_pipelined_training_gives_the_single_process_losses(embedded_run, tmp_pa
             for key in ("loss", "lm_loss", "mtp_loss", "grad_norm"):
                 assert abs(a[key] - b[key]) <= 1e-4, (run, a["step"], key, a[key], b[key])
             assert_loads_match(a["expert_load"], b["expert_load"], (run, a["step"]))
-    theirs, ours = (load_checkpoint_model(tmp_path / run)[0].state_dict() for run in ("one", "pp2"))
+    theirs, ours = (load_model(tmp_path / run).model.state_dict() for run in ("one", "pp2"))
     assert theirs.keys() == ours.keys()
     assert max((theirs[k] - ours[k]).abs().max().item() for k in theirs) <= 5e-5
 

@@ -85,9 +85,9 @@ def test_expert_parallel_layer_equals_the_single_process_layer(world, skew, coun
 
 
 def _state(run_dir):
-    from launch.convert import load_checkpoint_model
+    from launch.model_source import load_model
 
-    return load_checkpoint_model(run_dir)[0].state_dict()
+    return load_model(run_dir).model.state_dict()
 
 
 def test_expert_parallel_training_through_the_launcher(embedded_run, tmp_path):

@@ -45,12 +45,12 @@ def test_checkpoint_exports_to_transformers(embedded_run, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from launch.convert import load_checkpoint_model
     from launch.convert import main as convert
+    from launch.model_source import load_model
 
     run_dir = embedded_run[0]
     assert convert([str(run_dir), str(tmp_path / "hf")]) == 0
-    ours, _ = load_checkpoint_model(run_dir)
+    ours = load_model(run_dir).model
     assert any(m.gate.e_score_correction_bias.abs().sum() > 0 for m in ours.moe_layers())  # biases moved
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
     ids = torch.randint(0, 4096, (2, 64))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -119,25 +119,32 @@ def _our_name(hf_key: str, config: ModelConfig) -> str | None:
     return f"mtp.{depth}.block.{rest}"
 
 
+def hf_tensors(name: str, tensor: torch.Tensor, config: ModelConfig, first_expert: int = 0
+               ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The HF (key, tensor) pairs of one of our parameters or buffers: expert banks split per expert
+    (``tensor`` may hold the experts ``first_expert ..`` of a bank), and the embedding and head also
+    as every MTP layer's copies."""
+    key = _hf_prefix(name, config)
+    if key.endswith("mlp.experts.gate_up_proj"):
+        base, half = key[: -len(".gate_up_proj")], tensor.shape[1] // 2
+        for e in range(tensor.shape[0]):
+            yield f"{base}.{first_expert + e}.gate_proj.weight", tensor[e, :half]
+            yield f"{base}.{first_expert + e}.up_proj.weight", tensor[e, half:]
+        return
+    if key.endswith("mlp.experts.down_proj"):
+        for e in range(tensor.shape[0]):
+            yield f"{key[: -len('.down_proj')]}.{first_expert + e}.down_proj.weight", tensor[e]
+        return
+    yield key, tensor
+    copy = {"embed_tokens.weight": "embed_tokens.weight", "lm_head.weight": "shared_head.head.weight"}.get(name)
+    for depth in range(config.num_nextn_predict_layers if copy else 0):
+        yield f"model.layers.{config.num_hidden_layers + depth}.{copy}", tensor
+
+
 def iter_hf_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF key, tensor) pairs of the whole model, experts split per expert, MTP copies included."""
-    config = model.config
     for name, tensor in model.state_dict().items():
-        key = _hf_prefix(name, config)
-        if key.endswith("mlp.experts.gate_up_proj"):
-            base, half = key[: -len(".gate_up_proj")], tensor.shape[1] // 2
-            for e in range(tensor.shape[0]):
-                yield f"{base}.{e}.gate_proj.weight", tensor[e, :half]
-                yield f"{base}.{e}.up_proj.weight", tensor[e, half:]
-        elif key.endswith("mlp.experts.down_proj"):
-            for e in range(tensor.shape[0]):
-                yield f"{key[: -len('.down_proj')]}.{e}.down_proj.weight", tensor[e]
-        else:
-            yield key, tensor
-    for depth in range(config.num_nextn_predict_layers):
-        layer = f"model.layers.{config.num_hidden_layers + depth}."
-        yield layer + "embed_tokens.weight", model.embed_tokens.weight.detach()
-        yield layer + "shared_head.head.weight", model.lm_head.weight.detach()
+        yield from hf_tensors(name, tensor.detach(), model.config)
 
 
 # ------------------------------------------------------------------ loading
@@ -151,14 +158,36 @@ def _checkpoint_files(directory: Path) -> list[Path]:
     return files
 
 
-def load_hf_checkpoint(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """Build ``DeepSeekV3`` from a HF checkpoint dir. Weights are allocated once (uninitialised) and
-    filled tensor by tensor from the shards. A checkpoint without MTP layers gets fresh MTP modules."""
+def read_hf_config(directory: str | Path) -> ModelConfig:
     directory = Path(directory)
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise ConfigError(f"{directory}: no config.json (expected a HF DeepseekV3 checkpoint directory)")
-    config = config_from_hf(json.loads(config_path.read_text()), source=str(config_path))
+    return config_from_hf(json.loads(config_path.read_text()), source=str(config_path))
+
+
+def load_hf_weights(directory: str | Path, model: DeepSeekV3, expert_offset: int = 0) -> set[str]:
+    """Fill ``model`` (the whole model, or the stages and routed experts ``expert_offset ..`` one rank
+    holds) from a HF checkpoint dir, reading only the tensors it holds, one at a time. Returns the
+    names of the held tensors the checkpoint lacks."""
+    directory = Path(directory)
+    with torch.device("meta"):
+        known = set(DeepSeekV3(model.config).state_dict())
+    loader = _ShardLoader(model.state_dict(), model.config, known, expert_offset)
+    for path in tqdm(_checkpoint_files(directory), desc="loading shards", unit="shard", disable=None):
+        with safe_open(str(path), framework="pt", device="cpu") as shard:
+            for key in shard.keys():
+                loader.load(key, shard, path)
+    missing = loader.missing()
+    if model.config.tie_word_embeddings:
+        missing.discard("lm_head.weight")
+    return missing
+
+
+def load_hf_checkpoint(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """Build ``DeepSeekV3`` from a HF checkpoint dir. Weights are allocated once (uninitialised) and
+    filled tensor by tensor from the shards. A checkpoint without MTP layers gets fresh MTP modules."""
+    config = read_hf_config(directory)
     with torch.device("meta"):
         model = DeepSeekV3(config)
         if dtype is not None:
@@ -168,19 +197,12 @@ def load_hf_checkpoint(directory: str | Path, device: str | torch.device = "cpu"
     model.to_empty(device=device)
     model.rotary = RotaryEmbedding(config).to(device)
     reset_expert_loads(model.moe_layers())  # to_empty left them uninitialised
-    loader = _ShardLoader(model.state_dict(), config)
-    for path in tqdm(_checkpoint_files(directory), desc="loading shards", unit="shard", disable=None):
-        with safe_open(str(path), framework="pt", device="cpu") as shard:
-            for key in shard.keys():
-                loader.load(key, shard, path)
-    missing = loader.missing()
+    missing = load_hf_weights(directory, model)
     mtp_missing = {k for k in missing if k.startswith("mtp.")}
-    if mtp_missing and mtp_missing == {k for k in loader.targets if k.startswith("mtp.")}:
+    if mtp_missing and mtp_missing == {k for k in model.state_dict() if k.startswith("mtp.")}:
         warnings.warn(f"{directory}: checkpoint has no MTP layers; MTP modules are freshly initialised", stacklevel=2)
         init_weights(model.mtp, config.initializer_range, prefix="mtp.")
         missing -= mtp_missing
-    if config.tie_word_embeddings:
-        missing.discard("lm_head.weight")
     if missing:
         raise ConfigError(f"{directory}: checkpoint lacks {len(missing)} tensors, e.g. {_hf_prefix(sorted(missing)[0], config)}")
     return model
@@ -188,10 +210,11 @@ def load_hf_checkpoint(directory: str | Path, device: str | torch.device = "cpu"
 
 class _ShardLoader:
     """Copies checkpoint tensors into the model's state-dict tensors and tracks what was filled;
-    a fused expert tensor counts as filled once every expert's every part has arrived."""
+    a fused expert tensor counts as filled once every held expert's every part has arrived. A key
+    of the config's model that this (partial) model does not hold is skipped unread."""
 
-    def __init__(self, targets: dict[str, torch.Tensor], config: ModelConfig):
-        self.targets, self.config = targets, config
+    def __init__(self, targets: dict[str, torch.Tensor], config: ModelConfig, known: set[str], expert_offset: int):
+        self.targets, self.config, self.known, self.expert_offset = targets, config, known, expert_offset
         self.filled: set[str] = set()
         self.expert_parts: dict[str, set[tuple[int, str]]] = {}
 
@@ -208,9 +231,11 @@ class _ShardLoader:
         if expert:
             base, e, proj = expert.group(1), int(expert.group(2)), expert.group(3)
             name = _our_name(f"{base}.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}", self.config)
-            target = self.targets.get(name)
-            if target is None or e >= target.shape[0]:
+            if name not in self.known or e >= self.config.n_routed_experts:
                 raise ConfigError(f"{path}: {key}: no such expert in the config")
+            target, e = self.targets.get(name), e - self.expert_offset
+            if target is None or not 0 <= e < target.shape[0]:
+                return
             rows = target.shape[1] // 2
             view = {"gate_proj": target[e, :rows], "up_proj": target[e, rows:], "down_proj": target[e]}[proj]
             _copy(view, shard.get_tensor(key), key, path)
@@ -219,8 +244,10 @@ class _ShardLoader:
         name = _our_name(key, self.config)
         if name is None:
             return
-        if name not in self.targets:
+        if name not in self.known:
             raise ConfigError(f"{path}: {key}: unexpected tensor for this config")
+        if name not in self.targets:
+            return
         _copy(self.targets[name], shard.get_tensor(key), key, path)
         self.filled.add(name)
 
@@ -234,10 +261,17 @@ def _copy(target: torch.Tensor, source: torch.Tensor, key: str, path: Path) -> N
 
 # ------------------------------------------------------------------ saving
 def save_hf_checkpoint(model, directory: str | Path, max_shard_bytes: int = 5 * 2**30) -> Path:
-    """Write ``directory`` (must not exist or be empty); it appears only once complete."""
+    """Write the whole ``model`` to ``directory`` (must not exist or be empty); it appears only once complete."""
+    return write_hf_directory(model.config, model.embed_tokens.weight.dtype, iter_hf_tensors(model), directory,
+                              max_shard_bytes)
+
+
+def write_hf_directory(config: ModelConfig, dtype: torch.dtype, tensors: Iterable[tuple[str, torch.Tensor]],
+                       directory: str | Path, max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Write (HF key, tensor) pairs as safetensors shards + index + config.json, holding at most one
+    shard's tensors at a time, so ``tensors`` may be produced on the fly (streamed conversion)."""
     directory = Path(directory)
     check_output_dir(directory, overwrite=False, option="HF output directory")
-    dtype = model.embed_tokens.weight.dtype
     with staged_directory(directory) as tmp:
         shards: list[list[str]] = []
         pending: dict[str, torch.Tensor] = {}
@@ -249,7 +283,7 @@ def save_hf_checkpoint(model, directory: str | Path, max_shard_bytes: int = 5 * 
             shards.append(list(pending))
             pending, pending_bytes = {}, 0
 
-        for key, tensor in tqdm(iter_hf_tensors(model), desc="writing HF checkpoint", unit="tensor", disable=None):
+        for key, tensor in tqdm(tensors, desc="writing HF checkpoint", unit="tensor", disable=None):
             size = tensor.numel() * tensor.element_size()
             if pending and pending_bytes + size > max_shard_bytes:
                 flush()
@@ -265,5 +299,5 @@ def save_hf_checkpoint(model, directory: str | Path, max_shard_bytes: int = 5 * 
             weight_map.update({k: name for k in keys})
         index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        (tmp / "config.json").write_text(json.dumps(config_to_hf(model.config, dtype), indent=2))
+        (tmp / "config.json").write_text(json.dumps(config_to_hf(config, dtype), indent=2))
     return directory

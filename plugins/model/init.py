@@ -50,18 +50,24 @@ def init_weights(root: nn.Module, std: float, seed: int | None = None, prefix: s
                     _normal_(weights[e], std, _generator(seed, name + bank, expert_offset + e))
         elif isinstance(module, RMSNorm):
             module.weight.fill_(1.0)
-        if isinstance(module, Router):
+        if isinstance(module, Router) and not module.e_score_correction_bias.is_meta:
             module.e_score_correction_bias.zero_()
-        if isinstance(module, DeepSeekMoE):
-            module.tokens_per_expert.zero_()
 
 
-def materialize(model: nn.Module, device: torch.device | str, std: float, seed: int, expert_offset: int = 0) -> None:
+def materialize(model: nn.Module, device: torch.device | str, std: float | None, seed: int = 0,
+                expert_offset: int = 0) -> None:
     """Allocate a ``meta``-built model (or the part of it a rank kept) on ``device`` and initialise
-    it as the whole model would be; derived buffers (rotary frequencies) are recomputed."""
+    it as the whole model would be (``std=None``: leave the weights for a checkpoint to fill);
+    router biases and load counters start at zero, rotary frequencies are recomputed."""
     model.to_empty(device=device)
-    init_weights(model, std, seed, expert_offset=expert_offset)
-    for module_name, module in list(model.named_modules()):
-        if isinstance(module, RotaryEmbedding):
-            parent, _, child = module_name.rpartition(".")
-            setattr(model.get_submodule(parent), child, RotaryEmbedding(module.config).to(device))
+    if std is not None:
+        init_weights(model, std, seed, expert_offset=expert_offset)
+    with torch.no_grad():
+        for module_name, module in list(model.named_modules()):
+            if isinstance(module, Router):
+                module.e_score_correction_bias.zero_()
+            elif isinstance(module, DeepSeekMoE):
+                module.tokens_per_expert.zero_()
+            elif isinstance(module, RotaryEmbedding):
+                parent, _, child = module_name.rpartition(".")
+                setattr(model.get_submodule(parent), child, RotaryEmbedding(module.config).to(device))
