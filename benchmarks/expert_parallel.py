@@ -94,7 +94,7 @@ def _exchange_worker(rank: int, world: int, port: int, args, results) -> None:
             timings["experts"].append(computed - dispatched)
             timings["combine"].append(time.perf_counter() - computed)
         sent_elsewhere = sum(n for r, n in enumerate(xplan.send_splits) if r != rank)
-        tokens, total, most = exchange.take_statistics().tolist()
+        tokens, total, most = exchange.take_statistics(torch.device("cpu"))[:3].tolist()
         results[rank] = {"tokens": x.shape[0], "rows_sent_elsewhere": sent_elsewhere,
                          "destinations_mean": total / tokens, "destinations_max": most,
                          **{name: statistics.median(t) for name, t in timings.items()}}

@@ -12,6 +12,7 @@ chunk) for point-to-point, and one group per set of pipeline ranks sharing a rep
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch.distributed as dist
@@ -35,6 +36,7 @@ class ParallelGroups:
     expert_dp_rank: int = 0  # position among the ranks that hold the same experts
     expert_group_name: str | None = None  # DeepSpeed's name for the ep / expert-dp groups
     ep_backward_group: dist.ProcessGroup | None = None  # the same ranks again, for backward exchanges (pp > 1)
+    ep_nodes: list[int] | None = None  # the node of each rank of this rank's expert-parallel group
     mpu: object | None = None  # DeepSpeed's PipelineParallelGrid (pp > 1)
     channels: dict = field(default_factory=dict)  # ("act" | "grad", chunk) -> group (pp > 1)
     replicas: dict = field(default_factory=dict)  # pipeline-rank set -> group of this replica (pp > 1)
@@ -69,6 +71,8 @@ def build_groups(pp: int, ep: int, schedule: str, config: ModelConfig) -> Parall
         groups.mpu = ds_internals.pipeline_grid(pp, dp)
     if ep > 1:
         groups.ep_group, groups.expert_dp_rank, groups.expert_group_name = ds_internals.expert_groups(ep, groups.mpu)
+        per_node = int(os.environ.get("LOCAL_SIZE", world))  # set by DeepSpeed's launcher: ranks per node
+        groups.ep_nodes = [r // per_node for r in dist.get_process_group_ranks(groups.ep_group)]
         if pp > 1:
             for start in range(0, world, ep):
                 backward = dist.new_group(list(range(start, start + ep)))

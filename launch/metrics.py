@@ -67,7 +67,7 @@ class MetricsLogger:
         flat["train/tokens"] = record["tokens"]
         flat["perf/tokens_per_s"] = record["tokens_per_s"]
         flat["perf/step_seconds"] = record["step_seconds"]
-        for key in ("ep_destinations_mean", "ep_destinations_max"):
+        for key in ("ep_destinations_mean", "ep_destinations_max", "ep_destination_nodes_mean", "ep_destination_nodes_max"):
             if key in record:
                 flat[f"moe/{key}"] = record[key]
         if loads is not None:

@@ -81,7 +81,8 @@ def parallelize(run: RunConfig, groups: ParallelGroups, device: torch.device, in
         model = DeepSeekV3(run.model)
     exchange = None
     if groups.ep > 1:
-        exchange = ExpertExchange(groups.ep_group, run.model.n_routed_experts, groups.ep_backward_group)
+        exchange = ExpertExchange(groups.ep_group, run.model.n_routed_experts, groups.ep_backward_group,
+                                  groups.ep_nodes)
         apply_expert_parallel(model, exchange)
     shard = None
     if groups.pp > 1:

@@ -211,18 +211,20 @@ class Trainer:
             "batch_size": global_batch, "mtp_weight": lam, "bias_update_speed": gamma,
             "maxvio": maxvio, "maxvio_global": float(np.mean(maxvio)) if maxvio else 0.0,
         }
-        if destinations is not None:
-            record["ep_destinations_mean"], record["ep_destinations_max"] = destinations
+        record.update(destinations)
         return record, loads
 
-    def _destinations(self) -> tuple[float, float] | None:
-        """Mean and max distinct expert-parallel ranks a token reached, over the whole batch."""
+    def _destinations(self) -> dict[str, float]:
+        """Mean and max distinct expert-parallel ranks and nodes a token reached, over the whole batch."""
         if self.exchange is None:
-            return None
-        tokens_sum_max = self.exchange.take_statistics()
-        dist.all_reduce(tokens_sum_max[:2])
-        dist.all_reduce(tokens_sum_max[2:], op=dist.ReduceOp.MAX)
-        return (tokens_sum_max[1] / tokens_sum_max[0]).item(), tokens_sum_max[2].item()
+            return {}
+        tokens, rank_sum, rank_max, node_sum, node_max = self.exchange.take_statistics(self.device)
+        sums, maxima = torch.stack([tokens, rank_sum, node_sum]), torch.stack([rank_max, node_max])
+        dist.all_reduce(sums)
+        dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
+        tokens = max(sums[0].item(), 1.0)
+        return {"ep_destinations_mean": sums[1].item() / tokens, "ep_destinations_max": maxima[0].item(),
+                "ep_destination_nodes_mean": sums[2].item() / tokens, "ep_destination_nodes_max": maxima[1].item()}
 
     @staticmethod
     def _summary(values: torch.Tensor) -> str:

@@ -56,10 +56,11 @@ class ExchangePlan:
 
 class ExpertExchange:
     """Moves expert-sorted token rows between the ranks of one expert-parallel group (gloo or NCCL).
-    ``backward_group``: the same ranks in another group for the backward exchanges (default: ``group``)."""
+    ``backward_group``: the same ranks in another group for the backward exchanges (default: ``group``);
+    ``nodes``: the node of each rank of the group (default: one node), for the destination statistics."""
 
     def __init__(self, group: dist.ProcessGroup | None, num_experts: int,
-                 backward_group: dist.ProcessGroup | None = None):
+                 backward_group: dist.ProcessGroup | None = None, nodes: list[int] | None = None):
         self.group = group
         self.backward_group = group if backward_group is None else backward_group
         self.size = dist.get_world_size(group)
@@ -67,21 +68,31 @@ class ExpertExchange:
         if num_experts % self.size:
             raise ValueError(f"{num_experts} routed experts do not divide over {self.size} expert-parallel ranks")
         self.local_experts = num_experts // self.size
-        self.statistics = torch.zeros(3)  # tokens seen, sum and max of their distinct destination ranks
+        self.nodes = torch.tensor(nodes if nodes is not None else [0] * self.size)
+        # tokens seen; sum and max of their distinct destination ranks; sum and max of their nodes
+        self.statistics: torch.Tensor | None = None
 
     def observe(self, indices: torch.Tensor) -> None:
-        """Count, for the tokens of one routing decision [N, k], how many ranks each one reaches."""
-        owner = torch.arange(self.size, device=indices.device).repeat_interleave(self.local_experts)
-        ranks = distinct_destinations(indices, owner).float()
-        if ranks.numel():
-            tokens, total, most = self.statistics.tolist()
-            self.statistics = torch.tensor([tokens + ranks.numel(), total + ranks.sum().item(),
-                                            max(most, ranks.max().item())])
+        """Count, for the tokens of one routing decision [N, k], how many ranks and nodes each one
+        reaches (kept on the device: no host synchronisation per block)."""
+        if not indices.numel():
+            return
+        rank_of = torch.arange(self.size, device=indices.device).repeat_interleave(self.local_experts)
+        ranks = distinct_destinations(indices, rank_of).float()
+        nodes = distinct_destinations(indices, self.nodes.to(indices.device)[rank_of]).float()
+        step = torch.stack([torch.tensor(float(len(ranks)), device=ranks.device), ranks.sum(), ranks.max(),
+                            nodes.sum(), nodes.max()])
+        if self.statistics is None:
+            self.statistics = step
+        else:
+            self.statistics = torch.cat([self.statistics[:2] + step[:2], self.statistics[2:3].maximum(step[2:3]),
+                                         self.statistics[3:4] + step[3:4], self.statistics[4:].maximum(step[4:])])
 
-    def take_statistics(self) -> torch.Tensor:
-        """[tokens, sum, max] of distinct destination ranks since the last call; resets them."""
-        taken, self.statistics = self.statistics, torch.zeros(3)
-        return taken
+    def take_statistics(self, device: torch.device) -> torch.Tensor:
+        """[tokens, sum, max of destination ranks, sum, max of destination nodes] since the last
+        call (zeros if none); resets them."""
+        taken, self.statistics = self.statistics, None
+        return torch.zeros(5, device=device) if taken is None else taken.to(device)
 
     @property
     def local_slice(self) -> slice:
