@@ -14,18 +14,31 @@ from plugins.errors import ProjectError
 
 from . import plots
 
+PLOTTED = ("step", "loss", "lm_loss", "mtp_loss")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
 
 def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise ProjectError(f"{path}: no metrics (is {run_dir} a run directory?)")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ProjectError(f"{path}: not valid UTF-8 (byte offset {error.start})") from None
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if line.strip():
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
                 raise ProjectError(f"{path}: line {number}: invalid JSON") from None
+            if not isinstance(record, dict) or not all(_is_number(record.get(key)) for key in PLOTTED):
+                raise ProjectError(f"{path}: line {number}: expected an object with numbers {', '.join(PLOTTED)}")
+            records.append(record)
     if not records:
         raise ProjectError(f"{path}: empty")
     return records

@@ -25,13 +25,14 @@ import importlib.util
 import json
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data_pipeline.sources import iter_texts
+from data_pipeline.sources import iter_texts, resolve_inputs
 from plugins.atomic import write_text_atomic
 from plugins.errors import ConfigError, ProjectError
 from plugins.model.deepseek_v3 import DeepSeekV3
@@ -65,16 +66,18 @@ def token_nll(model: DeepSeekV3, ids: list[int], seq_len: int, stride: int) -> t
     return torch.cat(losses) if losses else torch.zeros(0, dtype=torch.float64)
 
 
-def evaluate_texts(model: DeepSeekV3, tokenizer: TokenizerBundle, texts, seq_len: int, stride: int) -> dict:
+def evaluate_texts(model: DeepSeekV3, tokenizer: TokenizerBundle, texts, seq_len: int, stride: int,
+                   sources: Sequence[Path] = ()) -> dict:
+    """Loss, perplexity and bits per byte of ``texts`` (read from ``sources``, named in errors)."""
     nll, tokens, text_bytes, documents = 0.0, 0, 0, 0
-    for text in tqdm(texts, desc="evaluating", unit=" docs", file=sys.stderr):
+    for text in tqdm(texts, desc="evaluating", unit=" docs", file=sys.stderr, disable=None):
         losses = token_nll(model, [tokenizer.bos_id, *tokenizer.encode(text)], seq_len, stride)
         nll += losses.sum().item()
         tokens += losses.numel()
         text_bytes += len(text.encode("utf-8"))
         documents += 1
     if not tokens:
-        raise ConfigError("--data: no tokens to evaluate")
+        raise ConfigError(f"--data {' '.join(map(str, sources))}: no text to evaluate")
     loss = nll / tokens
     return {"documents": documents, "tokens": tokens, "bytes": text_bytes, "loss": loss,
             "perplexity": math.exp(loss), "bits_per_byte": nll / (math.log(2) * text_bytes)}
@@ -84,7 +87,11 @@ def read_choices(path: Path) -> list[dict]:
     if not path.is_file():
         raise ConfigError(f"--choices {path}: no such file")
     items = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not valid UTF-8 (byte offset {error.start})") from None
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -106,7 +113,7 @@ def read_choices(path: Path) -> list[dict]:
 @torch.no_grad()
 def score_choices(model: DeepSeekV3, tokenizer: TokenizerBundle, items: list[dict], seq_len: int) -> dict:
     predictions = []
-    for item in tqdm(items, desc="multiple choice", unit=" items", file=sys.stderr):
+    for item in tqdm(items, desc="multiple choice", unit=" items", file=sys.stderr, disable=None):
         context = [tokenizer.bos_id, *tokenizer.encode(item["context"])]
         scores = []
         for option in item["options"]:
@@ -119,6 +126,15 @@ def score_choices(model: DeepSeekV3, tokenizer: TokenizerBundle, items: list[dic
         predictions.append(min(range(len(scores)), key=scores.__getitem__))
     correct = sum(p == item["answer"] for p, item in zip(predictions, items))
     return {"items": len(items), "accuracy": correct / len(items), "predictions": predictions}
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """The numeric flags' ranges that do not depend on the model, before anything is loaded."""
+    for flag, value, least in [("--seq-len", args.seq_len, 2), ("--stride", args.stride, 1),
+                               ("--batch-size", args.batch_size, 1), ("--limit", args.limit, 1),
+                               ("--num-fewshot", args.num_fewshot, 0)]:
+        if value is not None and value < least:
+            raise ConfigError(f"{flag} {value}: expected at least {least}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("give --data (held-out text), --choices (multiple-choice JSONL) and/or --tasks (lm-eval)")
         if args.tasks and importlib.util.find_spec("lm_eval") is None:
             raise ConfigError("--tasks needs lm-eval: pip install -e '.[eval]'")
+        check_flags(args)
+        data = resolve_inputs(args.data) if args.data else None
+        choices = read_choices(args.choices) if args.choices else None
         loaded, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer)
         seq_len = args.seq_len or loaded.model.config.max_position_embeddings
         stride = args.stride or max(1, seq_len // 2)
@@ -151,11 +170,11 @@ def main(argv: list[str] | None = None) -> int:
         result = {"model": loaded.description, "tokenizer": str(args.tokenizer or loaded.tokenizer_dir), "seq_len": seq_len, "stride": stride}
         if args.data:
             result["data"] = args.data
-            result.update(evaluate_texts(loaded.model, tokenizer, iter_texts(args.data, text_field=args.text_field),
-                                         seq_len, stride))
+            texts = iter_texts([str(path) for path in data], text_field=args.text_field)
+            result.update(evaluate_texts(loaded.model, tokenizer, texts, seq_len, stride, sources=data))
         if args.choices:
             result["choices"] = {"file": str(args.choices),
-                                 **score_choices(loaded.model, tokenizer, read_choices(args.choices), seq_len)}
+                                 **score_choices(loaded.model, tokenizer, choices, seq_len)}
         if args.tasks:
             from .lm_eval_model import evaluate_tasks
 

@@ -32,8 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--speculative", choices=["mtp"], default=None)
     args = parser.parse_args(argv)
     try:
-        if args.max_new_tokens < 1 or not 0 < args.top_p <= 1 or args.temperature < 0:
-            raise ConfigError("expected --max-new-tokens >= 1, 0 < --top-p <= 1 and --temperature >= 0")
+        for flag, value, ok, expected in [("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, ">= 1"),
+                                          ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]"),
+                                          ("--temperature", args.temperature, args.temperature >= 0, ">= 0")]:
+            if not ok:
+                raise ConfigError(f"{flag} {value}: expected {expected}")
         if args.speculative and args.temperature > 0:
             raise ConfigError("--speculative mtp decodes greedily: drop --temperature")
         loaded, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer)

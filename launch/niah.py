@@ -57,18 +57,18 @@ def run_niah(model, tokenizer: TokenizerBundle, haystack: list[int], lengths: li
              trials: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     cells = []
-    progress = tqdm(total=len(lengths) * len(depths) * trials, desc="needle in a haystack", file=sys.stderr)
-    for length in lengths:
-        for depth in depths:
-            found = 0
-            for _ in range(trials):
-                secret = str(rng.randrange(10000, 100000))
-                prompt = build_prompt(haystack, tokenizer, length, depth, secret, rng.randrange(len(haystack)))
-                answer = tokenizer.decode(generate(model, prompt, len(tokenizer.encode(" " + secret)) + 2).tokens)
-                found += secret in answer
-                progress.update()
-            cells.append({"length": length, "depth": depth, "score": found / trials})
-    progress.close()
+    with tqdm(total=len(lengths) * len(depths) * trials, desc="needle in a haystack", file=sys.stderr,
+              disable=None) as progress:
+        for length in lengths:
+            for depth in depths:
+                found = 0
+                for _ in range(trials):
+                    secret = str(rng.randrange(10000, 100000))
+                    prompt = build_prompt(haystack, tokenizer, length, depth, secret, rng.randrange(len(haystack)))
+                    answer = tokenizer.decode(generate(model, prompt, len(tokenizer.encode(" " + secret)) + 2).tokens)
+                    found += secret in answer
+                    progress.update()
+                cells.append({"length": length, "depth": depth, "score": found / trials})
     return cells
 
 
@@ -105,8 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=None, help="directory (default: RUN_DIR/niah)")
     args = parser.parse_args(argv)
     try:
-        if args.trials < 1 or any(not 0 <= d <= 1 for d in args.depths):
-            raise ConfigError("expected --trials >= 1 and every --depths value in [0, 1]")
+        if args.trials < 1:
+            raise ConfigError(f"--trials {args.trials}: expected at least 1")
+        for depth in args.depths:
+            if not 0 <= depth <= 1:
+                raise ConfigError(f"--depths {depth}: expected every depth in [0, 1]")
         loaded, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer)
         limit = loaded.model.config.max_position_embeddings
         if max(args.lengths) + 8 > limit:
@@ -116,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"{args.model}: a HF directory needs --output DIR")
         texts = iter_texts(args.haystack) if args.haystack else builtin_haystack()
         haystack = [token for text in texts for token in tokenizer.encode(text)]
+        if not haystack:
+            raise ConfigError(f"--haystack {' '.join(args.haystack)}: no text")
         cells = run_niah(loaded.model, tokenizer, haystack, sorted(args.lengths), args.depths, args.trials, args.seed)
     except ProjectError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -7,6 +7,7 @@ import pytest
 import sentencepiece as spm
 from tokenizers import Tokenizer
 
+from tokenizer.chunking import bounded_chunks
 from tokenizer.load import load_tokenizer_dir
 from tokenizer.special_tokens import SpecialTokens
 from tokenizer.train import main
@@ -217,3 +218,46 @@ def test_console_script_and_module_entry_point(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert f"wrote {tmp_path / 'tok'}/" in result.stdout
+
+
+def test_a_much_smaller_vocabulary_than_requested_is_one_warning(tmp_path, capsys):
+    corpus = write_jsonl(tmp_path / "tiny.jsonl", prose_documents(limit=3))
+    assert main(["--input", str(corpus), "--vocab-size", "1000000", "--output", str(tmp_path / "tok")]) == 0
+    trained = Tokenizer.from_file(str(tmp_path / "tok" / "tokenizer.json")).get_vocab_size()
+    warnings = capsys.readouterr().err.strip().splitlines()
+    assert trained < 10_000 and len(warnings) == 1
+    assert warnings[0].startswith("warning: --vocab-size 1000000") and f"only {trained} tokens" in warnings[0]
+
+
+def test_bounded_chunks_cover_the_text_and_cut_after_line_breaks():
+    code, unbroken = "".join(code_documents(limit=5)), "x" * 20000
+    chunks = list(bounded_chunks([code], max_chars=4096))
+    assert "".join(chunks) == code and all(0 < len(c) <= 4096 for c in chunks)
+    assert all(c.endswith("\n") for c in chunks[:-1])
+    assert list(bounded_chunks([unbroken, ""], 4096)) == [unbroken[i : i + 4096] for i in range(0, 20000, 4096)]
+
+
+PEAK_RSS = """
+import resource, sys
+from data_pipeline.sources import iter_texts
+from tokenizer.train import main
+if sys.argv[1] == "train":
+    assert main(["--input", sys.argv[2], "--vocab-size", "2000", "--output", sys.argv[3]]) == 0
+else:
+    sum(map(len, iter_texts([sys.argv[2]])))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def test_one_long_document_trains_in_bounded_memory(tmp_path):
+    """Training on one 8 MB document costs little beyond reading it (it cost ~96 bytes per byte)."""
+    document = tmp_path / "one.txt"
+    text = "".join(code_documents())
+    document.write_text((text * (8_000_000 // len(text) + 1))[:8_000_000])
+    peaks = {}
+    for mode in ("read", "train"):
+        result = subprocess.run([sys.executable, "-c", PEAK_RSS, mode, str(document), str(tmp_path / "tok")],
+                                capture_output=True, text=True, cwd=ROOT)
+        assert result.returncode == 0, result.stderr
+        peaks[mode] = int(result.stdout.split()[-1]) * 1024
+    assert peaks["train"] - peaks["read"] < 160 << 20, peaks

@@ -71,6 +71,29 @@ def _token_text(value) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
 
+def _read_json(path: Path, expected: str, kind: type):
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise TokenizerDirError(f"{path}: not valid UTF-8 (byte offset {error.start})") from None
+    except json.JSONDecodeError as error:
+        raise TokenizerDirError(f"{path}: line {error.lineno}: invalid JSON ({error.msg})") from None
+    if not isinstance(value, kind):
+        raise TokenizerDirError(f"{path}: expected {expected}, got {type(value).__name__}")
+    return value
+
+
+def _split_table(path: Path, vocab_size: int) -> dict[int, list[int]]:
+    """``{"token id": [piece ids, ...]}`` with every id in the vocabulary."""
+    table = _read_json(path, "an object {token id: [piece ids]}", dict)
+    for key, pieces in table.items():
+        if not (key.isdigit() and int(key) < vocab_size and isinstance(pieces, list) and len(pieces) >= 2
+                and all(type(p) is int and 0 <= p < vocab_size for p in pieces)):
+            raise TokenizerDirError(f"{path}: entry {key!r}: expected a token id of the vocabulary mapped to >= 2 "
+                                    f"piece ids below {vocab_size}")
+    return {int(k): v for k, v in table.items()}
+
+
 def load_tokenizer_dir(directory: str | Path) -> TokenizerBundle:
     directory = Path(directory)
     files = {name: directory / name for name in ("tokenizer.json", "tokenizer_config.json", "split_table.json")}
@@ -80,13 +103,13 @@ def load_tokenizer_dir(directory: str | Path) -> TokenizerBundle:
                                     "tokenizer_config.json; train one with `python -m tokenizer.train`)")
     try:
         tokenizer = Tokenizer.from_file(str(files["tokenizer.json"]))
-        tokenizer.encode_special_tokens = True  # special tokens' text is split like any text (not saved in the file)
-        config = json.loads(files["tokenizer_config.json"].read_text())
-        table = None
-        if files["split_table.json"].is_file():
-            table = {int(k): list(v) for k, v in json.loads(files["split_table.json"].read_text()).items()}
     except Exception as error:  # tokenizers raises a bare Exception on a bad file
-        raise TokenizerDirError(f"{directory}: unreadable tokenizer files ({str(error).splitlines()[0][:200]})") from None
+        raise TokenizerDirError(f"{files['tokenizer.json']}: unreadable ({str(error).splitlines()[0][:200]})") from None
+    tokenizer.encode_special_tokens = True  # special tokens' text is split like any text (not saved in the file)
+    config = _read_json(files["tokenizer_config.json"], "an object of tokenizer settings", dict)
+    table = None
+    if files["split_table.json"].is_file():
+        table = _split_table(files["split_table.json"], tokenizer.get_vocab_size())
 
     def token_id(key: str, value, required: bool = True) -> int | None:
         text = _token_text(value)
@@ -95,7 +118,10 @@ def load_tokenizer_dir(directory: str | Path) -> TokenizerBundle:
             raise TokenizerDirError(f"{files['tokenizer_config.json']}: {key} {text!r} is not a token of the vocabulary")
         return token
 
-    fim = config.get("fim_tokens", {})
+    fim = config.get("fim_tokens") or {}
+    if not isinstance(fim, dict):
+        raise TokenizerDirError(f"{files['tokenizer_config.json']}: fim_tokens: expected an object "
+                                "{\"begin\", \"hole\", \"end\"}")
     return TokenizerBundle(
         tokenizer=tokenizer,
         bos_id=token_id("bos_token", config.get("bos_token")),

@@ -68,6 +68,10 @@ def _check(args: argparse.Namespace, specials: SpecialTokens) -> None:
                          f"(the 256-byte alphabet plus {minimum - BYTE_ALPHABET} special tokens)")
     if args.max_bytes is not None and args.max_bytes <= 0:
         raise TrainError(f"--max-bytes {args.max_bytes}: must be positive")
+    if args.heldout_bytes < 0:
+        raise TrainError(f"--heldout-bytes {args.heldout_bytes}: must be 0 or more")
+    if args.min_frequency < 1:
+        raise TrainError(f"--min-frequency {args.min_frequency}: must be at least 1")
     check_output_dir(args.output, args.overwrite)
 
 

@@ -141,6 +141,18 @@ def timeline_png(layout: Layout, intervals: list[Interval], path: Path) -> Path:
     return path
 
 
+def _flag_problem(args, costs: Costs) -> str | None:
+    """What is wrong with the costs or ``--out``, checked before anything is written."""
+    for flag in ("f", "b", "fb"):
+        if not getattr(args, flag) > 0:
+            return f"--{flag} {getattr(args, flag)}: expected a positive cost"
+    if not (0 < costs.w < costs.b):
+        return f"--w {costs.w}: the weight-gradient part must be positive and below --b {costs.b}"
+    if args.out.exists() and not args.out.is_dir():
+        return f"--out {args.out}: exists and is not a directory"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m plugins.parallel", description="pipeline schedules")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -152,19 +164,21 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--out", type=Path, default=Path("runs/pipeline_sim"), help="where the PNGs and JSON go")
     args = parser.parse_args(argv)
     costs = Costs(args.f, args.b, args.w, args.fb)
-    if not (0 < costs.w < costs.b):
-        print(f"error: --w {costs.w}: the weight-gradient part must be positive and below --b {costs.b}", file=sys.stderr)
+    problem = _flag_problem(args, costs)
+    if problem is None:
+        try:  # DualPipeV runs the same stages on half the ranks
+            layouts = [check(schedule, args.pp // 2 if schedule == "dualpipev" else args.pp, args.micro_batches)
+                       for schedule in SCHEDULES]
+        except ScheduleError as error:
+            problem = f"--pp {args.pp} --micro-batches {args.micro_batches}: {error}"
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for schedule in SCHEDULES:
-        ranks = args.pp // 2 if schedule == "dualpipev" else args.pp  # DualPipeV: the same stages on half the ranks
-        try:
-            layout = check(schedule, ranks, args.micro_batches)
-            intervals = simulate(layout, costs)
-        except ScheduleError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+    for schedule, layout in zip(SCHEDULES, layouts):
+        ranks = layout.ranks
+        intervals = simulate(layout, costs)
         measured = bubbles(layout, intervals)
         png = timeline_png(layout, intervals, args.out / f"{schedule}_pp{args.pp}_m{args.micro_batches}.png")
         rows.append({"schedule": schedule, "ranks": ranks, "stages": layout.stages,
