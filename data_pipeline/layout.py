@@ -14,3 +14,8 @@ def shard_name(index: int) -> str:
 def token_dtype(vocab_size: int) -> np.dtype:
     """The most compact unsigned dtype holding every token id."""
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def shard_dir_name(index: int, count: int) -> str:
+    """Shard ``index`` of a ``prepare --num-shards count`` run: its own complete packed directory."""
+    return f"shard-{index:05d}-of-{count:05d}"

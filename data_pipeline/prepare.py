@@ -1,6 +1,14 @@
 """Build a packed dataset: text -> FIM -> tokens -> random token splitting -> packing.
 
-    python -m data_pipeline.prepare --input 'corpus/*.jsonl' --tokenizer tok/ --seq-len 4096 --output data/
+    python -m data_pipeline.prepare --input 'corpus/*.jsonl' --tokenizer tok/ --seq-len 4096 --output data/ \
+        [--num-shards N [--shard-index I | --jobs J]]
+
+With ``--num-shards N`` the input is partitioned (``partition``: by file, and by row within JSON
+Lines files) and shard I becomes its own complete directory ``OUTPUT/shard-0000I-of-0000N`` with
+best-fit packing inside the shard (issue 18): ``--shard-index I`` prepares one (a cluster's array
+job), ``--jobs J`` all of them, J processes at a time (``jobs``). A job's memory is bounded by its
+shard: document lengths are numpy arrays, tokens go through a file, the tokenizer sees bounded
+windows (``encode``).
 
 Output (written under a temporary name, renamed into place when complete):
 ``tokens-NNNNN.npy`` shards of [sequences, L] token ids (uint16/uint32, memory-mappable, padded
@@ -23,11 +31,13 @@ from tqdm import tqdm
 from plugins.atomic import check_output_dir, staged_directory
 from plugins.errors import ProjectError
 
-from .layout import FORMAT_VERSION, MANIFEST, PIECES, shard_name, token_dtype
+from .layout import FORMAT_VERSION, MANIFEST, PIECES, shard_dir_name, shard_name, token_dtype
 from .packing import PACKERS, Packing
 from .sources import SourceStats, iter_texts
+from .staging import remove_stale_temporaries
 
 BATCH_DOCUMENTS = 256
+BATCH_CHARS = 1 << 22
 SHARD_BYTES = 256 << 20
 DEFAULT_SPLIT_RATE = 0.1
 
@@ -53,22 +63,66 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              f"number; default {DEFAULT_SPLIT_RATE})")
     parser.add_argument("--packing", choices=sorted(PACKERS), default="best-fit")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=None, help="tokenizer threads (default: all cores)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="tokenizer threads per job (default: the cores divided among the jobs)")
+    parser.add_argument("--num-shards", type=int, default=None,
+                        help="partition the input into N shards, each its own directory OUTPUT/shard-I-of-N "
+                             "(default: --jobs)")
+    parser.add_argument("--shard-index", type=int, default=None,
+                        help="prepare only shard I (0-based; one task of an array job); default: every shard")
+    parser.add_argument("--jobs", type=int, default=1, help="shards prepared at once, as separate processes")
     parser.add_argument("--skip-bad", action="store_true", help="skip malformed rows, counting them in the manifest")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
     return parser.parse_args(argv)
 
 
-def _check(args: argparse.Namespace) -> None:
+def _check(args: argparse.Namespace) -> list[int]:
+    """Validate every flag before any work; returns the shard indices this command prepares."""
     if args.seq_len < 2:
         raise PrepareError(f"--seq-len {args.seq_len}: must be at least 2")
     for name in ("fim_rate", "split_rate"):
         value = getattr(args, name)
         if not 0.0 <= value <= 1.0:
             raise PrepareError(f"--{name.replace('_', '-')} {value}: must be in [0, 1]")
-    if args.workers is not None and args.workers < 1:
-        raise PrepareError(f"--workers {args.workers}: must be at least 1")
-    check_output_dir(args.output, args.overwrite)
+    for name in ("workers", "num_shards", "jobs"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise PrepareError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+    if args.num_shards is None:
+        args.num_shards = args.jobs
+    if args.shard_index is not None:
+        if not 0 <= args.shard_index < args.num_shards:
+            raise PrepareError(f"--shard-index {args.shard_index}: must be in [0, --num-shards {args.num_shards})")
+        if args.jobs > 1:
+            raise PrepareError(f"--jobs {args.jobs}: runs every shard; drop it to prepare only --shard-index "
+                               f"{args.shard_index}")
+    if args.output.exists() and not args.output.is_dir():
+        raise PrepareError(f"--output {args.output}: exists and is not a directory")
+    indices = [args.shard_index] if args.shard_index is not None else list(range(args.num_shards))
+    for index in indices:
+        check_output_dir(shard_output(args, index), args.overwrite)
+    return indices
+
+
+def shard_output(args: argparse.Namespace, index: int) -> Path:
+    """Where shard ``index`` goes: ``--output`` itself when unsharded."""
+    return args.output if args.num_shards == 1 else args.output / shard_dir_name(index, args.num_shards)
+
+
+def _check_tokenizer(bundle, args: argparse.Namespace) -> None:
+    """The tokens this run inserts: pad always, FIM tokens when --fim-rate > 0, the split table when
+    --split-rate > 0 (so a tokenizer without FIM tokens serves --fim-rate 0)."""
+    config = bundle.directory / "tokenizer_config.json"
+    needs = [("pad_token", bundle.pad_id, None)]
+    if args.fim_rate > 0:
+        needs += [(f"fim_tokens.{k}", getattr(bundle, f"fim_{k}_id"), "--fim-rate 0") for k in ("begin", "hole", "end")]
+    for key, value, fix in needs:
+        if value is None:
+            also = f" (needed by --fim-rate {args.fim_rate}; pass {fix} to prepare without FIM)" if fix else ""
+            raise PrepareError(f"{config}: {key} missing{also}")
+    if args.split_rate > 0 and bundle.split_table is None:
+        raise PrepareError(f"{bundle.directory / 'split_table.json'}: missing (needed by --split-rate "
+                           f"{args.split_rate}; pass --split-rate 0 or train the tokenizer with `python -m tokenizer.train`)")
 
 
 def _write_sequences(tmp: Path, packing: Packing, documents: np.memmap, doc_start: np.ndarray,
@@ -97,59 +151,75 @@ def _write_sequences(tmp: Path, packing: Packing, documents: np.memmap, doc_star
     return names
 
 
-def prepare(args: argparse.Namespace) -> dict:
+def prepare(args: argparse.Namespace, progress=None) -> dict:
+    """Prepare shard ``args.shard_index`` (or the whole input when unsharded); ``progress(n)`` is
+    told of every n documents tokenized (default: a progress bar)."""
     from tokenizer.load import load_tokenizer_dir
 
     from .encode import DocumentEncoder
 
-    _check(args)
-    bundle = load_tokenizer_dir(args.tokenizer).require_pipeline_tokens()
+    index = args.shard_index or 0
+    output = shard_output(args, index)
+    bundle = load_tokenizer_dir(args.tokenizer)
+    _check_tokenizer(bundle, args)
     dtype = token_dtype(bundle.vocab_size)
-    encoder = DocumentEncoder(bundle, args.fim_rate, args.split_rate, args.seed)
+    seed = args.seed if args.num_shards == 1 else (args.seed, args.num_shards, index)
+    encoder = DocumentEncoder(bundle, args.fim_rate, args.split_rate, seed)
     stats = SourceStats()
     texts = iter_texts(args.input, args.dataset, args.dataset_config, args.split, args.text_field,
-                       skip_bad=args.skip_bad, stats=stats)
-    with staged_directory(args.output) as tmp:
-        return _prepare_into(tmp, args, bundle, dtype, encoder, stats, texts)
+                       skip_bad=args.skip_bad, stats=stats, num_shards=args.num_shards, shard_index=index)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(output)
+    with staged_directory(output) as tmp:
+        if progress is not None:
+            return _prepare_into(tmp, args, bundle, dtype, encoder, stats, texts, progress)
+        with tqdm(desc="tokenizing", unit="doc", disable=None) as bar:
+            return _prepare_into(tmp, args, bundle, dtype, encoder, stats, texts, bar.update)
 
 
-def _prepare_into(tmp, args, bundle, dtype, encoder, stats, texts) -> dict:
+def _prepare_into(tmp, args, bundle, dtype, encoder, stats, texts, progress) -> dict:
     start_time = time.perf_counter()
-    lengths: list[int] = []
-    fim_documents = split_tokens = 0
+    lengths: list[np.ndarray] = []  # one array per batch: memory per document is 8 bytes
+    documents = fim_documents = split_tokens = 0
     documents_path = tmp / "documents.tmp"
-    with documents_path.open("wb") as documents_file, tqdm(desc="tokenizing", unit="doc", disable=None) as bar:
+    with documents_path.open("wb") as documents_file:
         batch: list[str] = []
+        batch_chars = 0
 
         def flush() -> None:
-            nonlocal fim_documents, split_tokens
-            for doc in encoder.encode(batch, first_index=len(lengths)):
+            nonlocal documents, fim_documents, split_tokens, batch_chars
+            encoded = encoder.encode(batch, first_index=documents)
+            for doc in encoded:
                 doc.ids.astype(dtype).tofile(documents_file)
-                lengths.append(doc.ids.size)
                 fim_documents += doc.fim
                 split_tokens += doc.split_tokens
-            bar.update(len(batch))
+            lengths.append(np.array([doc.ids.size for doc in encoded], dtype=np.int64))
+            documents += len(batch)
+            progress(len(batch))
             batch.clear()
+            batch_chars = 0
 
         for text in texts:
             batch.append(text)
-            if len(batch) == BATCH_DOCUMENTS:
+            batch_chars += len(text)
+            if len(batch) == BATCH_DOCUMENTS or batch_chars >= BATCH_CHARS:
                 flush()
         if batch:
             flush()
-    if not lengths:
+    if not documents:
         source = args.dataset or " ".join(args.input)
-        raise PrepareError(f"{source}: no non-empty text found in field {args.text_field!r}")
+        shard = f" (shard {args.shard_index or 0} of {args.num_shards})" if args.num_shards > 1 else ""
+        raise PrepareError(f"{source}{shard}: no non-empty text found in field {args.text_field!r}")
     tokenize_seconds = time.perf_counter() - start_time
 
-    length_array = np.asarray(lengths, dtype=np.int64)
+    length_array = np.concatenate(lengths)
     pack_start = time.perf_counter()
     packing = PACKERS[args.packing](length_array, args.seq_len)
     pack_seconds = time.perf_counter() - pack_start
-    documents = np.memmap(documents_path, dtype=dtype, mode="r")
+    token_file = np.memmap(documents_path, dtype=dtype, mode="r")
     doc_start = np.cumsum(length_array) - length_array
-    shards = _write_sequences(tmp, packing, documents, doc_start, args.seq_len, dtype, bundle.pad_id)
-    del documents
+    shards = _write_sequences(tmp, packing, token_file, doc_start, args.seq_len, dtype, bundle.pad_id)
+    del token_file
     documents_path.unlink()
     pieces = np.stack([packing.sequence, packing.start, packing.length, packing.document, packing.doc_offset], 1)
     np.save(tmp / PIECES, pieces.astype(np.int64))
@@ -157,7 +227,7 @@ def _prepare_into(tmp, args, bundle, dtype, encoder, stats, texts) -> dict:
     tokens = int(length_array.sum())
     manifest = {
         "format_version": FORMAT_VERSION,
-        "documents": len(lengths),
+        "documents": documents,
         "tokens": tokens,
         "sequences": packing.num_sequences,
         "padding_tokens": packing.num_sequences * args.seq_len - tokens,
@@ -173,7 +243,8 @@ def _prepare_into(tmp, args, bundle, dtype, encoder, stats, texts) -> dict:
         "pad_id": bundle.pad_id,
         "vocab_size": bundle.vocab_size,
         "tokenizer": {"fingerprint": bundle.fingerprint, "path": str(bundle.directory)},
-        "inputs": [args.dataset] if args.dataset else [str(p) for p in _resolved(args.input)],
+        "shard": {"index": args.shard_index or 0, "count": args.num_shards},
+        "inputs": [args.dataset] if args.dataset else _inputs(args),
         "text_bytes": stats.bytes,
         "empty_documents": stats.empty_documents,
         "skipped_bad_rows": stats.skipped,
@@ -186,27 +257,47 @@ def _prepare_into(tmp, args, bundle, dtype, encoder, stats, texts) -> dict:
     return manifest
 
 
-def _resolved(patterns: list[str]) -> list[Path]:
+def _inputs(args: argparse.Namespace) -> list[str]:
+    """The files (byte ranges, in a shard of a JSON Lines file) this directory was built from."""
+    from .partition import partition
     from .sources import resolve_inputs
 
-    return resolve_inputs(patterns)
+    return [part.describe() for part in partition(resolve_inputs(args.input), args.num_shards, args.shard_index or 0)]
+
+
+def _summary(manifest: dict) -> str:
+    fill = manifest["tokens"] / max(1, manifest["sequences"] * manifest["seq_len"])
+    return (f"documents {manifest['documents']}  tokens {manifest['tokens']}  sequences {manifest['sequences']} "
+            f"x {manifest['seq_len']}  fill {fill:.2%}\n"
+            f"truncated documents {manifest['truncated_documents']}  FIM documents {manifest['fim_documents']}  "
+            f"split tokens {manifest['split_tokens']}  skipped rows {manifest['skipped_bad_rows']}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.workers is not None:
-        os.environ["RAYON_NUM_THREADS"] = str(args.workers)
     try:
-        manifest = prepare(args)
+        indices = _check(args)
+        if len(indices) > 1:
+            from .jobs import run_shards
+
+            manifests = run_shards(args, indices)
+        else:
+            if args.workers is not None:
+                os.environ["RAYON_NUM_THREADS"] = str(args.workers)
+            manifests = [prepare(args)]
     except ProjectError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    fill = manifest["tokens"] / max(1, manifest["sequences"] * manifest["seq_len"])
-    print(f"documents {manifest['documents']}  tokens {manifest['tokens']}  sequences {manifest['sequences']} "
-          f"x {manifest['seq_len']}  fill {fill:.2%}")
-    print(f"truncated documents {manifest['truncated_documents']}  FIM documents {manifest['fim_documents']}  "
-          f"split tokens {manifest['split_tokens']}  skipped rows {manifest['skipped_bad_rows']}")
-    print(f"wrote {args.output}/ ({len(manifest['shards'])} token shard(s), pieces.npy, manifest.json)")
+    if len(manifests) > 1:
+        total = {key: sum(m[key] for m in manifests) for key in ("documents", "tokens", "sequences",
+                                                                  "truncated_documents", "fim_documents",
+                                                                  "split_tokens", "skipped_bad_rows")}
+        print(_summary({**total, "seq_len": args.seq_len}))
+        print(f"wrote {len(manifests)} shard directories {args.output}/shard-*-of-{args.num_shards:05d}/")
+        return 0
+    output = shard_output(args, indices[0])
+    print(_summary(manifests[0]))
+    print(f"wrote {output}/ ({len(manifests[0]['shards'])} token shard(s), pieces.npy, manifest.json)")
     return 0
 
 

@@ -53,6 +53,10 @@ class PackedSampler:
     def epoch(self) -> int:
         return self.consumed // self.num_samples
 
+    def statistics(self) -> dict:
+        """Per-source counts for the step's metrics: none, for one dataset (``MixtureSampler`` has them)."""
+        return {}
+
     def state_dict(self) -> dict:
         return {"consumed": self.consumed, "seed": self.seed, "num_samples": self.num_samples}
 

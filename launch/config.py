@@ -56,8 +56,19 @@ class StepSchedule:
 
 
 @dataclass
+class SourceConfig:
+    """One source of a mixture (issue 18): a prepared directory, a directory of shard directories or a
+    glob of them, drawn in proportion to ``weight`` (weights are normalised)."""
+
+    name: str
+    path: str
+    weight: float
+
+
+@dataclass
 class DataConfig:
     dataset: str = "data/packed"
+    sources: list[SourceConfig] = field(default_factory=list)  # a mixture, in place of dataset
     tokenizer: str = "data/tokenizer"
     builtin_corpus: bool = False  # build tokenizer and dataset from Python's own text when missing
     seq_len: int = 4096
@@ -134,6 +145,9 @@ def _validate(run: RunConfig) -> None:
         fail("train.wandb_mode", f"expected auto, online, offline or disabled, got {t.wandb_mode!r}")
     if d.seq_len < 2:
         fail("data.seq_len", "must be at least 2")
+    if d.sources and d.builtin_corpus:
+        fail("data.builtin_corpus", "builds only data.dataset, not data.sources; set it false "
+                                    "(--set data.builtin_corpus=false)")
     if d.seq_len > run.model.max_position_embeddings:
         fail("data.seq_len", f"{d.seq_len} exceeds model.max_position_embeddings={run.model.max_position_embeddings}")
     if p.fp8 not in FP8_BACKENDS:
@@ -150,6 +164,26 @@ def _validate(run: RunConfig) -> None:
                             f"{run.model.n_routed_experts}")
 
 
+def _sources(raw: Any, source: str) -> list[SourceConfig]:
+    """``data.sources``: a list of {name, path, weight} mappings, names unique, weights positive."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise ConfigError(f"{source}: data.sources: expected a list of {{name, path, weight}} mappings, got {raw!r}")
+    out: list[SourceConfig] = []
+    for index, item in enumerate(raw):
+        where = f"data.sources[{index}]"
+        entry = build(SourceConfig, item, where, source)
+        if entry.weight <= 0:
+            raise ConfigError(f"{source}: {where}.weight: must be positive, got {entry.weight}")
+        if not entry.name or not entry.path:
+            raise ConfigError(f"{source}: {where}: name and path must be non-empty")
+        if entry.name in [o.name for o in out]:
+            raise ConfigError(f"{source}: {where}.name: {entry.name!r} names two sources")
+        out.append(entry)
+    return out
+
+
 def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """The effective run config of ``path`` with ``overrides`` (``section.key=value``) applied."""
     document = read_document(path, overrides)
@@ -162,9 +196,11 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
         raise ConfigError(f"{source}: {sorted(unknown)[0]}: unknown section (expected {', '.join(SECTIONS)})")
     if "model" not in document:
         raise ConfigError(f"{source}: expected a top-level 'model:' section")
+    data = dict(document.get("data") or {})
+    sources = data.pop("sources", None)
     run = RunConfig(
         model=ModelConfig.from_dict(document["model"], source=source),
-        data=build(DataConfig, document.get("data") or {}, "data", source),
+        data=build(DataConfig, data, "data", source, sources=_sources(sources, source)),
         train=build(TrainConfig, document.get("train") or {}, "train", source),
         parallel=build(ParallelConfig, document.get("parallel") or {}, "parallel", source),
         source=source,

@@ -1,5 +1,6 @@
 """Run metrics on rank 0: ``RUN_DIR/metrics.jsonl`` (one JSON object per logged step) and Weights &
-Biases with the same values, grouped as train/, moe/ and perf/, plus the expert-load heatmap.
+Biases with the same values, grouped as train/, moe/, perf/ and data/ (a mixture's tokens and epoch
+per source), plus the expert-load heatmap.
 
 W&B runs online only when asked to (or, in ``auto`` mode, when ``WANDB_API_KEY`` is set) and falls
 back to offline if the service cannot be reached, so a run never waits on the network.
@@ -70,6 +71,9 @@ class MetricsLogger:
         for key in ("ep_destinations_mean", "ep_destinations_max", "ep_destination_nodes_mean", "ep_destination_nodes_max"):
             if key in record:
                 flat[f"moe/{key}"] = record[key]
+        for key, group in (("source_tokens", "tokens"), ("source_epochs", "epoch")):  # a data.sources mixture
+            for name, value in record.get(key, {}).items():
+                flat[f"data/{group}/{name}"] = value
         if loads is not None:
             flat["moe/maxvio_global"] = record["maxvio_global"]
             for layer, value in enumerate(record["maxvio"]):

@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from data_pipeline import PackedDataset, PackedSampler
+from data_pipeline import PackedDataset
+from data_pipeline.mixture import sampler_for
 from plugins.atomic import write_text_atomic
 from plugins.errors import ConfigError, ProjectError
 from plugins.model.balance import collect_expert_loads, max_violation, reset_expert_loads, update_router_biases
@@ -109,7 +110,7 @@ class Trainer:
             options.run_dir, groups.rank, dist.get_world_size(), run.model.n_routed_experts, built.expert_offset,
             t.keep_checkpoints, layout={"pp": groups.pp, "ep": groups.ep, "dp": groups.dp,
                                         "pipeline_schedule": p.pipeline_schedule})
-        self.sampler = PackedSampler(len(self.dataset), rank=groups.dp_rank, world_size=groups.dp, seed=t.seed)
+        self.sampler = sampler_for(self.dataset, rank=groups.dp_rank, world_size=groups.dp, seed=t.seed)
         self.step, self.tokens = 0, 0
         if options.resume:
             self.restore()
@@ -212,6 +213,7 @@ class Trainer:
             "maxvio": maxvio, "maxvio_global": float(np.mean(maxvio)) if maxvio else 0.0,
         }
         record.update(destinations)
+        record.update(self.sampler.statistics())  # source_tokens/source_epochs of a data.sources mixture
         return record, loads
 
     def _destinations(self) -> dict[str, float]:

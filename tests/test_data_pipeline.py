@@ -193,10 +193,10 @@ def test_bad_input_is_a_one_line_error_naming_file_and_line(tmp_path, tokenizer_
     latin.write_bytes("first line\ncaf\xe9\n".encode("latin-1"))
     assert "latin.txt: line 2: not valid UTF-8" in _error(capsys, _args([latin], tokenizer_dir, tmp_path / "o"))
     nofield = write_jsonl(tmp_path / "nofield.jsonl", ["x"], field="body")
-    assert "nofield.jsonl: field 'text' not found" in _error(capsys, _args([nofield], tokenizer_dir, tmp_path / "o"))
+    assert "nofield.jsonl: line 1: field 'text' not found (fields: body)" in _error(capsys, _args([nofield], tokenizer_dir, tmp_path / "o"))
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_text('{"text": "fine"}\n{"title": "no text here"}\n')
-    assert "mixed.jsonl: row 2: field 'text' is missing or null" in _error(
+    assert "mixed.jsonl: line 2: field 'text' not found (fields: title)" in _error(
         capsys, _args([mixed], tokenizer_dir, tmp_path / "o"))
     assert "tokenizer.json: missing" in _error(capsys, _args([mixed], tmp_path, tmp_path / "o"))
     assert not (tmp_path / "o").exists()
