@@ -1,6 +1,5 @@
 """Expert-parallel dispatch/combine on 2 and 4 gloo ranks against the single-process DeepSeekMoE."""
 
-import shutil
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from plugins.parallel.expert import ExpertExchange, apply_expert_parallel, disti
 
 from .conftest import ROOT
 from .distributed import spawn
-from .launcher import assert_loads_match, launch, metrics, ok
+from .launcher import launch
 
 pytestmark = pytest.mark.slow
 
@@ -82,40 +81,6 @@ def test_expert_parallel_layer_equals_the_single_process_layer(world, skew, coun
     # the gate and shared experts are replicated: summed over ranks their gradients are the reference's
     total = sum(results[rank]["gate_grad_own"] for rank in range(world))
     assert (total - results["reference_gate_grad"]).abs().max() <= 1e-4
-
-
-def _state(run_dir):
-    from launch.model_source import load_model
-
-    return load_model(run_dir).model.state_dict()
-
-
-def test_expert_parallel_training_through_the_launcher(embedded_run, tmp_path):
-    """4 gloo ranks, same global batch: --ep 2 trains exactly like --ep 1 (every loss, the expert
-    loads), and its step-2 checkpoint resumes at --ep 1 and at --ep 4 with the --ep 1 run's losses
-    and, at --ep 4, every parameter of the --ep 1 run after 4 steps."""
-    data = embedded_run[1]
-    common = ("--set", "train.micro_batch_size=2")
-    ok(launch(4, tmp_path / "ep1", "--steps", "4", "--ep", "1", *common, data=data))
-    ok(launch(4, tmp_path / "ep2", "--steps", "2", "--ep", "2", *common, data=data))
-    reference = metrics(tmp_path / "ep1")
-    for ep in (1, 4):  # resume the ep=2 checkpoint (step 2) with another expert layout
-        resumed = tmp_path / f"ep2_to_ep{ep}"
-        shutil.copytree(tmp_path / "ep2", resumed)
-        result = ok(launch(4, resumed, "--steps", "4", "--ep", str(ep), "--resume", *common, data=data))
-        assert "resumed" in result.stdout
-    for run, tolerance in (("ep2", 1e-4), ("ep2_to_ep1", 1e-5), ("ep2_to_ep4", 1e-5)):
-        records = metrics(tmp_path / run)
-        for a, b in zip(reference, records):
-            assert abs(a["loss"] - b["loss"]) <= (1e-4 if a["step"] <= 2 else tolerance), (run, a["step"])
-            assert_loads_match(a["expert_load"], b["expert_load"], (run, a["step"]))
-        if run != "ep2_to_ep1":
-            assert all(1 <= r["ep_destinations_mean"] <= r["ep_destinations_max"] <= 2 for r in records)  # topk_group
-    # All 16 experts gathered from the 4 expert ranks. Sums run in another order across ranks, and
-    # AdamW's division by sqrt(v) lets those 1e-7 gradient differences move weights by ~1e-5.
-    theirs, ours = _state(tmp_path / "ep1"), _state(tmp_path / "ep2_to_ep4")
-    assert theirs.keys() == ours.keys()
-    assert max((theirs[k] - ours[k]).abs().max().item() for k in theirs) <= 5e-5
 
 
 def test_expert_parallel_sizes_that_cannot_run_fail_before_any_work(embedded_run, tmp_path):

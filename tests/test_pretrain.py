@@ -85,10 +85,10 @@ def test_two_ranks_give_the_losses_of_one(data, straight, tmp_path):
 
 def test_resume_reproduces_the_uninterrupted_losses(data, straight, tmp_path):
     _ok(launch(1, tmp_path / "split", "--steps", "4", data=data))
-    # A save killed half way: the directory exists but `latest` still names step 4.
-    partial = tmp_path / "split" / "checkpoints" / "step00000006"
+    # A save killed half way: its staging directory exists, `latest` still names step 4.
+    partial = tmp_path / "split" / "checkpoints" / ".step00000006.partial"
     partial.mkdir()
-    (partial / "dense.pt").write_bytes(b"truncated")
+    (partial / "__0_0.distcp").write_bytes(b"truncated")
     resumed = _ok(launch(1, tmp_path / "split", "--steps", "8", "--resume", data=data))
     assert "resumed" in resumed.stdout and "step00000004" in resumed.stdout
     split = metrics(tmp_path / "split")

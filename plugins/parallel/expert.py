@@ -146,16 +146,25 @@ class AllToAllDispatcher(TokenDispatcher):
         return unpermute(self.exchange.combine(expert_output, plan), weights, perm, num_tokens)
 
 
-def apply_expert_parallel(model: nn.Module, exchange: ExpertExchange) -> list[nn.Parameter]:
-    """Keep only this rank's routed experts in every DeepSeekMoE of ``model`` and route their
-    tokens through ``exchange``. Parameters become new, smaller tensors (copies of the local slice),
-    so call this before an optimizer sees them. Returns the expert parameters."""
+def keep_experts(model: nn.Module, experts: slice) -> list[nn.Parameter]:
+    """Keep only the routed experts ``experts`` (global indices) in every DeepSeekMoE of ``model``;
+    the banks become new, smaller tensors (copies of the slice; free on the ``meta`` device).
+    Returns the expert parameters."""
     params = []
     for moe in (m for m in model.modules() if isinstance(m, DeepSeekMoE)):
-        experts = moe.experts
+        bank = moe.experts
         for name in ("gate_up_proj", "down_proj"):
-            setattr(experts, name, nn.Parameter(getattr(experts, name).data[exchange.local_slice].clone()))
-            params.append(getattr(experts, name))
-        experts.num_experts = exchange.local_experts
+            setattr(bank, name, nn.Parameter(getattr(bank, name).data[experts].clone()))
+            params.append(getattr(bank, name))
+        bank.num_experts = experts.stop - experts.start
+    return params
+
+
+def apply_expert_parallel(model: nn.Module, exchange: ExpertExchange) -> list[nn.Parameter]:
+    """Keep only this rank's routed experts in every DeepSeekMoE of ``model`` and route their
+    tokens through ``exchange``. Call this before an optimizer sees the parameters. Returns the
+    expert parameters."""
+    params = keep_experts(model, exchange.local_slice)
+    for moe in (m for m in model.modules() if isinstance(m, DeepSeekMoE)):
         moe.dispatcher = AllToAllDispatcher(exchange, moe.num_experts)
     return params
