@@ -68,6 +68,8 @@ class MetricsLogger:
         flat["train/tokens"] = record["tokens"]
         flat["perf/tokens_per_s"] = record["tokens_per_s"]
         flat["perf/step_seconds"] = record["step_seconds"]
+        if "peak_memory_mb" in record:
+            flat["perf/peak_memory_mb"] = record["peak_memory_mb"]
         for key in ("ep_destinations_mean", "ep_destinations_max", "ep_destination_nodes_mean", "ep_destination_nodes_max"):
             if key in record:
                 flat[f"moe/{key}"] = record[key]

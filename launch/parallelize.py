@@ -89,7 +89,8 @@ def parallelize(run: RunConfig, groups: ParallelGroups, device: torch.device, in
         layout = Layout.placement(p.pipeline_schedule, groups.pp)
         shard = PipelineShard(model, stages_of(layout, groups.pipeline_rank), layout.stages)
     expert_offset = exchange.local_slice.start if exchange else 0
-    materialize(model, device, run.model.initializer_range, run.train.seed, expert_offset)
+    dtype = torch.bfloat16 if device.type == "cuda" else None  # the bf16 engine's weights; FP32 masters are ZeRO's
+    materialize(model, device, run.model.initializer_range, run.train.seed, expert_offset, dtype)
     if init_from:
         from .model_source import read_weights
 

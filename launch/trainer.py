@@ -11,6 +11,7 @@ check -> DeepSpeed reduces, clips (1.0) and applies AdamW -> every MoE block's r
 
 from __future__ import annotations
 
+import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,10 @@ class Trainer:
         self.module, self.exchange = built.module, built.exchange
         self.moe_layers = self.module.moe_layers()
         self._describe(built)
+        held = torch.tensor([sum(p.numel() for p in self.module.parameters())], device=device)
+        dist.all_reduce(held, op=dist.ReduceOp.MAX)
+        self._say(f"built this rank's part of the model: at most {int(held.item()):,} parameters on a rank; "
+                  f"peak memory after construction {self._peak_memory_mb():.0f} MB (largest rank)")
         first_batch = batch_size(t.batch, 0, self.granularity)
         optimizer = torch.optim.AdamW(ds_internals.parameter_groups(self.module, t.weight_decay),
                                       lr=learning_rate(t.lr, 0, 0), betas=t.betas, eps=t.eps)
@@ -214,7 +219,18 @@ class Trainer:
         }
         record.update(destinations)
         record.update(self.sampler.statistics())  # source_tokens/source_epochs of a data.sources mixture
+        record["peak_memory_mb"] = self._peak_memory_mb()
         return record, loads
+
+    def _peak_memory_mb(self) -> float:
+        """The largest rank's peak so far: allocated GPU memory, or the process's resident memory on CPU."""
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        value = torch.tensor([peak], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return value.item()
 
     def _destinations(self) -> dict[str, float]:
         """Mean and max distinct expert-parallel ranks and nodes a token reached, over the whole batch."""

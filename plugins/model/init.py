@@ -55,10 +55,15 @@ def init_weights(root: nn.Module, std: float, seed: int | None = None, prefix: s
 
 
 def materialize(model: nn.Module, device: torch.device | str, std: float | None, seed: int = 0,
-                expert_offset: int = 0) -> None:
-    """Allocate a ``meta``-built model (or the part of it a rank kept) on ``device`` and initialise
-    it as the whole model would be (``std=None``: leave the weights for a checkpoint to fill);
-    router biases and load counters start at zero, rotary frequencies are recomputed."""
+                expert_offset: int = 0, dtype: torch.dtype | None = None) -> None:
+    """Allocate a ``meta``-built model (or the part of it a rank kept) on ``device``, in ``dtype``
+    if given (the router biases stay FP32, report 3.3.1), and initialise it as the whole model
+    would be (``std=None``: leave the weights for a checkpoint to fill); router biases and load
+    counters start at zero, rotary frequencies are recomputed."""
+    if dtype is not None:
+        model.to(dtype)
+        for router in (m for m in model.modules() if isinstance(m, Router)):
+            router.e_score_correction_bias.data = router.e_score_correction_bias.data.float()
     model.to_empty(device=device)
     if std is not None:
         init_weights(model, std, seed, expert_offset=expert_offset)
