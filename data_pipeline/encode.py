@@ -18,6 +18,7 @@ whole text. Only a window with neither (a ``WINDOW_CHARS`` run without a space) 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,38 +92,33 @@ class DocumentEncoder:
             else:
                 segments.append([text])
         pieces = [windows(segment, self.window) for parts in segments for segment in parts]
-        ids = iter(self._tokenize([piece for segment in pieces for piece in segment]))
+        ids = self._tokenize([piece for segment in pieces for piece in segment])
+        b = self.bundle
         out, cursor = [], 0
         for parts, rng in zip(segments, rngs):
-            tokens, split_tokens = [], 0
-            for segment in pieces[cursor : cursor + len(parts)]:
-                split = [self.splitter(next(ids), self.split_rate, rng) for _ in segment]  # the rng's draws in order
-                tokens.append(np.concatenate([piece for piece, _ in split]))
-                split_tokens += sum(count for _, count in split)
+            fim = len(parts) == 3
+            markers = [[b.bos_id, b.fim_begin_id], [b.fim_hole_id], [b.fim_end_id]] if fim else [[b.bos_id]]
+            chunks, split_tokens = [], 0
+            for marker, segment in zip(markers, pieces[cursor : cursor + len(parts)]):
+                chunks.append(np.asarray(marker, dtype=np.int32))
+                for _ in segment:  # the rng's draws in window order: those of the whole segment
+                    piece, count = self.splitter(next(ids), self.split_rate, rng)
+                    chunks.append(piece)
+                    split_tokens += count
+            chunks.append(np.asarray([b.eos_id], dtype=np.int32))
             cursor += len(parts)
-            out.append(EncodedDocument(self._frame(tokens), len(parts) == 3, split_tokens))
+            out.append(EncodedDocument(np.concatenate(chunks), fim, split_tokens))
         return out
 
-    def _tokenize(self, texts: list[str]) -> list[np.ndarray]:
+    def _tokenize(self, texts: list[str]) -> Iterator[np.ndarray]:
         """Token ids of each text, at most ``CALL_CHARS`` characters per batched tokenizer call."""
-        out: list[np.ndarray] = []
         batch: list[str] = []
         size = 0
         for text in [*texts, None]:
             if text is None or (batch and size + len(text) > CALL_CHARS):
                 encodings = self.bundle.tokenizer.encode_batch_fast(batch, add_special_tokens=False)
-                out.extend(np.asarray(encoding.ids, dtype=np.int32) for encoding in encodings)
+                yield from (np.asarray(encoding.ids, dtype=np.int32) for encoding in encodings)
                 batch, size = [], 0
             if text is not None:
                 batch.append(text)
                 size += len(text)
-        return out
-
-    def _frame(self, pieces: list[np.ndarray]) -> np.ndarray:
-        b = self.bundle
-        if len(pieces) == 1:
-            parts = [[b.bos_id], pieces[0], [b.eos_id]]
-        else:
-            prefix, suffix, middle = pieces
-            parts = [[b.bos_id, b.fim_begin_id], prefix, [b.fim_hole_id], suffix, [b.fim_end_id], middle, [b.eos_id]]
-        return np.concatenate([np.asarray(p, dtype=np.int32) for p in parts])

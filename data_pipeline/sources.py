@@ -1,7 +1,8 @@
 """Text sources: local ``.jsonl/.json/.parquet/.txt`` files and globs, or a HF hub dataset, read
 as streams so memory does not grow with the corpus: JSON Lines line by line (any byte range of a
-file, for the shards of ``partition``), parquet by record batch through pyarrow, ``.json``/``.txt``
-and hub datasets through HF ``datasets`` in streaming mode (a hub dataset is sharded by its files).
+file, for the shards of ``partition``), a ``.txt`` file whole, parquet by record batch through
+pyarrow, ``.json`` and hub datasets through HF ``datasets`` in streaming mode (a hub dataset is
+sharded by its files).
 
 Every problem is a ``SourceError`` whose one-line message names the file (and line where
 there is one). A ``.txt`` file is one document; JSON/parquet rows are documents; an empty file
@@ -20,7 +21,7 @@ from plugins.errors import ProjectError
 
 from .partition import Part, partition
 
-BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
+EXTENSIONS = (".jsonl", ".json", ".parquet", ".txt")
 
 
 class SourceError(ProjectError):
@@ -49,8 +50,8 @@ def resolve_inputs(patterns: list[str]) -> list[Path]:
             path = Path(match)
             if not path.is_file():
                 raise SourceError(f"{path}: no such file")
-            if path.suffix not in BUILDERS:
-                raise SourceError(f"{path}: unsupported extension {path.suffix!r} (expected {', '.join(BUILDERS)})")
+            if path.suffix not in EXTENSIONS:
+                raise SourceError(f"{path}: unsupported extension {path.suffix!r} (expected {', '.join(EXTENSIONS)})")
             if path not in files:
                 files.append(path)
     return files
@@ -140,16 +141,13 @@ def _parquet_rows(path: Path, text_field: str) -> Iterator[tuple[str, object]]:
 
 
 def _datasets_rows(path: Path, text_field: str, skip_bad: bool, stats: SourceStats) -> Iterator[tuple[str, object]]:
-    """``.json`` and ``.txt`` through HF ``datasets`` (a ``.txt`` file is one document)."""
-    builder = BUILDERS[path.suffix]
-    field_name = "text" if builder == "text" else text_field
+    """``.json`` (an array of rows, or rows one per line) through HF ``datasets``."""
     try:
-        dataset = _load(builder, data_files=str(path), split="train",
-                        **({"sample_by": "document"} if builder == "text" else {}))
+        dataset = _load("json", data_files=str(path), split="train")
         for row_number, row in enumerate(dataset, start=1):
-            if field_name not in row:
+            if text_field not in row:
                 raise SourceError(f"{path}: field {text_field!r} not found (fields: {', '.join(row) or 'none'})")
-            yield f"row {row_number}", row[field_name]
+            yield f"row {row_number}", row[text_field]
     except SourceError:
         raise
     except Exception as error:  # pyarrow/datasets/codec failures: name the file and line instead
@@ -162,9 +160,19 @@ def _datasets_rows(path: Path, text_field: str, skip_bad: bool, stats: SourceSta
         raise SourceError(_diagnose(path, error)) from None
 
 
+def _text_file(path: Path) -> Iterator[tuple[str, object]]:
+    """A ``.txt`` file: one document, read directly (its text once in memory, nothing more)."""
+    try:
+        yield "", path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise SourceError(_diagnose(path, error)) from None
+
+
 def _file_rows(part: Part, text_field: str, skip_bad: bool, stats: SourceStats) -> Iterator[tuple[str, object]]:
     if part.path.stat().st_size == 0:
         return iter(())
+    if part.path.suffix == ".txt":
+        return _text_file(part.path)
     if part.path.suffix == ".jsonl":
         return _jsonl_rows(part, text_field, skip_bad, stats)
     if part.path.suffix == ".parquet":
