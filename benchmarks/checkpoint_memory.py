@@ -42,10 +42,12 @@ def run_layout(code: Path, ranks: int, layout: list[str], run_dir: Path, port: i
     if result.returncode:
         raise SystemExit(f"{code}: {' '.join(layout) or '1 rank'} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
     built = re.search(r"peak memory after construction (\d+) MB", result.stdout)
+    save = re.search(r"saved checkpoint \S+ \(memory added while at it: (\d+) MB", result.stdout)
     step = run_dir / "checkpoints" / "step00000003"
     files = sorted(p for p in step.rglob("*") if p.is_file() and not p.name.startswith("rng_"))
     return {"peak_mb": int(re.search(r"PEAK_KB (\d+)", result.stdout)[1]) / 1024,
             "construction_peak_mb": int(built[1]) if built else None,
+            "save_added_mb": int(save[1]) if save else None,
             "checkpoint_files": {p.name: p.stat().st_size for p in files},
             "largest_checkpoint_file_mb": max(p.stat().st_size for p in files) / 2**20}
 
@@ -87,10 +89,11 @@ def main() -> None:
             subprocess.run(["git", "worktree", "remove", "--force", str(baseline)], cwd=ROOT, capture_output=True)
     results["ablation_16b_rank_construction"] = construction_15b()
     single = results["layouts"]["1 rank"]["ours"]["peak_mb"]
-    rows = ["| layout | peak, this code | peak, before | ratio | largest checkpoint file (this / before) |",
-            "|---|---|---|---|---|"]
+    rows = ["| layout | peak, this code | peak, before | ratio | construction peak | added by the save | "
+            "largest checkpoint file (this / before) |", "|---|---|---|---|---|---|---|"]
     for name, r in results["layouts"].items():
         rows.append(f"| {name} | {r['ours']['peak_mb']:.0f} MB | {r['before']['peak_mb']:.0f} MB | {r['ratio']:.2f} | "
+                    f"{r['ours']['construction_peak_mb']} MB | {r['ours']['save_added_mb']} MB | "
                     f"{r['ours']['largest_checkpoint_file_mb']:.1f} / {r['before']['largest_checkpoint_file_mb']:.1f} MB |")
     c = results["ablation_16b_rank_construction"]
     rows.append(f"\nep 4 largest rank / 1 rank: {results['layouts']['ep 4']['ours']['peak_mb'] / single:.2f}")

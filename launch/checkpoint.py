@@ -10,12 +10,16 @@ and any layout reads them back (report 3.2: PP x EP x ZeRO-1 data parallelism).
     train_state.json          step, tokens, the data sampler's global position, Adam's step, the
                               layout that wrote it
     rng_rankN.pt              rank N's RNG states (restored when resumed on as many ranks)
+    files.json                every other file's size, written last: a checkpoint is verified
+                              against it before any reading (a truncated or missing file is named)
 
 No rank gathers the model: a save writes views into the optimizer's own partitions, a load reads
 only the stored chunks overlapping this rank's partitions, so a checkpoint written at one
 (pp, ep, dp) resumes at another directly. A save is written under ``.stepNNNNNNNN.partial`` and
 renamed once every rank has finished; then the ``latest`` pointer moves (write + rename), so a
-run killed while saving resumes from the previous complete checkpoint. ``keep`` > 0 prunes all
+run killed while saving resumes from the previous complete checkpoint. A resume whose latest
+checkpoint is damaged (or whose pointer names a deleted directory) says so and falls back to the
+newest earlier checkpoint that verifies; ``--resume-from TAG`` picks one. ``keep`` > 0 prunes all
 but the newest ``keep`` checkpoints.
 """
 
@@ -39,6 +43,7 @@ from .dcp_pieces import Piece, PieceError
 
 LATEST = "latest"
 TRAIN_STATE = "train_state.json"
+MANIFEST = "files.json"
 
 
 class CheckpointError(ProjectError):
@@ -56,12 +61,33 @@ def _set_rng_state(state: dict) -> None:
 
 
 def is_checkpoint(directory: Path) -> bool:
-    return (directory / ".metadata").is_file() and (directory / TRAIN_STATE).is_file()
+    """A directory that was saved as a checkpoint (whether its files are intact: ``verify``)."""
+    return (directory / MANIFEST).is_file()
+
+
+def _write_manifest(directory: Path) -> None:
+    sizes = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+    write_text_atomic(directory / MANIFEST, json.dumps(sizes, indent=1))
+
+
+def verify(directory: Path) -> None:
+    """Every file the checkpoint was saved with, at its saved size; else one line naming the file."""
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: no such checkpoint directory")
+    try:
+        sizes = json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError):
+        raise CheckpointError(f"{directory}: not a complete checkpoint ({MANIFEST} missing or unreadable)") from None
+    for name, size in sizes.items():
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (the checkpoint is damaged)")
+        if path.stat().st_size != size:
+            raise CheckpointError(f"{path}: {path.stat().st_size} bytes, saved with {size} (the checkpoint is damaged)")
 
 
 def read_train_state(directory: Path) -> dict:
-    if not is_checkpoint(directory):
-        raise CheckpointError(f"{directory}: not a complete checkpoint (.metadata and {TRAIN_STATE} expected)")
+    verify(directory)
     return json.loads((directory / TRAIN_STATE).read_text())
 
 
@@ -123,6 +149,26 @@ class Checkpointer:
         pointer = self.directory / LATEST
         return pointer.read_text().strip() if pointer.is_file() else None
 
+    def choose(self, tag: str | None = None) -> tuple[str, list[str]]:
+        """The checkpoint to resume: ``tag`` (it must verify), else the newest checkpoint not after
+        ``latest`` that verifies. Returns it and one line per damaged checkpoint passed over."""
+        if tag is not None:
+            verify(self.directory / tag)
+            return tag, []
+        latest = self.latest_tag()
+        if latest is None:
+            raise CheckpointError(f"{self.directory}: no complete checkpoint to resume from")
+        candidates = sorted({p.name for p in self.directory.glob("step*") if p.is_dir() and p.name <= latest} | {latest},
+                            reverse=True)
+        skipped = []
+        for candidate in candidates:
+            try:
+                verify(self.directory / candidate)
+                return candidate, skipped
+            except CheckpointError as error:
+                skipped.append(str(error))
+        raise CheckpointError(f"{self.directory}: no checkpoint verifies ({skipped[0]})")
+
     def _pieces(self, engine, saving: bool) -> list[Piece]:
         """This rank's ZeRO-1 partitions as pieces of the global tensors; on save, a stage replica
         another pipeline rank also holds is left to that rank."""
@@ -150,6 +196,7 @@ class Checkpointer:
             write_text_atomic(partial / TRAIN_STATE, json.dumps(state, indent=1))
         dist.barrier()
         if self.rank == 0:
+            _write_manifest(partial)
             shutil.rmtree(final, ignore_errors=True)  # a complete save of this step the pointer never named
             partial.rename(final)
             write_text_atomic(self.directory / LATEST, tag)
@@ -164,12 +211,9 @@ class Checkpointer:
         for tag in tags[: max(0, len(tags) - (self.keep - 1))]:
             shutil.rmtree(self.directory / tag, ignore_errors=True)
 
-    def load(self, engine) -> tuple[str, dict]:
-        """Restore the latest complete checkpoint into the engine, whatever layout wrote it;
-        returns its tag and train state."""
-        tag = self.latest_tag()
-        if tag is None:
-            raise CheckpointError(f"{self.directory}: no complete checkpoint to resume from")
+    def load(self, engine, tag: str) -> dict:
+        """Restore checkpoint ``tag`` (see ``choose``) into the engine, whatever layout wrote it;
+        returns its train state."""
         directory = self.directory / tag
         state = read_train_state(directory)
         try:
@@ -181,4 +225,4 @@ class Checkpointer:
         rng = directory / f"rng_rank{self.rank}.pt"
         if state["world_size"] == self.world_size and rng.is_file():
             _set_rng_state(torch.load(rng, weights_only=False))
-        return tag, state
+        return state

@@ -17,7 +17,7 @@ from plugins.model.deepseek_v3 import DeepSeekV3
 from plugins.model.init import materialize
 from tokenizer.load import TokenizerBundle, load_tokenizer_dir
 
-from .checkpoint import Checkpointer, CheckpointError, is_checkpoint, read_model
+from .checkpoint import Checkpointer, is_checkpoint, read_model, verify
 
 
 @dataclass
@@ -52,10 +52,9 @@ def find_checkpoint(path: str | Path, tag: str | None = None) -> CheckpointSourc
             raise ConfigError(f"{run_dir}: no complete checkpoint (checkpoints/latest is missing)")
     else:
         raise ConfigError(f"{path}: not a run directory (config.yaml), a checkpoint directory "
-                          "(.metadata + train_state.json) or a HF directory (config.json)")
+                          "(files.json) or a HF directory (config.json)")
     directory = run_dir / "checkpoints" / tag
-    if not is_checkpoint(directory):
-        raise CheckpointError(f"{directory}: not a complete checkpoint (.metadata and train_state.json expected)")
+    verify(directory)
     run = load_run_config(run_dir / "config.yaml")
     return CheckpointSource(directory, run_dir, run.model, Path(run.data.tokenizer))
 

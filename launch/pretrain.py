@@ -1,7 +1,7 @@
 """Pre-train a DeepSeek-V3-style model on DeepSpeed (ZeRO-1 data parallel) with the report's recipe.
 
     deepspeed [--num_gpus N | --hostfile FILE] launch/pretrain.py --config configs/tiny.yaml \
-        [--run-dir DIR] [--steps N] [--save-interval N] [--resume | --init-from PATH] [--pp N] [--ep N] \
+        [--run-dir DIR] [--steps N] [--save-interval N] [--resume | --resume-from TAG | --init-from PATH] [--pp N] [--ep N] \
         [--pipeline-schedule dualpipe|dualpipev|1f1b] [--fp8 none|emulated|te|auto] [--set section.key=value ...]
 
 The loop itself is ``launch.trainer.Trainer``; this file reads the command line into the config
@@ -33,7 +33,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--run-dir", type=Path, default=None, help="default: runs/<config name>")
     parser.add_argument("--steps", type=int, default=None, help="stop after this optimizer step (default: total_tokens)")
     parser.add_argument("--save-interval", type=int, default=None, help="checkpoint every N steps (and at the end)")
-    parser.add_argument("--resume", action="store_true", help="continue from the run dir's latest complete checkpoint")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the run dir's latest checkpoint (a damaged one falls back to the previous)")
+    parser.add_argument("--resume-from", default=None, metavar="TAG",
+                        help="continue from this checkpoint of the run dir (e.g. step00000400); implies --resume")
     parser.add_argument("--init-from", default=None, metavar="PATH",
                         help="start from these weights (a run dir, checkpoint dir or HF dir) with a fresh optimizer "
                              "and schedules: the long-context stages")
@@ -79,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     ds_internals.release_shared_memory_names()
     options = RunOptions(run_dir=args.run_dir or Path("runs") / Path(args.config).stem, steps=args.steps,
-                         resume=args.resume, init_from=args.init_from)
+                         resume=args.resume or args.resume_from is not None, resume_from=args.resume_from,
+                         init_from=args.init_from)
     try:
         Trainer(run, options, device).train()
         return 0

@@ -11,7 +11,6 @@ check -> DeepSpeed reduces, clips (1.0) and applies AdamW -> every MoE block's r
 
 from __future__ import annotations
 
-import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from plugins.atomic import write_text_atomic
 from plugins.errors import ConfigError, ProjectError
 from plugins.model.balance import collect_expert_loads, max_violation, reset_expert_loads, update_router_biases
 
-from . import ds_internals
+from . import ds_internals, memory
 from .checkpoint import Checkpointer
 from .config import RunConfig
 from .data_setup import setup_data
@@ -48,6 +47,7 @@ class RunOptions:
     run_dir: Path
     steps: int | None = None
     resume: bool = False
+    resume_from: str | None = None  # a checkpoint tag; default: the newest that verifies
     init_from: str | None = None
 
 
@@ -119,7 +119,7 @@ class Trainer:
         self.step, self.tokens = 0, 0
         if options.resume:
             self.restore()
-        self.last_good = self.checkpointer.latest_tag()
+        self.last_good = self.resume_tag if options.resume else None
         self.logger = None
         if self.rank0:
             from .metrics import MetricsLogger
@@ -133,11 +133,18 @@ class Trainer:
             print(message, flush=True)
 
     def _check_run_dir(self) -> None:
-        latest = Checkpointer(self.options.run_dir, self.groups.rank).latest_tag()
-        if self.options.resume and latest is None:
-            raise ConfigError(f"{self.options.run_dir}: --resume given but there is no complete checkpoint to resume "
-                              "from")
-        if not self.options.resume and latest is not None:
+        """Before any work: a resume has a checkpoint that verifies (damaged newer ones are named and
+        passed over); a fresh run does not overwrite one."""
+        checkpoints = Checkpointer(self.options.run_dir, self.groups.rank)
+        latest = checkpoints.latest_tag()
+        if self.options.resume:
+            if latest is None and self.options.resume_from is None:
+                raise ConfigError(f"{self.options.run_dir}: --resume given but there is no complete checkpoint to "
+                                  "resume from")
+            self.resume_tag, skipped = checkpoints.choose(self.options.resume_from)
+            for line in skipped:
+                self._say(f"warning: {line}; passing over it")
+        elif latest is not None:
             raise ConfigError(f"{self.options.run_dir}: already holds checkpoints; pass --resume to continue it or "
                               "pick another --run-dir")
 
@@ -223,14 +230,8 @@ class Trainer:
         return record, loads
 
     def _peak_memory_mb(self) -> float:
-        """The largest rank's peak so far: allocated GPU memory, or the process's resident memory on CPU."""
-        if self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
-        else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        value = torch.tensor([peak], device=self.device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return value.item()
+        """The largest rank's peak so far."""
+        return memory.largest(memory.peak_mb(self.device), self.device)
 
     def _destinations(self) -> dict[str, float]:
         """Mean and max distinct expert-parallel ranks and nodes a token reached, over the whole batch."""
@@ -279,14 +280,22 @@ class Trainer:
     # ------------------------------------------------------------------------ checkpoints
     def save(self) -> None:
         state = {"step": self.step, "tokens": self.tokens, "sampler": self.sampler.state_dict()}
-        self.last_good = self.checkpointer.save(self.engine, self.step, state)
-        self._say(f"saved checkpoint {self.checkpointer.directory / self.last_good}")
+        with memory.Increase(self.device) as phase:
+            self.last_good = self.checkpointer.save(self.engine, self.step, state)
+        self._say(f"saved checkpoint {self.checkpointer.directory / self.last_good}{self._added(phase)}")
+
+    def _added(self, phase: memory.Increase) -> str:
+        added = memory.largest(-1.0 if phase.mb is None else phase.mb, self.device)  # collective on every rank
+        return "" if added < 0 else f" (memory added while at it: {added:.0f} MB on the largest rank)"
 
     def restore(self) -> None:
-        tag, state = self.checkpointer.load(self.engine)
+        tag = self.resume_tag
+        with memory.Increase(self.device) as phase:
+            state = self.checkpointer.load(self.engine, tag)
         self.step, self.tokens = state["step"], state["tokens"]
         self.sampler.load_state_dict(state["sampler"])
         saved = state["layout"]
         layout = "" if saved == self.checkpointer.layout else \
             f", saved at pp {saved['pp']} ep {saved['ep']} dp {saved['dp']}, resharded on load"
-        self._say(f"resumed {self.options.run_dir} from {tag} (step {self.step}, {self.tokens} tokens{layout})")
+        self._say(f"resumed {self.options.run_dir} from {tag} (step {self.step}, {self.tokens} tokens{layout})"
+                  f"{self._added(phase)}")

@@ -83,16 +83,27 @@ def test_two_ranks_give_the_losses_of_one(data, straight, tmp_path):
             assert_loads_match(a["expert_load"], b["expert_load"], (run, a["step"]))
 
 
-def test_resume_reproduces_the_uninterrupted_losses(data, straight, tmp_path):
-    _ok(launch(1, tmp_path / "split", "--steps", "4", data=data))
+def test_resume_reproduces_the_uninterrupted_losses(data, straight, tmp_path, capsys):
+    from launch.convert import main as convert
+
+    _ok(launch(1, tmp_path / "split", "--steps", "4", "--save-interval", "2", data=data))
+    checkpoints = tmp_path / "split" / "checkpoints"
     # A save killed half way: its staging directory exists, `latest` still names step 4.
-    partial = tmp_path / "split" / "checkpoints" / ".step00000006.partial"
+    partial = checkpoints / ".step00000006.partial"
     partial.mkdir()
     (partial / "__0_0.distcp").write_bytes(b"truncated")
+    # And the latest checkpoint damaged on disk: a truncated shard.
+    shard = checkpoints / "step00000004" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    assert convert([str(tmp_path / "split"), str(tmp_path / "hf")]) == 2
+    assert "__0_0.distcp: 1000 bytes" in capsys.readouterr().err and not (tmp_path / "hf").exists()
+    refused = launch(1, tmp_path / "split", "--steps", "8", "--resume-from", "step00000004", data=data)
+    assert refused.returncode != 0 and "the checkpoint is damaged" in refused.stderr
     resumed = _ok(launch(1, tmp_path / "split", "--steps", "8", "--resume", data=data))
-    assert "resumed" in resumed.stdout and "step00000004" in resumed.stdout
+    assert "step00000004/__0_0.distcp: 1000 bytes" in resumed.stdout and "passing over it" in resumed.stdout
+    assert "resumed" in resumed.stdout and "from step00000002" in resumed.stdout
     split = metrics(tmp_path / "split")
-    assert [r["step"] for r in split] == list(range(1, 9))
+    assert [r["step"] for r in split] == list(range(1, 9))  # rows after the checkpoint's step replaced
     for a, b in zip(straight, split):
         assert abs(a["loss"] - b["loss"]) <= 1e-5, (a["step"], a["loss"], b["loss"])
         assert a["lr"] == b["lr"] and a["tokens"] == b["tokens"]

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
@@ -175,9 +175,12 @@ def load_hf_weights(directory: str | Path, model: DeepSeekV3, expert_offset: int
         known = set(DeepSeekV3(model.config).state_dict())
     loader = _ShardLoader(model.state_dict(), model.config, known, expert_offset)
     for path in tqdm(_checkpoint_files(directory), desc="loading shards", unit="shard", disable=None):
-        with safe_open(str(path), framework="pt", device="cpu") as shard:
-            for key in shard.keys():
-                loader.load(key, shard, path)
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as shard:
+                for key in shard.keys():
+                    loader.load(key, shard, path)
+        except (SafetensorError, OSError) as error:
+            raise ConfigError(f"{path}: unreadable safetensors file ({error})") from None
     missing = loader.missing()
     if model.config.tie_word_embeddings:
         missing.discard("lm_head.weight")
