@@ -15,6 +15,8 @@ around the launcher: every rank is a waited-for descendant), so they cover the w
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import re
 import subprocess
 import sys
@@ -38,7 +40,8 @@ def run_layout(code: Path, ranks: int, layout: list[str], run_dir: Path, port: i
     command = [sys.executable, "-c", WRAPPER, "deepspeed", "--num_gpus", str(ranks), "--master_port", str(port),
                "launch/pretrain.py", "--config", str(ROOT / "configs/tiny.yaml"), "--run-dir", str(run_dir),
                "--steps", "3", "--save-interval", "3", *PROBE, *layout]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=code, timeout=1800)
+    env = {**os.environ, "PYTHONPATH": str(code)}  # the revision's own packages, ahead of the editable install
+    result = subprocess.run(command, capture_output=True, text=True, cwd=code, timeout=1800, env=env)
     if result.returncode:
         raise SystemExit(f"{code}: {' '.join(layout) or '1 rank'} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
     built = re.search(r"peak memory after construction (\d+) MB", result.stdout)
@@ -69,7 +72,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", default="8e3f4fb", help="the revision before sharded checkpoints")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/checkpoint_memory.json"))
+    parser.add_argument("--baseline-from", default=None, metavar="JSON",
+                        help="take the baseline's numbers from an earlier result instead of running it again")
     args = parser.parse_args()
+    earlier = json.loads(Path(args.baseline_from).read_text())["layouts"] if args.baseline_from else None
     results = {"layouts": {}, "baseline": args.baseline}
     with tempfile.TemporaryDirectory() as tmp:
         baseline = Path(tmp) / "baseline"
@@ -79,7 +85,8 @@ def main() -> None:
         try:
             for i, (name, (ranks, layout)) in enumerate(LAYOUTS.items()):
                 ours = run_layout(ROOT, ranks, layout, Path(tmp) / f"ours{i}", 29400 + 2 * i)
-                before = run_layout(baseline, ranks, layout, Path(tmp) / f"base{i}", 29401 + 2 * i)
+                before = earlier[name]["before"] if earlier else \
+                    run_layout(baseline, ranks, layout, Path(tmp) / f"base{i}", 29401 + 2 * i)
                 results["layouts"][name] = {"ours": ours, "before": before, "ratio": ours["peak_mb"] / before["peak_mb"]}
                 print(f"{name:12s} peak {ours['peak_mb']:7.0f} MB (before {before['peak_mb']:7.0f} MB, "
                       f"{ours['peak_mb'] / before['peak_mb']:.2f}x); largest checkpoint file "

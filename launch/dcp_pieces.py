@@ -60,7 +60,20 @@ class _SavePlanner(DefaultSavePlanner):
 
     def lookup_object(self, index: MetadataIndex):
         piece = self.pieces.get(index.fqn)
-        return piece.tensor if piece is not None else super().lookup_object(index)
+        return _own_storage(piece.tensor) if piece is not None else super().lookup_object(index)
+
+
+def _own_storage(view: torch.Tensor) -> torch.Tensor:
+    """The same memory as a tensor whose storage is exactly its elements. DCP's writer clones a view
+    into a larger storage (a ZeRO-1 partition) and keeps every written tensor until the rank's file
+    is closed, so views would cost a copy of everything the rank writes; this costs nothing. (On a
+    GPU the writer's host copies are kept the same way: a save needs host memory for the rank's
+    share.)"""
+    if view.untyped_storage().nbytes() == view.numel() * view.element_size():
+        return view
+    start = view.storage_offset() * view.element_size()
+    storage = view.untyped_storage()[start:start + view.numel() * view.element_size()]
+    return torch.empty(0, dtype=view.dtype, device=view.device).set_(storage, 0, view.shape)
 
 
 class _LoadPlanner(DefaultLoadPlanner):

@@ -210,8 +210,9 @@ class Trainer:
         update_router_biases(self.moe_layers, loads, gamma)
         grad_norm = float(self.engine.get_global_grad_norm())
         if not np.isfinite(grad_norm):
-            raise TrainingStopped(f"step {self.step + 1}: non-finite gradient norm ({grad_norm}); last good "
-                                  f"checkpoint: {self._last_good()}")
+            raise TrainingStopped(f"step {self.step + 1}: non-finite gradient norm ({grad_norm}); MaxVio per MoE block: "
+                                  f"{np.round(max_violation(loads).tolist(), 3).tolist()}; last good checkpoint: "
+                                  f"{self._last_good()} (resume with --resume)")
         self.step += 1
         self.tokens += global_batch * self.run.data.seq_len
         seconds = time.perf_counter() - started

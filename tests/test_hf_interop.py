@@ -1,6 +1,7 @@
 """transformers' DeepseekV3 is the oracle: same weights, same float32 logits."""
 
 import json
+import shutil
 import warnings
 
 import pytest
@@ -95,6 +96,16 @@ def test_from_hf_rejects_a_mismatched_checkpoint(hf_checkpoint, tmp_path):
         load_hf_checkpoint(bad)
     with pytest.raises(ConfigError, match="no config.json"):
         load_hf_checkpoint(tmp_path)
+
+
+def test_a_truncated_safetensors_shard_is_one_line_naming_it(hf_checkpoint, tmp_path):
+    directory = hf_checkpoint[0]
+    damaged = tmp_path / "damaged"
+    shutil.copytree(directory, damaged)
+    shard = sorted(damaged.glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:5000])
+    with pytest.raises(ConfigError, match=f"{shard.name}: unreadable safetensors file"):
+        load_hf_checkpoint(damaged)
 
 
 def test_bf16_load_keeps_router_bias_in_float32(hf_checkpoint):

@@ -79,7 +79,8 @@ def test_two_ranks_give_the_losses_of_one(data, straight, tmp_path):
         assert METRIC_KEYS <= set(two[0]) and len(two) == 6
         for a, b in zip(straight, two):
             assert a["batch_size"] == b["batch_size"]
-            assert abs(a["loss"] - b["loss"]) <= 1e-4, (run, a["step"], a["loss"], b["loss"])
+            # summation order differs across layouts: ~1e-5 relative by step 6 (loss ~10.7)
+            assert abs(a["loss"] - b["loss"]) <= 1.5e-4, (run, a["step"], a["loss"], b["loss"])
             assert_loads_match(a["expert_load"], b["expert_load"], (run, a["step"]))
 
 
