@@ -37,3 +37,14 @@ def test_damaged_and_deleted_checkpoints_are_passed_over(tmp_path):
         verify(checkpoints / "step00000002")
     with pytest.raises(CheckpointError, match="files.json missing"):
         verify(tmp_path)
+
+
+def test_convert_refuses_an_existing_output_before_reading_anything(tmp_path, capsys):
+    from launch.convert import main as convert
+
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    assert convert([str(tmp_path / "no-such-run"), str(out)]) == 2  # the output is checked first
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "export: exists and is not empty" in err[0]
