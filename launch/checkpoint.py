@@ -111,25 +111,22 @@ class Placement:
         return self.num_experts * per_expert, self.expert_offset * per_expert
 
 
-def buffers(model: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+def buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The persistent buffers (router biases) as checkpoint keys, the tensors themselves (loaded in
-    place); ``prefix``: ``model``'s name in the whole model. Transformer-Engine's ``_extra_state``
-    (FP8 scaling history) is not kept."""
-    params = {name for name, _ in model.named_parameters()}
-    return {f"buffers/{prefix}{name}": value for name, value in model.state_dict(keep_vars=True).items()
+    place). Transformer-Engine's ``_extra_state`` (FP8 scaling history) is not kept."""
+    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}  # a tied head too
+    return {f"buffers/{name}": value for name, value in model.state_dict(keep_vars=True).items()
             if name not in params and not name.endswith("_extra_state")}
 
 
-def read_model(directory: Path, model: torch.nn.Module, num_experts: int, expert_offset: int = 0,
-               prefix: str = "") -> None:
-    """Fill ``model`` (the whole model, the stages and experts one rank holds, or the submodule
-    ``prefix`` names) with a checkpoint's FP32 weights and router biases, reading only what it
-    holds. Collective when distributed."""
+def read_model(directory: Path, model: torch.nn.Module, num_experts: int, expert_offset: int = 0) -> None:
+    """Fill ``model`` (the whole model, or the stages and experts one rank holds) with a checkpoint's
+    FP32 weights and router biases, reading only what it holds. Collective when distributed."""
     where = Placement(model, num_experts, expert_offset)
-    pieces = [Piece(f"model/{prefix}{name}", *where(name, param), param.data.view(-1))
+    pieces = [Piece(f"model/{name}", *where(name, param), param.data.view(-1))
               for name, param in model.named_parameters()]
     try:
-        dcp_pieces.load(directory, pieces, buffers(model, prefix))
+        dcp_pieces.load(directory, pieces, buffers(model))
     except PieceError as error:
         raise CheckpointError(f"{directory}: {error}") from None
 
