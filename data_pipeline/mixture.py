@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .dataset import DatasetError, PackedDataset
-from .sampler import PackedSampler
+from .sampler import GlobalStream, PackedSampler
 
 PERIOD = 1 << 16
 
@@ -72,23 +72,21 @@ def period_pattern(weights: list[float], period: int = PERIOD) -> tuple[np.ndarr
     return source[np.lexsort((source, time))], quota
 
 
-class MixtureSampler:
+class MixtureSampler(GlobalStream):
     """The ``PackedSampler`` interface over a ``MixtureDataset``'s weighted sources."""
 
     def __init__(self, dataset: MixtureDataset, rank: int = 0, world_size: int = 1, seed: int = 0):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        super().__init__(rank, world_size)
         self.names = [source.name for source in dataset.sources]
         self.weights = [float(source.weight) for source in dataset.sources]
         self.sizes, self.starts, self.seq_len = dataset.sizes, dataset.starts, dataset.seq_len
-        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.seed = seed
         self.pattern, self.quota = period_pattern(self.weights)
         counts = np.zeros(len(self.quota), dtype=np.int64)
         self.rank_in_period = np.empty(PERIOD, dtype=np.int64)  # how many earlier positions share the source
         for position, source in enumerate(self.pattern.tolist()):
             self.rank_in_period[position] = counts[source]
             counts[source] += 1
-        self.consumed = 0
         self._orders: dict[int, tuple[int, np.ndarray]] = {}
 
     def _order(self, source: int, epoch: int) -> np.ndarray:
@@ -108,15 +106,6 @@ class MixtureSampler:
             epoch, within = divmod(drawn, self.sizes[source])
             out.append(self.starts[source] + int(self._order(source, epoch)[within]))
         return out
-
-    def take(self, global_batch: int) -> list[int]:
-        """The next step's ``global_batch`` sequences; returns this rank's contiguous share."""
-        if global_batch % self.world_size:
-            raise ValueError(f"a global batch of {global_batch} does not split over {self.world_size} ranks")
-        share = global_batch // self.world_size
-        indices = self.global_indices(self.consumed + self.rank * share, share)
-        self.consumed += global_batch
-        return indices
 
     def drawn(self, consumed: int | None = None) -> np.ndarray:
         """Sequences each source has given in the first ``consumed`` positions (default: so far)."""

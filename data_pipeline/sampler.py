@@ -13,15 +13,35 @@ from __future__ import annotations
 import numpy as np
 
 
-class PackedSampler:
-    def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True):
+class GlobalStream:
+    """What every sampler of the run shares: a global stream of dataset indices (``global_indices``,
+    defined by the subclass), consumed a global batch at a time, this rank reading its share."""
+
+    def __init__(self, rank: int, world_size: int):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.rank, self.world_size = rank, world_size
+        self.consumed = 0
+
+    def global_indices(self, start: int, count: int) -> list[int]:
+        raise NotImplementedError
+
+    def take(self, global_batch: int) -> list[int]:
+        """The next step's ``global_batch`` sequences; returns this rank's contiguous share."""
+        if global_batch % self.world_size:
+            raise ValueError(f"a global batch of {global_batch} does not split over {self.world_size} ranks")
+        share = global_batch // self.world_size
+        indices = self.global_indices(self.consumed + self.rank * share, share)
+        self.consumed += global_batch
+        return indices
+
+
+class PackedSampler(GlobalStream):
+    def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True):
+        super().__init__(rank, world_size)
         if num_samples < 1:
             raise ValueError("an empty dataset cannot feed a run")
-        self.num_samples, self.rank, self.world_size = num_samples, rank, world_size
-        self.seed, self.shuffle = seed, shuffle
-        self.consumed = 0
+        self.num_samples, self.seed, self.shuffle = num_samples, seed, shuffle
         self._epoch, self._order = -1, np.empty(0, dtype=np.int64)
 
     def epoch_order(self, epoch: int) -> np.ndarray:
@@ -39,15 +59,6 @@ class PackedSampler:
             epoch, offset = divmod(position, self.num_samples)
             out.append(int(self.epoch_order(epoch)[offset]))
         return out
-
-    def take(self, global_batch: int) -> list[int]:
-        """The next step's ``global_batch`` sequences; returns this rank's contiguous share."""
-        if global_batch % self.world_size:
-            raise ValueError(f"a global batch of {global_batch} does not split over {self.world_size} ranks")
-        share = global_batch // self.world_size
-        indices = self.global_indices(self.consumed + self.rank * share, share)
-        self.consumed += global_batch
-        return indices
 
     @property
     def epoch(self) -> int:
