@@ -66,3 +66,21 @@ def test_rank_parameter_counts_add_up_to_the_model(deep_config):
     dualpipe = rank_parameters(deep_config, 4, ep, "dualpipe")  # report 3.2.1: two copies of the parameters
     assert sum(r["routed_expert_parameters"] for r in dualpipe) * ep == 2 * experts
     assert sum(r["other_parameters"] for r in dualpipe) == 2 * others
+
+
+def test_count_cli_gives_the_most_loaded_ranks_parameters(capsys):
+    import json
+
+    from plugins.model.__main__ import main
+
+    from .conftest import ROOT
+
+    tiny_yaml = str(ROOT / "configs" / "tiny.yaml")
+    assert main(["count", tiny_yaml, "--pp", "2", "--ep", "4", "--pipeline-schedule", "1f1b"]) == 0
+    per_rank = json.loads(capsys.readouterr().out)["per_rank"]
+    tiny = ModelConfig.from_yaml(tiny_yaml)
+    assert per_rank["parameters"] == max(r["parameters"] for r in rank_parameters(tiny, 2, 4, "1f1b"))
+    assert per_rank["layout"] == {"pp": 2, "ep": 4, "pipeline_schedule": "1f1b"}
+    assert main(["count", tiny_yaml, "--pp", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--pp 3 --pipeline-schedule dualpipe: dualpipe: needs an even number" in err[0]
