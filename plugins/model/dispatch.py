@@ -36,8 +36,10 @@ def permutation(indices: torch.Tensor, num_experts: int) -> Permutation:
 
 
 def permute(x: torch.Tensor, perm: Permutation) -> torch.Tensor:
-    """Token rows [N, D] -> expert-sorted rows [N*k, D]."""
-    return x[perm.token_index]
+    """Token rows [N, D] -> expert-sorted rows [N*k, D]. ``index_select``, not ``x[index]``: its
+    backward (``index_add``) sums a token's k gradient rows in a fixed order, where the advanced
+    index's (``index_put_`` with accumulate) varies run to run on a multi-threaded CPU."""
+    return x.index_select(0, perm.token_index)
 
 
 def unpermute(y: torch.Tensor, weights: torch.Tensor, perm: Permutation, num_tokens: int) -> torch.Tensor:
