@@ -77,7 +77,7 @@ def main() -> None:
                 run_dir = tmp / f"run-{wandb_mode}-{round_index}"
                 command = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "1", "launch/pretrain.py",
                            "--config", "configs/tiny.yaml", "--steps", str(args.steps), "--run-dir", str(run_dir),
-                           *[x for s in sets + [f"train.wandb_mode={wandb_mode}", "data.builtin_corpus=false"]
+                           *[x for s in sets + [f"train.wandb_mode={wandb_mode}", "data.builtin_corpus=false", "data.validation={}"]
                              for x in ("--set", s)]]
                 subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
                 records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]

@@ -73,6 +73,8 @@ class DataConfig:
     builtin_corpus: bool = False  # build tokenizer and dataset from Python's own text when missing
     seq_len: int = 4096
     builtin_megabytes: int = 8
+    # held-out sets by domain, {name: prepared dir or glob}, scored every train.eval_interval steps
+    validation: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -92,6 +94,8 @@ class TrainConfig:
     save_interval: int = 1000
     keep_checkpoints: int = 0  # retain the newest N checkpoints (0: all)
     heatmap_interval: int = 50
+    eval_interval: int = 0  # validate on data.validation every N steps and at the end (0: never)
+    eval_sequences: int = 64  # per domain, rounded down to a multiple of micro_batch_size x dp
     wandb_project: str = "deepseek-pretrain"
     wandb_mode: str = "auto"  # auto: online when WANDB_API_KEY is set, else offline; or online/offline/disabled
 
@@ -133,6 +137,10 @@ def _validate(run: RunConfig) -> None:
     for key in ["micro_batch_size", "log_interval", "save_interval", "heatmap_interval"]:
         if getattr(t, key) <= 0:
             fail(f"train.{key}", f"must be positive, got {getattr(t, key)}")
+    if t.eval_interval < 0:
+        fail("train.eval_interval", f"must be >= 0 (0: no validation), got {t.eval_interval}")
+    if t.eval_sequences <= 0:
+        fail("train.eval_sequences", f"must be positive, got {t.eval_sequences}")
     if t.keep_checkpoints < 0:
         fail("train.keep_checkpoints", f"must be >= 0 (0 keeps all), got {t.keep_checkpoints}")
     if t.total_tokens <= 0:

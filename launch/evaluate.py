@@ -3,6 +3,7 @@ on held-out text, and multiple-choice accuracy by per-option likelihood.
 
     python -m launch.evaluate --model RUN_DIR|CHECKPOINT_DIR|HF_DIR --data 'heldout/*.jsonl' \
         [--tokenizer DIR] [--seq-len L] [--stride S] [--choices items.jsonl] [--output FILE] \
+        [--packed NAME=DIR ... --max-sequences N] \
         [--tasks a,b --include-path configs/eval --num-fewshot K --limit N --batch-size B]
 
 Every document is ``<bos> text``; every text token is scored once, given at most L-1 tokens
@@ -11,6 +12,10 @@ each scoring only the tokens the previous window did not. Bits per byte (tokeniz
 = sum of token NLL in nats / (ln 2 x UTF-8 bytes of the texts). A ``--choices`` JSONL line is
 ``{"context": str, "options": [str, ...], "answer": int}``; the chosen option is the one with the
 lowest NLL per UTF-8 byte of the option, given the context.
+
+``--packed NAME=DIR`` scores prepared (packed) sequences as training's validation does
+(``launch.validation``): every label of the first ``--max-sequences`` sequences, given the
+sequence before it; loss per token and bits per byte (the tokens' UTF-8 bytes).
 
 ``--tasks`` runs lm-evaluation-harness tasks (the ``eval`` extra; ``launch.lm_eval_model``) on the
 same model, every token scored given at most L-1 tokens before it (the harness's max_length
@@ -39,6 +44,7 @@ from plugins.model.deepseek_v3 import DeepSeekV3
 from tokenizer.load import TokenizerBundle
 
 from .model_source import load_model_and_tokenizer
+from .validation import model_logits, score_logits, summarize
 
 
 def windows(num_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
@@ -128,10 +134,50 @@ def score_choices(model: DeepSeekV3, tokenizer: TokenizerBundle, items: list[dic
     return {"items": len(items), "accuracy": correct / len(items), "predictions": predictions}
 
 
+def parse_packed(items: list[str]) -> dict[str, str]:
+    """``--packed NAME=DIR`` (or ``DIR``, named by its last component)."""
+    out = {}
+    for item in items:
+        name, _, path = item.rpartition("=") if "=" in item else (Path(item).name, "", item)
+        if not name or not path or name in out:
+            raise ConfigError(f"--packed {item}: expected NAME=DIR with distinct names")
+        out[name] = path
+    return out
+
+
+@torch.no_grad()
+def score_packed(model: DeepSeekV3, tokenizer: TokenizerBundle, directory: str, max_sequences: int | None,
+                 batch_size: int) -> dict:
+    """Loss and bits per byte of a prepared directory's first ``max_sequences`` sequences."""
+    from data_pipeline.catalog import open_prepared, prepared_dirs
+    from data_pipeline.dataset import DatasetError
+    from data_pipeline.mixture import MixtureDataset, Source
+
+    try:
+        dataset = MixtureDataset([Source(directory, 1.0, open_prepared(prepared_dirs(directory), tokenizer.fingerprint))])
+    except DatasetError as error:
+        raise ConfigError(f"--packed {directory}: {error}") from None
+    if dataset.seq_len > model.config.max_position_embeddings:
+        raise ConfigError(f"--packed {directory}: sequences of {dataset.seq_len} tokens exceed the model's "
+                          f"{model.config.max_position_embeddings} positions")
+    device = next(model.parameters()).device
+    token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.float64, device=device)
+    count = min(max_sequences or len(dataset), len(dataset))
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    for start in tqdm(range(0, count, batch_size), desc=f"scoring {directory}", unit=" batches", file=sys.stderr,
+                      disable=None):
+        samples = [dataset[i] for i in range(start, min(start + batch_size, count))]
+        input_ids = torch.stack([s["input_ids"] for s in samples]).to(device)
+        labels = torch.stack([s["labels"] for s in samples]).to(device)
+        totals += score_logits(model_logits(model, input_ids), labels, token_bytes)
+    return {"directory": directory, "sequences": count, **summarize(totals)}
+
+
 def check_flags(args: argparse.Namespace) -> None:
     """The numeric flags' ranges that do not depend on the model, before anything is loaded."""
     for flag, value, least in [("--seq-len", args.seq_len, 2), ("--stride", args.stride, 1),
                                ("--batch-size", args.batch_size, 1), ("--limit", args.limit, 1),
+                               ("--max-sequences", args.max_sequences, 1),
                                ("--num-fewshot", args.num_fewshot, 0)]:
         if value is not None and value < least:
             raise ConfigError(f"{flag} {value}: expected at least {least}")
@@ -143,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", nargs="+", default=None, help=".jsonl/.json/.parquet/.txt files or globs")
     parser.add_argument("--text-field", default="text")
     parser.add_argument("--choices", type=Path, default=None, help="multiple-choice JSONL")
+    parser.add_argument("--packed", nargs="+", default=None, help="NAME=DIR prepared (packed) held-out sets")
+    parser.add_argument("--max-sequences", type=int, default=None, help="--packed: sequences scored per set "
+                        "(default: all)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the run's)")
     parser.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's max positions)")
     parser.add_argument("--stride", type=int, default=None, help="window advance (default: seq-len / 2)")
@@ -154,11 +203,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=1, help="lm-eval sequences per forward")
     args = parser.parse_args(argv)
     try:
-        if not args.data and not args.choices and not args.tasks:
-            raise ConfigError("give --data (held-out text), --choices (multiple-choice JSONL) and/or --tasks (lm-eval)")
+        if not args.data and not args.choices and not args.tasks and not args.packed:
+            raise ConfigError("give --data (held-out text), --packed (prepared held-out sets), --choices "
+                              "(multiple-choice JSONL) and/or --tasks (lm-eval)")
         if args.tasks and importlib.util.find_spec("lm_eval") is None:
             raise ConfigError("--tasks needs lm-eval: pip install -e '.[eval]'")
         check_flags(args)
+        packed = parse_packed(args.packed) if args.packed else None
         data = resolve_inputs(args.data) if args.data else None
         choices = read_choices(args.choices) if args.choices else None
         loaded, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer)
@@ -172,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
             result["data"] = args.data
             texts = iter_texts([str(path) for path in data], text_field=args.text_field)
             result.update(evaluate_texts(loaded.model, tokenizer, texts, seq_len, stride, sources=data))
+        if packed:
+            result["packed"] = {name: score_packed(loaded.model, tokenizer, path, args.max_sequences, args.batch_size)
+                                for name, path in packed.items()}
         if args.choices:
             result["choices"] = {"file": str(args.choices),
                                  **score_choices(loaded.model, tokenizer, choices, seq_len)}

@@ -88,6 +88,17 @@ class MetricsLogger:
                 plots.plt.close(figure)
         self.wandb.log(flat, step=step)
 
+    def log_eval(self, record: dict) -> None:
+        """A validation record (``launch.validation``): its own line, W&B under val/."""
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb is None:
+            return
+        flat = {f"val/{name}/{key}": value[key] for name, value in record["val"].items() for key in ("loss", "bpb")}
+        flat["val/maxvio_batch"] = record["maxvio_batch"]
+        flat["val/specialization"] = record["specialization"]
+        self.wandb.log(flat, step=record["step"])
+
     def close(self) -> None:
         self.file.close()
         if self.wandb is not None:

@@ -6,7 +6,8 @@ Each step (nanoGPT order): the schedules' values at the tokens trained so far (r
 the step's micro-batches through ``forward_backward`` (gradient accumulation or the pipeline
 schedule) -> one all-reduce of the losses and the [MoE blocks, experts] loads -> a non-finite
 check -> DeepSpeed reduces, clips (1.0) and applies AdamW -> every MoE block's router bias moves by
-+-gamma from the whole batch's loads (report 2.1.2) -> metrics, and a checkpoint at the interval.
++-gamma from the whole batch's loads (report 2.1.2) -> metrics, validation on the held-out domains
+at ``train.eval_interval`` (``launch.validation``), and a checkpoint at the interval.
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ from plugins.model.balance import collect_expert_loads, max_violation, reset_exp
 from . import ds_internals, memory
 from .checkpoint import Checkpointer
 from .config import RunConfig
-from .data_setup import setup_data
+from .data_setup import setup_data, validating, validation_sets
 from .forward_backward import GradientAccumulation, PipelineSchedule
 from .groups import build_groups
 from .parallelize import check_schedule, parallelize
 from .schedules import batch_size, learning_rate, step_value
+from .validation import Validator
 
 
 class TrainingStopped(ProjectError):
@@ -81,7 +83,8 @@ class Trainer:
         self.rank0 = groups.rank == 0
         self.pipelined = groups.pp > 1
         self._check_run_dir()
-        _, self.dataset = setup_data(run, groups.rank)
+        bundle, self.dataset = setup_data(run, groups.rank)
+        held_out = validation_sets(run, bundle) if validating(run) else {}
         self.granularity = self._check_batch()
         if self.pipelined:
             check_schedule(run, groups, [t.batch.start, t.batch.final])
@@ -115,6 +118,9 @@ class Trainer:
             options.run_dir, groups.rank, dist.get_world_size(), run.model.n_routed_experts, built.expert_offset,
             t.keep_checkpoints, layout={"pp": groups.pp, "ep": groups.ep, "dp": groups.dp,
                                         "pipeline_schedule": p.pipeline_schedule})
+        self.validator = Validator(held_out, bundle.token_bytes(), self.module, built.shard, groups,
+                                   t.micro_batch_size, p.pipeline_schedule, p.fp8, run.source, t.eval_sequences,
+                                   device) if held_out else None
         self.sampler = sampler_for(self.dataset, rank=groups.dp_rank, world_size=groups.dp, seed=t.seed)
         self.step, self.tokens = 0, 0
         if options.resume:
@@ -270,6 +276,8 @@ class Trainer:
                           f"(lm {record['lm_loss']:.4f} mtp {record['mtp_loss']:.4f} aux {record['aux_loss']:.2e}) | "
                           f"lr {record['lr']:.3e} | grad norm {record['grad_norm']:.3f} | "
                           f"MaxVio {record['maxvio_global']:.3f} | {record['tokens_per_s']:.0f} tokens/s", flush=True)
+                if self.validator is not None and (self.step % t.eval_interval == 0 or self.finished()):
+                    self.validate()
                 if self.step % t.save_interval == 0 or self.finished():
                     self.save()
         finally:
@@ -277,6 +285,14 @@ class Trainer:
                 self.logger.close()
         self._say(f"finished at step {self.step} ({self.tokens} tokens); run dir {self.options.run_dir} "
                   f"(metrics.jsonl, checkpoints/, wandb/; plots: python -m launch.dashboard {self.options.run_dir})")
+
+    def validate(self) -> None:
+        record = self.validator.run(self.step, self.tokens)
+        if self.logger is not None:
+            self.logger.log_eval(record)
+        domains = " | ".join(f"{name} loss {v['loss']:.4f} bpb {v['bpb']:.4f}" for name, v in record["val"].items())
+        self._say(f"validation at step {self.step} | {domains} | MaxVio_batch {record['maxvio_batch']:.3f} | "
+                  f"specialization {record['specialization']:.4f}")
 
     # ------------------------------------------------------------------------ checkpoints
     def save(self) -> None:

@@ -115,6 +115,11 @@ def _coerce(value: Any, hint: Any, where: str, source: str) -> Any:
         return _coerce(value, inner, where, source)
     if dataclasses.is_dataclass(hint):
         return build(hint, value, where, source)
+    if origin is dict:
+        if not (isinstance(value, dict) and all(isinstance(k, str) and k and isinstance(v, str) and v
+                                                for k, v in value.items())):
+            raise ConfigError(f"{source}: {where}: expected a mapping of names to paths, got {value!r}")
+        return dict(value)
     if origin is list:
         if not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
             raise ConfigError(f"{source}: {where}: expected a non-empty list of strings, got {value!r}")

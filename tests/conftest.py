@@ -82,12 +82,17 @@ def tokenizer_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def embedded_run(tmp_path_factory):
     """The README's main job on a fresh machine: the tiny config builds its own tokenizer and
-    dataset from Python's standard library, then trains (1 rank, 40 steps). Returns (run dir,
+    dataset from Python's standard library, then trains (1 rank, 40 steps, validating on its held-out
+    code and docs at steps 20 and 40). Returns (run dir,
     {"dataset", "tokenizer"}, the launcher's CompletedProcess)."""
     from .launcher import launch, ok
 
     root = tmp_path_factory.mktemp("embedded")
-    data = {"dataset": root / "cache" / "packed", "tokenizer": root / "cache" / "tokenizer"}
+    data = {"dataset": root / "cache" / "packed", "tokenizer": root / "cache" / "tokenizer",
+            "validation": {domain: root / "cache" / "val" / domain for domain in ("code", "docs")}}
     result = ok(launch(1, root / "run", "--steps", "40", "--set", f"data.dataset={data['dataset']}",
-                       "--set", f"data.tokenizer={data['tokenizer']}", "--set", "data.builtin_megabytes=2"))
+                       "--set", f"data.tokenizer={data['tokenizer']}", "--set", "data.builtin_megabytes=2",
+                       "--set", f"data.validation.code={data['validation']['code']}",
+                       "--set", f"data.validation.docs={data['validation']['docs']}",
+                       "--set", "train.eval_interval=20", "--set", "train.eval_sequences=16"))
     return root / "run", data, result

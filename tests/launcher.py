@@ -16,7 +16,7 @@ def _pretrain(run_dir, args, data, config) -> list[str]:
     sets = ["--set", "train.wandb_mode=offline"]
     if data is not None:
         sets += ["--set", f"data.dataset={data['dataset']}", "--set", f"data.tokenizer={data['tokenizer']}",
-                 "--set", "data.builtin_corpus=false"]
+                 "--set", "data.builtin_corpus=false", "--set", "data.validation={}"]
     return ["launch/pretrain.py", "--config", config, "--run-dir", str(run_dir), *sets, *args]
 
 
@@ -50,7 +50,13 @@ def launch_nodes(nodes: int, per_node: int, run_dir, *args, data=None, config="c
 
 
 def metrics(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """The training records of metrics.jsonl (one per logged step)."""
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def eval_records(run_dir) -> list[dict]:
+    """The validation records of metrics.jsonl (``train.eval_interval``)."""
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "val" in r]
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

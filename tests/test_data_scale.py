@@ -327,7 +327,7 @@ def test_a_three_source_mixture_trains_in_its_proportions_and_resumes_exactly(so
 
     mixture = json.dumps([{"name": n, "path": str(sources[n]), "weight": w} for n, w in WEIGHTS.items()])
     sets = [f"data.tokenizer={tokenizer_dir}", "data.builtin_corpus=false", "data.seq_len=128",
-            f"data.sources={mixture}"]
+            f"data.sources={mixture}", "data.validation={}"]
     args = [item for s in sets for item in ("--set", s)]
     run = tmp_path / "run"
     ok(launch(1, run, "--steps", "24", "--save-interval", "12", *args))

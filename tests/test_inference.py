@@ -123,7 +123,7 @@ def test_long_context_stages_start_from_the_pretrained_run(embedded_run, tmp_pat
         result = ok(launch(1, out, "--steps", "2", "--init-from", str(previous),
                            "--set", f"data.dataset={cache / f'packed_{seq_len}'}",
                            "--set", f"data.tokenizer={data['tokenizer']}", "--set", "data.builtin_megabytes=2",
-                           config=f"configs/tiny_long_stage{stage}.yaml"))
+                           "--set", "data.validation={}", config=f"configs/tiny_long_stage{stage}.yaml"))
         assert f"initialised the weights from {previous}" in result.stdout
         records = metrics(out)
         assert len(records) == 2 and records[0]["tokens"] == 2048 and records[0]["lr"] == 1e-4

@@ -20,13 +20,37 @@ COMMON = ("--set", "train.micro_batch_size=1", "--set", "model.n_group=2", "--se
 
 @pytest.fixture(scope="module")
 def runs(embedded_run, tmp_path_factory):
-    """Two uninterrupted 4-step runs on 4 ranks: (pp 2, ep 2, dp 2) keeping its last 3 checkpoints,
-    and plain data parallelism (dp 4) saving at step 2."""
+    """Two uninterrupted 4-step runs on 4 ranks: (pp 2, ep 2, dp 2) keeping its last 3 checkpoints
+    and validating at steps 2 and 4, and plain data parallelism (dp 4) saving at step 2."""
     root, data = tmp_path_factory.mktemp("sharded"), embedded_run[1]
+    validation = [f"data.validation.{name}={path}" for name, path in data["validation"].items()]
     ok(launch(4, root / "pp2ep2", "--steps", "4", "--save-interval", "1", "--pp", "2", "--ep", "2",
-              "--set", "train.keep_checkpoints=3", *COMMON, data=data))
+              "--set", "train.keep_checkpoints=3", *COMMON, "--set", "train.eval_interval=2",
+              "--set", "train.eval_sequences=8", *(x for v in validation for x in ("--set", v)), data=data))
     ok(launch(4, root / "dp4", "--steps", "4", "--save-interval", "2", *COMMON, data=data))
     return root, data
+
+
+def test_pipelined_expert_parallel_validation_equals_launch_evaluate(runs, tmp_path):
+    """Validation through the pipeline (DualPipe, pp 2) with expert parallelism (ep 2) over 2
+    data-parallel replicas scores what one whole model reloaded from the checkpoint scores."""
+    import json
+
+    from launch.evaluate import main as evaluate
+
+    from .launcher import eval_records
+
+    root, data = runs
+    last = eval_records(root / "pp2ep2")[-1]
+    assert last["step"] == 4
+    out = tmp_path / "eval.json"
+    packed = [f"{name}={path}" for name, path in data["validation"].items()]
+    assert evaluate(["--model", str(root / "pp2ep2"), "--packed", *packed, "--max-sequences", "8",
+                     "--output", str(out)]) == 0
+    for name, result in json.loads(out.read_text())["packed"].items():
+        assert result["tokens"] == last["val"][name]["tokens"]
+        assert result["loss"] == pytest.approx(last["val"][name]["loss"], rel=1e-5)
+        assert result["bpb"] == pytest.approx(last["val"][name]["bpb"], rel=1e-5)
 
 
 def _resume(runs, source: str, name: str, ranks: int, *layout: str) -> list[dict]:

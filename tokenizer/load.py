@@ -53,6 +53,26 @@ class TokenizerBundle:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
+    def token_bytes(self) -> list[int]:
+        """UTF-8 bytes of text each token id stands for (0 for special tokens): bits per byte of
+        tokenized data divides by their sum. Exact for byte-level BPE (one alphabet symbol per
+        byte); otherwise byte-fallback pieces ``<0xNN>`` count one byte and other tokens the bytes
+        of their decoded text."""
+        special = set(self.tokenizer.get_added_tokens_decoder())
+        byte_level = (json.loads(self.tokenizer.to_str()).get("decoder") or {}).get("type") == "ByteLevel"
+        lengths = []
+        for token_id in range(self.vocab_size):
+            token = self.tokenizer.id_to_token(token_id)
+            if token_id in special or token is None:
+                lengths.append(0)
+            elif byte_level:
+                lengths.append(len(token))
+            elif len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+                lengths.append(1)
+            else:
+                lengths.append(len(self.tokenizer.decode([token_id]).encode("utf-8")))
+        return lengths
+
     def require_pipeline_tokens(self) -> TokenizerBundle:
         """The data pipeline's needs: pad and FIM tokens and ``split_table.json``."""
         config = self.directory / "tokenizer_config.json"
