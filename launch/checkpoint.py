@@ -6,7 +6,8 @@ and any layout reads them back (report 3.2: PP x EP x ZeRO-1 data parallelism).
                               weights), ``exp_avg/NAME`` and ``exp_avg_sq/NAME`` (AdamW moments),
                               each a flattened global tensor (every routed expert included) of
                               which each rank wrote its ZeRO-1 partition of the stages and experts
-                              it holds; ``buffers/NAME`` (router biases), written once
+                              it holds; ``ema/NAME`` the same for the host-memory EMA of the
+                              weights when the run keeps one; ``buffers/NAME`` (router biases)
     train_state.json          step, tokens, the data sampler's global position, Adam's step, the
                               layout that wrote it
     rng_rankN.pt              rank N's RNG states (restored when resumed on as many ranks)
@@ -119,16 +120,23 @@ def buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             if name not in params and not name.endswith("_extra_state")}
 
 
-def read_model(directory: Path, model: torch.nn.Module, num_experts: int, expert_offset: int = 0) -> None:
+def read_model(directory: Path, model: torch.nn.Module, num_experts: int, expert_offset: int = 0,
+               weights: str = "model") -> None:
     """Fill ``model`` (the whole model, or the stages and experts one rank holds) with a checkpoint's
-    FP32 weights and router biases, reading only what it holds. Collective when distributed."""
+    FP32 weights (``weights="ema"``: their EMA) and router biases, reading only what it holds.
+    Collective when distributed."""
     where = Placement(model, num_experts, expert_offset)
-    pieces = [Piece(f"model/{name}", *where(name, param), param.data.view(-1))
+    pieces = [Piece(f"{weights}/{name}", *where(name, param), param.data.view(-1))
               for name, param in model.named_parameters()]
     try:
         dcp_pieces.load(directory, pieces, buffers(model))
     except PieceError as error:
-        raise CheckpointError(f"{directory}: {error}") from None
+        hint = " (the run kept no EMA: train.ema)" if weights == "ema" else ""
+        raise CheckpointError(f"{directory}: {error}{hint}") from None
+
+
+def holds_ema(directory: Path) -> bool:
+    return any(key.startswith("ema/") for key in dcp_pieces.stored_keys(directory))
 
 
 class Checkpointer:
@@ -166,26 +174,27 @@ class Checkpointer:
                 skipped.append(str(error))
         raise CheckpointError(f"{self.directory}: no checkpoint verifies ({skipped[0]})")
 
-    def _pieces(self, engine, saving: bool) -> list[Piece]:
-        """This rank's ZeRO-1 partitions as pieces of the global tensors; on save, a stage replica
-        another pipeline rank also holds is left to that rank."""
+    def _pieces(self, engine, saving: bool, ema: dict[str, torch.Tensor] | None = None) -> list[Piece]:
+        """This rank's ZeRO-1 partitions (and their EMA) as pieces of the global tensors; on save, a
+        stage replica another pipeline rank also holds is left to that rank."""
         where = Placement(engine.module, self.num_experts, self.expert_offset)
         pieces = []
         for name, param, start, states in ds_internals.zero_fragments(engine):
             if saving and ds_internals.is_pipe_replicated(param):
                 continue
             total, base = where(name, param)
+            states = {**states, **({"ema": ema[name]} if ema is not None else {})}
             pieces += [Piece(f"{key}/{name}", total, base + start, tensor) for key, tensor in states.items()]
         return pieces
 
-    def save(self, engine, step: int, client_state: dict) -> str:
+    def save(self, engine, step: int, client_state: dict, ema: dict[str, torch.Tensor] | None = None) -> str:
         tag = f"step{step:08d}"
         final, partial = self.directory / tag, self.directory / f".{tag}.partial"
         if self.rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
         dist.barrier()
-        dcp_pieces.save(partial, self._pieces(engine, saving=True), buffers(engine.module))
+        dcp_pieces.save(partial, self._pieces(engine, saving=True, ema=ema), buffers(engine.module))
         torch_save_atomic(_rng_state(), partial / f"rng_rank{self.rank}.pt")
         if self.rank == 0:
             state = {**client_state, "adam_step": ds_internals.adam_step(engine), "world_size": self.world_size,
@@ -208,13 +217,16 @@ class Checkpointer:
         for tag in tags[: max(0, len(tags) - (self.keep - 1))]:
             shutil.rmtree(self.directory / tag, ignore_errors=True)
 
-    def load(self, engine, tag: str) -> dict:
-        """Restore checkpoint ``tag`` (see ``choose``) into the engine, whatever layout wrote it;
-        returns its train state."""
+    def load(self, engine, tag: str, ema: dict[str, torch.Tensor] | None = None) -> dict:
+        """Restore checkpoint ``tag`` (see ``choose``) into the engine (and ``ema``'s tensors when the
+        checkpoint holds an EMA), whatever layout wrote it; returns its train state, with
+        ``ema_restored``."""
         directory = self.directory / tag
         state = read_train_state(directory)
+        state["ema_restored"] = ema is not None and holds_ema(directory)
         try:
-            dcp_pieces.load(directory, self._pieces(engine, saving=False), buffers(engine.module))
+            dcp_pieces.load(directory, self._pieces(engine, saving=False, ema=ema if state["ema_restored"] else None),
+                            buffers(engine.module))
         except PieceError as error:
             raise CheckpointError(f"{directory}: {error}") from None
         ds_internals.copy_master_weights_to_model(engine)

@@ -78,6 +78,13 @@ class DataConfig:
 
 
 @dataclass
+class EMAConfig:
+    """An EMA of the parameters in host memory (report 3.2.3), updated after every step."""
+
+    decay: float
+
+
+@dataclass
 class TrainConfig:
     total_tokens: float = 14.8e12
     micro_batch_size: int = 1
@@ -94,6 +101,7 @@ class TrainConfig:
     save_interval: int = 1000
     keep_checkpoints: int = 0  # retain the newest N checkpoints (0: all)
     heatmap_interval: int = 50
+    ema: EMAConfig | None = None  # e.g. {decay: 0.999}; launch.convert/evaluate --ema read it
     eval_interval: int = 0  # validate on data.validation every N steps and at the end (0: never)
     eval_sequences: int = 64  # per domain, rounded down to a multiple of micro_batch_size x dp
     wandb_project: str = "deepseek-pretrain"
@@ -137,6 +145,8 @@ def _validate(run: RunConfig) -> None:
     for key in ["micro_batch_size", "log_interval", "save_interval", "heatmap_interval"]:
         if getattr(t, key) <= 0:
             fail(f"train.{key}", f"must be positive, got {getattr(t, key)}")
+    if t.ema is not None and not 0.0 < t.ema.decay < 1.0:
+        fail("train.ema.decay", f"expected 0 < decay < 1, got {t.ema.decay}")
     if t.eval_interval < 0:
         fail("train.eval_interval", f"must be >= 0 (0: no validation), got {t.eval_interval}")
     if t.eval_sequences <= 0:

@@ -3,7 +3,9 @@
 the sharded checkpoint one parameter (or a bounded batch of routed experts) at a time and written
 shard by shard, so the host never holds the model.
 
-    python -m launch.convert RUN_DIR|CHECKPOINT_DIR OUT_DIR [--tag stepNNNNNNNN]
+    python -m launch.convert RUN_DIR|CHECKPOINT_DIR OUT_DIR [--tag stepNNNNNNNN] [--ema]
+
+``--ema`` exports the run's host-memory EMA of the weights (``train.ema``) in place of the weights.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from plugins.interop.hf import hf_tensors, write_hf_directory
 from plugins.model.deepseek_v3 import DeepSeekV3
 
 from . import dcp_pieces
-from .checkpoint import CheckpointError, expert_banks
+from .checkpoint import CheckpointError, expert_banks, holds_ema
 from .dcp_pieces import Piece, PieceError
 from .model_source import CheckpointSource, find_checkpoint
 
@@ -38,8 +40,9 @@ def _read(directory: Path, key: str, out: torch.Tensor, offset: int = 0, global_
         raise CheckpointError(f"{directory}: {error}") from None
 
 
-def checkpoint_tensors(source: CheckpointSource) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF key, tensor) pairs of a checkpoint, read piece by piece (a meta model gives names and shapes)."""
+def checkpoint_tensors(source: CheckpointSource, weights: str = "model") -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF key, tensor) pairs of a checkpoint, read piece by piece (a meta model gives names and
+    shapes); ``weights="ema"`` reads the EMA of the weights."""
     config = source.config
     with torch.device("meta"):
         model = DeepSeekV3(config)
@@ -49,7 +52,7 @@ def checkpoint_tensors(source: CheckpointSource) -> Iterator[tuple[str, torch.Te
             continue
         if config.tie_word_embeddings and name == "lm_head.weight":
             continue  # the embedding's tensor (named once in the checkpoint)
-        key = f"model/{name}" if name in params else f"buffers/{name}"
+        key = f"{weights}/{name}" if name in params else f"buffers/{name}"
         if name not in banks:
             value = torch.empty(meta.shape, dtype=meta.dtype)
             _read(source.directory, key, value)
@@ -70,13 +73,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path, help="a run directory or one of its checkpoint directories")
     parser.add_argument("output", type=Path, help="new directory for the HF checkpoint")
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: the latest complete one)")
+    parser.add_argument("--ema", action="store_true", help="export the EMA of the weights (train.ema)")
     args = parser.parse_args(argv)
 
     def body() -> int:
         check_output_dir(args.output, overwrite=False, option="HF output directory")
         source = find_checkpoint(args.run_dir, args.tag)
-        write_hf_directory(source.config, torch.float32, checkpoint_tensors(source), args.output)
-        print(f"wrote {args.output}/ (HF DeepseekV3, from {source.directory})")
+        if args.ema and not holds_ema(source.directory):
+            raise CheckpointError(f"{source.directory}: holds no EMA (--ema needs a run with train.ema)")
+        weights = "ema" if args.ema else "model"
+        write_hf_directory(source.config, torch.float32, checkpoint_tensors(source, weights), args.output)
+        print(f"wrote {args.output}/ (HF DeepseekV3, from {source.directory}{', EMA weights' if args.ema else ''})")
         return 0
 
     return run_cli(body)

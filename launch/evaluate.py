@@ -3,7 +3,7 @@ on held-out text, and multiple-choice accuracy by per-option likelihood.
 
     python -m launch.evaluate --model RUN_DIR|CHECKPOINT_DIR|HF_DIR --data 'heldout/*.jsonl' \
         [--tokenizer DIR] [--seq-len L] [--stride S] [--choices items.jsonl] [--output FILE] \
-        [--packed NAME=DIR ... --max-sequences N] \
+        [--packed NAME=DIR ... --max-sequences N] [--ema] \
         [--tasks a,b --include-path configs/eval --num-fewshot K --limit N --batch-size B]
 
 Every document is ``<bos> text``; every text token is scored once, given at most L-1 tokens
@@ -193,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-sequences", type=int, default=None, help="--packed: sequences scored per set "
                         "(default: all)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the run's)")
+    parser.add_argument("--ema", action="store_true", help="evaluate a run's EMA of the weights (train.ema)")
     parser.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's max positions)")
     parser.add_argument("--stride", type=int, default=None, help="window advance (default: seq-len / 2)")
     parser.add_argument("--output", type=Path, default=None, help="JSON file (default: RUN_DIR/eval.json for runs)")
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         packed = parse_packed(args.packed) if args.packed else None
         data = resolve_inputs(args.data) if args.data else None
         choices = read_choices(args.choices) if args.choices else None
-        loaded, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer)
+        loaded, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, args.ema)
         seq_len = args.seq_len or loaded.model.config.max_position_embeddings
         stride = args.stride or max(1, seq_len // 2)
         if not 2 <= seq_len <= loaded.model.config.max_position_embeddings or not 1 <= stride < seq_len:

@@ -74,25 +74,28 @@ def read_weights(path: str | Path, model: DeepSeekV3, expert_offset: int = 0) ->
         raise ConfigError(f"--init-from {path}: its weights do not fit this config's model ({error})") from None
 
 
-def load_model(path: str | Path) -> LoadedModel:
+def load_model(path: str | Path, ema: bool = False) -> LoadedModel:
     """A run dir, a checkpoint dir or a HF dir -> the whole model in eval mode, float32, on the GPU
-    when there is one."""
+    when there is one; ``ema``: a checkpoint's EMA of the weights (``train.ema``)."""
     path = Path(path)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if (path / "config.json").is_file():
+        if ema:
+            raise ConfigError(f"{path}: --ema reads a run's checkpoint; a HF directory holds one set of weights")
         return LoadedModel(load_hf_checkpoint(path).to(device).eval(), None, None, f"HF checkpoint {path}")
     source = find_checkpoint(path)
     with torch.device("meta"):
         model = DeepSeekV3(source.config)
     materialize(model, device, std=None)
-    read_model(source.directory, model, source.config.n_routed_experts)
-    return LoadedModel(model.eval(), source.tokenizer_dir, source.run_dir, str(source.directory))
+    read_model(source.directory, model, source.config.n_routed_experts, weights="ema" if ema else "model")
+    return LoadedModel(model.eval(), source.tokenizer_dir, source.run_dir,
+                       f"{source.directory}{' (EMA)' if ema else ''}")
 
 
-def load_model_and_tokenizer(model_path: str | Path, tokenizer_dir: str | Path | None
+def load_model_and_tokenizer(model_path: str | Path, tokenizer_dir: str | Path | None, ema: bool = False
                              ) -> tuple[LoadedModel, TokenizerBundle]:
     """``--model`` and ``--tokenizer`` of the entry points: a HF directory needs the tokenizer named."""
-    loaded = load_model(model_path)
+    loaded = load_model(model_path, ema)
     directory = tokenizer_dir or loaded.tokenizer_dir
     if directory is None:
         raise ConfigError(f"{model_path}: a HF directory needs --tokenizer DIR")

@@ -31,6 +31,7 @@ from . import ds_internals, memory
 from .checkpoint import Checkpointer
 from .config import RunConfig
 from .data_setup import setup_data, validating, validation_sets
+from .ema import HostEMA
 from .forward_backward import GradientAccumulation, PipelineSchedule
 from .groups import build_groups
 from .parallelize import check_schedule, parallelize
@@ -112,6 +113,8 @@ class Trainer:
             groups.mpu)
         for moe in self.moe_layers:  # bf16 engines cast buffers too; the bias stays float32 (report 3.3.1)
             moe.gate.e_score_correction_bias.data = moe.gate.e_score_correction_bias.data.float()
+        self.ema = HostEMA({name: states["model"] for name, _, _, states in ds_internals.zero_fragments(self.engine)},
+                           t.ema.decay) if t.ema is not None else None
         self.steps = (PipelineSchedule(built.shard, groups, p.pipeline_schedule, p.fp8) if self.pipelined
                       else GradientAccumulation(self.engine, p.fp8))
         self.checkpointer = Checkpointer(
@@ -212,7 +215,11 @@ class Trainer:
                 f"step {self.step + 1}: non-finite loss ({self._summary(values)}); MaxVio per MoE block: "
                 f"{np.round(max_violation(loads).tolist(), 3).tolist()}; last good checkpoint: {self._last_good()} "
                 "(resume with --resume)")
+        if self.ema is not None:
+            self.ema.wait()  # the last update has read the weights this step overwrites
         self.engine.step()
+        if self.ema is not None:
+            self.ema.update()
         update_router_biases(self.moe_layers, loads, gamma)
         grad_norm = float(self.engine.get_global_grad_norm())
         if not np.isfinite(grad_norm):
@@ -281,6 +288,8 @@ class Trainer:
                 if self.step % t.save_interval == 0 or self.finished():
                     self.save()
         finally:
+            if self.ema is not None:
+                self.ema.close()
             if self.logger is not None:
                 self.logger.close()
         self._say(f"finished at step {self.step} ({self.tokens} tokens); run dir {self.options.run_dir} "
@@ -297,8 +306,11 @@ class Trainer:
     # ------------------------------------------------------------------------ checkpoints
     def save(self) -> None:
         state = {"step": self.step, "tokens": self.tokens, "sampler": self.sampler.state_dict()}
+        if self.ema is not None:
+            self.ema.wait()
         with memory.Increase(self.device) as phase:
-            self.last_good = self.checkpointer.save(self.engine, self.step, state)
+            self.last_good = self.checkpointer.save(self.engine, self.step, state,
+                                                    self.ema.shadow if self.ema is not None else None)
         self._say(f"saved checkpoint {self.checkpointer.directory / self.last_good}{self._added(phase)}")
 
     def _added(self, phase: memory.Increase) -> str:
@@ -308,7 +320,10 @@ class Trainer:
     def restore(self) -> None:
         tag = self.resume_tag
         with memory.Increase(self.device) as phase:
-            state = self.checkpointer.load(self.engine, tag)
+            state = self.checkpointer.load(self.engine, tag, self.ema.shadow if self.ema is not None else None)
+        if self.ema is not None and not state["ema_restored"]:
+            self.ema.reset_to_weights()
+            self._say(f"{tag} holds no EMA: the EMA starts at its weights")
         self.step, self.tokens = state["step"], state["tokens"]
         self.sampler.load_state_dict(state["sampler"])
         saved = state["layout"]

@@ -1,0 +1,93 @@
+"""The host-memory EMA of the weights (report 3.2.3): the recurrence by hand, in checkpoints sharded
+like the optimizer state (saved on 2 expert-parallel ranks, resumed on 1), exported and evaluated."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from launch.ema import HostEMA
+
+from .conftest import ROOT
+from .launcher import launch, ok
+
+DECAY = 0.9
+
+
+def test_host_ema_follows_the_recurrence_and_reads_weights_before_they_change():
+    weights = {"a": torch.zeros(5), "b": torch.full((2, 3), 2.0).view(-1)}
+    ema = HostEMA(weights, DECAY)
+    expected = {name: w.clone() for name, w in weights.items()}
+    for step in range(1, 4):
+        for w in weights.values():
+            w.add_(step)  # the optimizer step
+        for name in expected:
+            expected[name] = DECAY * expected[name] + (1 - DECAY) * weights[name]
+        ema.update()
+        ema.wait()  # before the next optimizer step overwrites the weights
+    for name in expected:
+        assert torch.allclose(ema.shadow[name], expected[name], atol=1e-6), name
+        assert ema.shadow[name].device.type == "cpu"
+    ema.close()
+
+
+def _weights(run_dir, tag: str, ema: bool) -> dict[str, torch.Tensor]:
+    from launch.model_source import load_model
+
+    model = load_model(run_dir / "checkpoints" / tag, ema=ema).model
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def ema_run(embedded_run, tmp_path_factory):
+    """4 steps on 2 ranks with expert parallelism, an EMA (decay 0.9) and a checkpoint every step."""
+    run_dir, data = tmp_path_factory.mktemp("ema") / "run", embedded_run[1]
+    ok(launch(2, run_dir, "--steps", "4", "--save-interval", "1", "--ep", "2", "--set", f"train.ema.decay={DECAY}",
+              data=data))
+    return run_dir, data
+
+
+@pytest.mark.slow
+def test_checkpointed_ema_follows_the_weights_and_resumes_on_another_layout(ema_run, tmp_path):
+    run_dir, data = ema_run
+    before, after, weights = (_weights(run_dir, "step00000003", True), _weights(run_dir, "step00000004", True),
+                              _weights(run_dir, "step00000004", False))
+    for name in weights:
+        assert torch.allclose(after[name], DECAY * before[name] + (1 - DECAY) * weights[name], atol=1e-6), name
+    assert any(not torch.equal(after[n], weights[n]) for n in weights)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run_dir, resumed)
+    (resumed / "checkpoints" / "latest").write_text("step00000002")
+    ok(launch(1, resumed, "--steps", "4", "--resume", "--set", f"train.ema.decay={DECAY}", data=data))
+    again = _weights(resumed, "step00000004", True)
+    for name in after:
+        assert torch.allclose(again[name], after[name], atol=1e-6), name
+
+
+@pytest.mark.slow
+def test_ema_exports_and_evaluates(ema_run, embedded_run, tmp_path):
+    from launch.convert import main as convert
+    from launch.evaluate import main as evaluate
+    from plugins.interop.hf import load_hf_checkpoint
+
+    run_dir, _ = ema_run
+    assert convert([str(run_dir), str(tmp_path / "hf"), "--ema"]) == 0
+    exported = dict(load_hf_checkpoint(tmp_path / "hf").named_parameters())
+    ema = _weights(run_dir, "step00000004", True)
+    assert exported.keys() == ema.keys() and all(torch.equal(exported[n], ema[n]) for n in ema)
+    packed = [f"{name}={path}" for name, path in embedded_run[1]["validation"].items()]
+    losses = {}
+    for flag in ([], ["--ema"]):
+        out = tmp_path / f"eval{len(flag)}.json"
+        assert evaluate(["--model", str(run_dir), *flag, "--packed", *packed, "--max-sequences", "4",
+                         "--output", str(out)]) == 0
+        losses[bool(flag)] = json.loads(out.read_text())["packed"]["code"]["loss"]
+    assert losses[True] != losses[False]
+    result = subprocess.run([sys.executable, "-m", "launch.convert", str(embedded_run[0]), str(tmp_path / "none"),
+                             "--ema"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode != 0 and result.stderr.count("\n") == 1 and "holds no EMA" in result.stderr
