@@ -66,7 +66,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        sets = [f"data.dataset={tmp / 'packed'}", f"data.tokenizer={tmp / 'tokenizer'}", "data.builtin_megabytes=2",
+        sets = [f"data.dataset={tmp / 'packed'}", f"data.tokenizer={tmp / 'tokenizer'}", "data.builtin_megabytes=2", "data.validation={}",
                 "train.batch.start=16", "train.lr.warmup_steps=0"]
         run = load_run_config(ROOT / "configs" / "tiny.yaml", sets)
         _, dataset = setup_data(run, rank=0)

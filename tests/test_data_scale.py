@@ -258,7 +258,7 @@ def test_a_corrupt_or_foreign_shard_is_one_line_before_any_work(sources, tokeniz
     from launch.data_setup import setup_data
 
     def setup(code_path):
-        sets = [f"data.tokenizer={tokenizer_dir}", "data.builtin_corpus=false", "data.seq_len=128",
+        sets = [f"data.tokenizer={tokenizer_dir}", "data.builtin_corpus=false", "data.seq_len=128", "data.validation={}",
                 "data.sources=" + json.dumps([{"name": n, "path": str(code_path if n == "code" else sources[n]),
                                                "weight": w} for n, w in WEIGHTS.items()])]
         return setup_data(load_run_config(ROOT / "configs" / "tiny.yaml", sets), rank=0)
