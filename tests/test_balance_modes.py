@@ -205,3 +205,20 @@ def test_only_aux_free_moves_the_bias_through_trainer_steps(data, tmp_path):
         assert results[mode]["gamma"] == [0.0] * 3 and results[mode]["bias"] == 0.0, mode
     assert min(results["seq_aux"]["aux_loss"] + results["batch_aux"]["aux_loss"]) > 0
     assert results["none"]["aux_loss"] == [0.0] * 3
+
+
+@pytest.mark.slow
+def test_batch_loss_under_dualpipe_counts_over_each_stage_data_parallel_ranks(data, tmp_path):
+    """--pp 2 --ep 2 (DualPipe, 2 data-parallel replicas) against 2 plain data-parallel ranks: the
+    same micro-batch rounds, so the same losses; each stage's counts are summed over its own
+    data-parallel ranks (a reduction over the wrong ranks would change f_i and the loss)."""
+    from .launcher import launch, metrics, ok
+
+    sets = ["--steps", "2", "--set", "model.balance=batch_aux", "--set", "model.aux_loss_alpha=0.01",
+            "--set", "train.micro_batch_size=1"]
+    ok(launch(2, tmp_path / "dp2", *sets, data=data))
+    ok(launch(4, tmp_path / "pp2", "--pp", "2", "--ep", "2", *sets, data=data))
+    for a, b in zip(metrics(tmp_path / "dp2"), metrics(tmp_path / "pp2"), strict=True):
+        assert b["bias_update_speed"] == 0.0 and b["aux_loss"] > 0
+        assert b["aux_loss"] == pytest.approx(a["aux_loss"], rel=1e-6)
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
