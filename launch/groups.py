@@ -32,6 +32,7 @@ class ParallelGroups:
     dp: int
     ep: int
     dp_rank: int
+    dp_group: dist.ProcessGroup | None = None  # this pipeline rank's data-parallel ranks (None: the world, pp 1)
     ep_group: dist.ProcessGroup | None = None  # this rank's expert-parallel group (ep > 1)
     expert_dp_rank: int = 0  # position among the ranks that hold the same experts
     expert_group_name: str | None = None  # DeepSpeed's name for the ep / expert-dp groups
@@ -69,6 +70,7 @@ def build_groups(pp: int, ep: int, schedule: str, config: ModelConfig) -> Parall
     groups = ParallelGroups(rank=rank, pp=pp, dp=dp, ep=ep, dp_rank=rank % dp)
     if pp > 1:
         groups.mpu = ds_internals.pipeline_grid(pp, dp)
+        groups.dp_group = groups.mpu.get_data_parallel_group()
     if ep > 1:
         groups.ep_group, groups.expert_dp_rank, groups.expert_group_name = ds_internals.expert_groups(ep, groups.mpu)
         per_node = int(os.environ.get("LOCAL_SIZE", world))  # set by DeepSpeed's launcher: ranks per node

@@ -1,6 +1,7 @@
 """Build the rank's part of the model under the run's layout (TorchTitan's ``parallelize``): expert
 parallelism (report 3.2.2), this rank's pipeline stages (3.2.1) and FP8 linears (3.3). The model's
-math is untouched; what changes is which parameters a rank holds and how tokens reach the experts.
+math is untouched; what changes is which parameters a rank holds, how tokens reach the experts and,
+under ``model.balance: batch_aux``, over which ranks the balance loss counts its tokens (4.5.3).
 Nothing outside the rank's part is ever allocated."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 from plugins.errors import ConfigError
 from plugins.model.deepseek_v3 import DeepSeekV3
 from plugins.model.init import materialize
+from plugins.parallel.balance_counts import install_count_reduction
 from plugins.parallel.dualpipe import Layout, ScheduleError, check
 from plugins.parallel.expert import ExpertExchange, apply_expert_parallel
 from plugins.parallel.pipeline_stages import PipelineShard
@@ -88,6 +90,8 @@ def parallelize(run: RunConfig, groups: ParallelGroups, device: torch.device, in
     if groups.pp > 1:
         layout = Layout.placement(p.pipeline_schedule, groups.pp)
         shard = PipelineShard(model, stages_of(layout, groups.pipeline_rank), layout.stages)
+    if groups.dp > 1:
+        install_count_reduction(model, groups.dp_group)
     expert_offset = exchange.local_slice.start if exchange else 0
     dtype = torch.bfloat16 if device.type == "cuda" else None  # the bf16 engine's weights; FP32 masters are ZeRO's
     materialize(model, device, run.model.initializer_range, run.train.seed, expert_offset, dtype)

@@ -25,7 +25,13 @@ from data_pipeline import PackedDataset
 from data_pipeline.mixture import sampler_for
 from plugins.atomic import write_text_atomic
 from plugins.errors import ConfigError, ProjectError
-from plugins.model.balance import collect_expert_loads, max_violation, reset_expert_loads, update_router_biases
+from plugins.model.balance import (
+    bias_update_speed,
+    collect_expert_loads,
+    max_violation,
+    reset_expert_loads,
+    update_router_biases,
+)
 
 from . import ds_internals, memory
 from .checkpoint import Checkpointer
@@ -198,7 +204,8 @@ class Trainer:
         lr = learning_rate(t.lr, self.step, self.tokens)
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
-        gamma, lam = step_value(t.bias_update_speed, self.tokens), step_value(t.mtp_weight, self.tokens)
+        gamma = bias_update_speed(self.run.model.balance, step_value(t.bias_update_speed, self.tokens))  # 0 unless aux_free
+        lam = step_value(t.mtp_weight, self.tokens)
 
         reset_expert_loads(self.moe_layers)
         values = self.forward_backward(global_batch, lam)

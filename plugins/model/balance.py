@@ -1,25 +1,103 @@
 """Load balancing (report 2.1.2): the auxiliary-loss-free bias update, the complementary
-sequence-wise balance loss (eq. 17-20) and the MaxVio balance metric (4.5.2)."""
+sequence-wise balance loss (eq. 17-20), the baselines of the report's ablations (4.5.2, 4.5.3)
+and the MaxVio balance metric (4.5.2).
+
+``model.balance`` picks one strategy; ``BALANCE`` says, in this one place, what each uses:
+
+=============  ============================  ============================================
+mode           router bias b_i (eq. 16)      auxiliary loss, weight alpha
+=============  ============================  ============================================
+``aux_free``   +-gamma after each step       sequence-wise (eq. 17-20), alpha tiny (report)
+``seq_aux``    none (gamma forced to 0)      sequence-wise, alpha as set (4.5.2 baseline)
+``batch_aux``  none (gamma forced to 0)      batch-wise over the data-parallel micro-batch
+                                             round (4.5.3)
+``none``       none (gamma forced to 0)      none (alpha ignored)
+=============  ============================  ============================================
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 
+@dataclass(frozen=True)
+class Balance:
+    """What a ``model.balance`` mode uses: the post-step bias update, and which auxiliary loss
+    (``"sequence"``, ``"batch"`` or None)."""
+
+    bias: bool
+    loss: str | None
+
+
+BALANCE = {
+    "aux_free": Balance(bias=True, loss="sequence"),
+    "seq_aux": Balance(bias=False, loss="sequence"),
+    "batch_aux": Balance(bias=False, loss="batch"),
+    "none": Balance(bias=False, loss=None),
+}
+
+
+def bias_update_speed(mode: str, gamma: float) -> float:
+    """The step's gamma under ``mode``: the schedule's value for ``aux_free``, else 0 (the bias stays 0)."""
+    return gamma if BALANCE[mode].bias else 0.0
+
+
+def _normalised_affinities(scores: torch.Tensor) -> torch.Tensor:
+    """``s_i,t / sum_j s_j,t`` (eq. 19's summand)."""
+    return scores / scores.sum(-1, keepdim=True)
+
+
 def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``L_Bal = alpha * sum_i f_i P_i`` per sequence, averaged over the batch.
+    """``L_Bal = alpha * sum_i f_i P_i`` per sequence, averaged over the batch (eq. 17-20).
 
     ``scores`` [B, T, N_r] are the unbiased sigmoid affinities, ``indices`` [B, T, K_r] the chosen
-    experts. ``f_i = N_r / (K_r T) * #{t : i chosen at t}``, ``P_i = mean_t s_i,t / sum_j s_j,t``.
-    Equals ``alpha`` at perfect balance and ``alpha * N_r / K_r`` when K_r experts take all tokens
-    and all affinity.
+    experts. ``f_i = N_r / (K_r T) * #{t : i chosen at t}`` (eq. 18), ``P_i = mean_t s_i,t / sum_j s_j,t``
+    (eq. 19-20). Equals ``alpha`` at perfect balance and ``alpha * N_r / K_r`` when K_r experts take
+    all tokens and all affinity.
     """
     batch, seq_len, num_experts = scores.shape
     k = indices.shape[-1]
     chosen = torch.zeros_like(scores).scatter_(-1, indices, 1.0).sum(1)
     f = chosen * (num_experts / (k * seq_len))
-    p = (scores / scores.sum(-1, keepdim=True)).mean(1)
+    p = _normalised_affinities(scores).mean(1)
     return alpha * (f * p).sum(-1).mean()
+
+
+def batch_balance_loss(scores: torch.Tensor, indices: torch.Tensor, alpha: float,
+                       reduce_counts: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    """The batch-wise balance loss (report 4.5.3), eq. 17-20 over all tokens of the batch:
+    ``alpha * sum_i f_i P_i`` with ``f_i = N_r / (K_r T_total) * count_i``.
+
+    ``scores`` [..., N_r], ``indices`` [..., K_r]. ``reduce_counts`` (no grad, in place, a sum) turns
+    this rank's [count_0 .. count_{N_r-1}, tokens] into the data-parallel micro-batch round's, so
+    ``f_i`` is global while ``P_i`` is the mean over this rank's tokens: the data-parallel mean of
+    the ranks' losses (and of their gradients) is the loss of the whole round, whatever the split.
+    """
+    num_experts, k = scores.shape[-1], indices.shape[-1]
+    flat = indices.reshape(-1)
+    with torch.no_grad():
+        counts = torch.cat([torch.bincount(flat, minlength=num_experts),
+                            torch.tensor([flat.numel() // k], device=flat.device)])
+        if reduce_counts is not None:
+            reduce_counts(counts)
+        f = counts[:-1].float() * num_experts / (k * counts[-1].float())  # no host synchronisation
+    p = _normalised_affinities(scores.reshape(-1, num_experts)).mean(0)
+    return alpha * (f * p).sum()
+
+
+def balance_loss(mode: str, scores: torch.Tensor, indices: torch.Tensor, alpha: float,
+                 reduce_counts: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor | None:
+    """The auxiliary loss of ``mode`` (``BALANCE``) on one forward's ``scores`` [B, T, N_r] and
+    ``indices`` [B, T, K_r]; None for ``none``."""
+    kind = BALANCE[mode].loss
+    if kind == "sequence":
+        return sequence_balance_loss(scores, indices, alpha)
+    if kind == "batch":
+        return batch_balance_loss(scores, indices, alpha, reduce_counts)
+    return None
 
 
 def expert_load(indices: torch.Tensor, num_experts: int) -> torch.Tensor:

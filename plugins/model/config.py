@@ -14,6 +14,7 @@ from typing import Any
 
 from ..config_tree import build, read_document
 from ..errors import ConfigError
+from .balance import BALANCE
 
 __all__ = ["ConfigError", "ModelConfig", "YarnScaling"]
 
@@ -32,7 +33,8 @@ class YarnScaling:
 
 @dataclass
 class ModelConfig:
-    """DeepSeek-V3 shape (report 4.2) plus the two loss weights the model applies itself."""
+    """DeepSeek-V3 shape (report 4.2) plus the two loss weights the model applies itself and the
+    load-balancing strategy (``balance``: training only, see ``plugins.model.balance.BALANCE``)."""
 
     vocab_size: int = 129280
     hidden_size: int = 7168
@@ -64,6 +66,7 @@ class ModelConfig:
     eos_token_id: int | None = 1
     pad_token_id: int | None = None
     aux_loss_alpha: float = 1e-4
+    balance: str = "aux_free"  # aux_free | seq_aux | batch_aux | none
     mtp_loss_weight: float = 0.3
     source: str = field(default="<dict>", repr=False, compare=False)
 
@@ -117,6 +120,8 @@ class ModelConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 self._fail(key, f"expected a non-negative number, got {value!r}")
+        if self.balance not in BALANCE:
+            self._fail("balance", f"expected one of {', '.join(BALANCE)}, got {self.balance!r}")
         if self.qk_rope_head_dim % 2:
             self._fail("qk_rope_head_dim", f"must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}")
         if self.n_routed_experts % self.n_group:

@@ -3,7 +3,8 @@
     L = L_Main + lambda/D * sum_k L_MTP^k + sum over MoE blocks of alpha * L_Bal
 
 used by the whole model's forward and by every pipeline stage alike (a stage adds the terms it
-holds; the sum over stages is this)."""
+holds; the sum over stages is this). ``L_Bal`` is ``model.balance``'s auxiliary loss
+(``plugins.model.balance.BALANCE``; none under ``none``)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def mtp_objective(depth_losses: list[torch.Tensor], weight: float) -> torch.Tens
 
 def take_balance_losses(moe_layers) -> torch.Tensor | None:
     """Sum of the balance losses the given MoE blocks computed in their last forward (each is taken
-    once, so a block's graph is not kept alive); None when none of them ran."""
+    once, so a block's graph is not kept alive); None when none of them ran or has one
+    (``model.balance: none``)."""
     losses = []
     for moe in moe_layers:
         if moe.balance_loss is not None:

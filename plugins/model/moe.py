@@ -2,18 +2,20 @@
 aux-loss-free router and reached through a token dispatcher.
 
 Each forward also leaves two things for the training loop, so no block has to thread them:
-``balance_loss`` (this forward's sequence-wise balance loss, eq. 17-20, taken by
-``plugins.model.losses.take_balance_losses``) and ``tokens_per_expert`` (tokens routed to each
-expert since the last ``plugins.model.balance.reset_expert_loads``: the load that the bias
-update and MaxVio read after the optimizer step).
+``balance_loss`` (this forward's auxiliary loss of ``config.balance``, eq. 17-20, taken by
+``plugins.model.losses.take_balance_losses``; None without one) and ``tokens_per_expert`` (tokens
+routed to each expert since the last ``plugins.model.balance.reset_expert_loads``: the load that
+the bias update and MaxVio read after the optimizer step).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
-from .balance import expert_load, sequence_balance_loss
+from .balance import balance_loss, expert_load
 from .config import ModelConfig
 from .dispatch import LocalDispatcher, TokenDispatcher
 from .experts import RoutedExperts
@@ -23,12 +25,16 @@ from .router import Router
 
 class DeepSeekMoE(nn.Module):
     """``moe_index``: this block's position among the model's MoE blocks (main blocks, then MTP);
-    the row of the [MoE blocks, experts] load matrix it fills."""
+    the row of the [MoE blocks, experts] load matrix it fills. ``reduce_counts``: set by the
+    distributed side for ``batch_aux`` (``plugins.parallel.balance_counts``), the in-place sum of the
+    batch loss's counts over the data-parallel ranks, used by training forwards only."""
 
     def __init__(self, config: ModelConfig, moe_index: int = 0):
         super().__init__()
         self.num_experts = config.n_routed_experts
         self.alpha = config.aux_loss_alpha
+        self.balance = config.balance
+        self.reduce_counts: Callable[[torch.Tensor], None] | None = None
         self.moe_index = moe_index
         self.gate = Router(config)
         self.experts = RoutedExperts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
@@ -53,8 +59,9 @@ class DeepSeekMoE(nn.Module):
         out = routed.view(batch, seq_len, dim)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
-        self.balance_loss = sequence_balance_loss(
-            routing.scores.view(batch, seq_len, -1), routing.indices.view(batch, seq_len, -1), self.alpha
+        self.balance_loss = balance_loss(
+            self.balance, routing.scores.view(batch, seq_len, -1), routing.indices.view(batch, seq_len, -1),
+            self.alpha, self.reduce_counts if self.training else None,
         )
         with torch.no_grad():
             self.tokens_per_expert += expert_load(routing.indices, self.num_experts)
