@@ -232,6 +232,65 @@ def specialization_heatmaps(record: dict, blocks: list[int]):
     return fig
 
 
+# ------------------------------------------------------------------ ablation overlays (launch.ablate)
+def variant_val_loss(curves: dict[str, dict]):
+    """One panel per validation domain: validation loss vs step, one line per variant."""
+    domains = sorted({d for c in curves.values() for e in c["evals"] for d in e["val"]})
+    fig, axes = _grid(len(domains), 4.5, 3.2, max_cols=3)
+    for ax, domain in zip(axes, domains):
+        for name, c in curves.items():
+            points = [(e["step"], e["val"][domain]["loss"]) for e in c["evals"] if domain in e["val"]]
+            if points:
+                ax.plot(*zip(*points), marker="o", markersize=3, label=name)
+        ax.set_title(domain)
+        ax.set_xlabel("step")
+        ax.set_ylabel("validation loss")
+        ax.legend(fontsize=7)
+    fig.suptitle("validation loss per domain")
+    return fig
+
+
+def variant_maxvio(curves: dict[str, dict]):
+    """MaxVio of the validation batch (report 4.5.2) and of the training steps, one line per variant."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
+    for name, c in curves.items():
+        points = [(e["step"], e["maxvio_batch"]) for e in c["evals"] if e.get("maxvio_batch") is not None]
+        if points:
+            left.plot(*zip(*points), marker="o", markersize=3, label=name)
+        if c["train"]:
+            right.plot(*zip(*c["train"]), linewidth=1, label=name)
+    for ax, title in ((left, "MaxVio_batch (validation)"), (right, "MaxVio, training steps (mean over blocks)")):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel("MaxVio")
+        if ax.lines:
+            ax.legend(fontsize=7)
+    return fig
+
+
+def variant_specialization(curves: dict[str, dict]):
+    """The report's Figure 9: each variant's (rows) domain x expert load at its last evaluation, for
+    the first and the last MoE block (columns)."""
+    chosen = {name: c["last_eval"] for name, c in curves.items() if c["last_eval"].get("domain_load")}
+    blocks = len(next(iter(next(iter(chosen.values()))["domain_load"].values())))
+    columns = sorted({0, blocks - 1})
+    fig, axes = plt.subplots(len(chosen), len(columns), figsize=(5 * len(columns) + 1.2, 1.8 * len(chosen) + 1),
+                             squeeze=False, layout="constrained")
+    cubes = {name: _relative(np.array([e["domain_load"][d] for d in sorted(e["domain_load"])], dtype=float))
+             for name, e in chosen.items()}
+    norm = _norm(np.concatenate([c.ravel() for c in cubes.values()]))
+    for row, (name, cube) in enumerate(cubes.items()):
+        domains = sorted(chosen[name]["domain_load"])
+        for ax, block in zip(axes[row], columns):
+            image = ax.imshow(cube[:, block], aspect="auto", cmap="RdBu_r", norm=norm, interpolation="nearest")
+            _expert_axis(ax, cube.shape[-1])
+            ax.set_yticks(range(len(domains)), domains, fontsize=7)
+            ax.set_title(f"{name}, block {block}", fontsize=9)
+    fig.colorbar(image, ax=list(axes.ravel()), label=RELATIVE, shrink=0.8)
+    fig.suptitle("expert load per validation domain, last evaluation")
+    return fig
+
+
 def save(fig, path) -> None:
     """Write a PNG under a temporary name, then rename it into place (the figure is closed)."""
     save_figure_atomic(fig, path, dpi=100)

@@ -5,6 +5,7 @@ evenly thinned histories so a long run at 58 blocks x 256 experts stays a few te
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,13 +79,12 @@ def _is_number(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def read_history(run_dir: Path) -> History:
-    """``RUN_DIR/metrics.jsonl`` streamed line by line; a line that is neither a train record
-    (numbers step, loss, lm_loss, mtp_loss) nor an evaluation record (step, val) is an error."""
-    path = run_dir / "metrics.jsonl"
+def read_records(path: Path) -> Iterator[tuple[str, dict]]:
+    """``("train" | "eval", record)`` of each line of a metrics.jsonl, streamed; a line that is neither
+    a train record (numbers step, loss, lm_loss, mtp_loss) nor an evaluation record (step, val) is an
+    error naming the line."""
     if not path.is_file():
-        raise ProjectError(f"{path}: no metrics (is {run_dir} a run directory?)")
-    history = History()
+        raise ProjectError(f"{path}: no metrics (is {path.parent} a run directory?)")
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
@@ -98,12 +98,23 @@ def read_history(run_dir: Path) -> History:
             except json.JSONDecodeError:
                 raise ProjectError(f"{path}: line {number}: invalid JSON") from None
             if isinstance(record, dict) and isinstance(record.get("val"), dict) and _is_number(record.get("step")):
-                history.add_eval(record)
+                yield "eval", record
             elif isinstance(record, dict) and all(_is_number(record.get(key)) for key in PLOTTED):
-                history.add_train(record, record.get("expert_load"))
+                yield "train", record
             else:
                 raise ProjectError(f"{path}: line {number}: expected a train record (numbers "
                                    f"{', '.join(PLOTTED)}) or an evaluation record (step, val)")
+
+
+def read_history(run_dir: Path) -> History:
+    """``RUN_DIR/metrics.jsonl`` as the figures read it."""
+    path = run_dir / "metrics.jsonl"
+    history = History()
+    for kind, record in read_records(path):
+        if kind == "eval":
+            history.add_eval(record)
+        else:
+            history.add_train(record, record.get("expert_load"))
     if not history.train.items and not history.evals:
         raise ProjectError(f"{path}: empty")
     return history

@@ -67,7 +67,7 @@ def test_records_carry_the_raw_mtp_loss_and_the_saved_router_biases(embedded_run
     records = metrics(run_dir)
     for r in records:
         assert r["mtp_ce"] * r["mtp_weight"] == pytest.approx(r["mtp_loss"], rel=1e-9)
-        assert r["mtp_ce"] == pytest.approx(r["lm_loss"], rel=0.05)  # next-next token: a little harder
+        assert r["lm_loss"] * 0.9 < r["mtp_ce"] < r["lm_loss"] * 1.5  # the next-next token: a cross-entropy, a bit harder
     biases = [m.gate.e_score_correction_bias.double() for m in load_model(run_dir).model.moe_layers()]
     last = records[-1]
     assert last["bias_min"] == pytest.approx([b.min().item() for b in biases], abs=1e-7)
