@@ -1,61 +1,77 @@
-"""Render a run's PNG plots without W&B: loss curves, MaxVio per MoE block, expert-load heatmap.
+"""Render a run's PNG plots without W&B (the same figures the logger sends to W&B as images).
 
-    python -m launch.dashboard RUN_DIR      # writes RUN_DIR/plots/{loss,maxvio,expert_load}.png
+    python -m launch.dashboard RUN_DIR      # writes RUN_DIR/plots/*.png and prints each path
+
+From ``RUN_DIR/metrics.jsonl``: loss curves vs step and vs tokens (LM, raw MTP cross-entropy next
+to its lambda-weighted term, balance loss), per-block expert load over time (all blocks as small
+panels; beyond 8 blocks also the 4 least balanced, large), load-share and router-bias min/max/std
+per block, starved experts, MaxVio, the last step's block x expert load; and from the evaluation
+records validation loss/BPB per domain and the last evaluation's domain x expert load per block.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+
+import numpy as np
 
 from plugins.errors import ProjectError
 
 from . import plots
+from .run_records import History, read_history
 
-PLOTTED = ("step", "loss", "lm_loss", "mtp_loss")
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+DETAIL_BLOCKS = 4
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise ProjectError(f"{path}: no metrics (is {run_dir} a run directory?)")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise ProjectError(f"{path}: not valid UTF-8 (byte offset {error.start})") from None
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise ProjectError(f"{path}: line {number}: invalid JSON") from None
-            if not isinstance(record, dict) or not all(_is_number(record.get(key)) for key in PLOTTED):
-                raise ProjectError(f"{path}: line {number}: expected an object with numbers {', '.join(PLOTTED)}")
-            records.append(record)
-    if not records:
-        raise ProjectError(f"{path}: empty")
-    return records
+def least_balanced(train: list[dict], count: int = DETAIL_BLOCKS) -> list[int]:
+    """The ``count`` blocks of highest mean MaxVio over the run, in block order."""
+    maxvio = np.array([r["maxvio"] for r in train if r.get("maxvio")])
+    return sorted(np.argsort(-maxvio.mean(axis=0), kind="stable")[:count].tolist())
+
+
+def figures(history: History) -> Iterator[tuple[str, object]]:
+    """(file stem, figure) of everything the history can show."""
+    train, samples, evals = history.train.items, history.loads.items, history.evals
+    if train:
+        yield "loss", plots.loss_curves(train)
+    if samples:
+        blocks = samples[-1].loads.shape[0]
+        yield "expert_load", plots.expert_load_heatmap(samples[-1].loads, samples[-1].step)
+        yield "expert_load_time", plots.load_over_time(samples, list(range(blocks)),
+                                                       "expert load over training, every MoE block")
+        if blocks > 2 * DETAIL_BLOCKS:
+            chosen = least_balanced(train)
+            yield "expert_load_time_worst", plots.load_over_time(
+                samples, chosen, f"expert load over training, the {len(chosen)} blocks of highest mean MaxVio")
+        experts = samples[-1].loads.shape[1]
+        yield "load_share", plots.block_lines(
+            train, ("load_min", "load_max", "load_std"), ("min share", "max share", "std of shares"),
+            "expert load share per MoE block", reference={"load_min": 1 / experts, "load_max": 1 / experts})
+        yield "maxvio", plots.maxvio_curves(train)
+    if any(r.get("bias_max") for r in train):
+        yield "router_bias", plots.block_lines(train, ("bias_min", "bias_max", "bias_std"),
+                                               ("min", "max", "std"), "router bias per MoE block")
+    if any(r.get("starved") for r in train):
+        yield "starved", plots.starved_counts(train)
+    if evals:
+        yield "val", plots.val_curves(evals)
+        last = evals[-1]
+        if last.get("domain_load"):
+            blocks = len(next(iter(last["domain_load"].values())))
+            yield "specialization", plots.specialization_heatmaps(last, list(range(blocks)))
 
 
 def render(run_dir: Path) -> list[Path]:
-    records = read_metrics(run_dir)
+    history = read_history(run_dir)
     out = run_dir / "plots"
     out.mkdir(exist_ok=True)
-    written = [out / "loss.png"]
-    plots.save(plots.loss_curves(records), written[0])
-    with_loads = [r for r in records if "expert_load" in r]
-    if with_loads:
-        plots.save(plots.maxvio_curves(with_loads), out / "maxvio.png")
-        last = with_loads[-1]
-        plots.save(plots.expert_load_heatmap(last["expert_load"], last["step"]), out / "expert_load.png")
-        written += [out / "maxvio.png", out / "expert_load.png"]
+    written = []
+    for name, figure in figures(history):
+        plots.save(figure, out / f"{name}.png")
+        written.append(out / f"{name}.png")
     return written
 
 

@@ -1,6 +1,8 @@
-"""Run metrics on rank 0: ``RUN_DIR/metrics.jsonl`` (one JSON object per logged step) and Weights &
-Biases with the same values, grouped as train/, moe/, perf/ and data/ (a mixture's tokens and epoch
-per source), plus the expert-load heatmap.
+"""Run metrics on rank 0: ``RUN_DIR/metrics.jsonl`` (one JSON object per logged step, and one per
+evaluation, told apart by ``loss`` / ``val``) and Weights & Biases with the same values, grouped as
+train/, val/, moe/, perf/ and data/ (a mixture's tokens and epoch per source), ``train/step`` and
+``train/tokens`` on every row so either is an x-axis, plus the dashboard's figures as images every
+``heatmap_interval`` steps (``launch.dashboard``, from a bounded history kept here).
 
 W&B runs online only when asked to (or, in ``auto`` mode, when ``WANDB_API_KEY`` is set) and falls
 back to offline if the service cannot be reached, so a run never waits on the network.
@@ -18,9 +20,21 @@ import numpy as np
 from plugins.atomic import write_text_atomic
 
 from . import plots
+from .dashboard import figures
+from .run_records import History
 
-TRAIN_KEYS = ("loss", "lm_loss", "mtp_loss", "aux_loss", "lr", "grad_norm", "batch_size", "mtp_weight",
+TRAIN_KEYS = ("loss", "lm_loss", "mtp_loss", "mtp_ce", "aux_loss", "lr", "grad_norm", "batch_size", "mtp_weight",
               "bias_update_speed")
+PER_BLOCK = ("load_min", "load_max", "load_std", "bias_min", "bias_max", "bias_std", "starved")
+GROUPS = ("train", "val", "moe", "perf", "data")
+
+
+def define_metrics(run) -> None:
+    """Charts open grouped as train/, val/, moe/, perf/, data/, plotted against ``train/step``."""
+    run.define_metric("train/step")
+    run.define_metric("train/tokens", step_metric="train/step")
+    for group in GROUPS:
+        run.define_metric(f"{group}/*", step_metric="train/step")
 
 
 def _wandb_run(run_dir: Path, mode: str, project: str, config: dict, resume_id: str | None):
@@ -54,18 +68,24 @@ class MetricsLogger:
         self.wandb = _wandb_run(run_dir, mode, project, config, resume_id)
         if self.wandb is not None:
             write_text_atomic(id_file, self.wandb.id)
+            define_metrics(self.wandb)
+        self.history = History()  # what the W&B figures show (a resumed run's start: in metrics.jsonl)
         self.file = self.path.open("a")
+
+    def _write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
 
     def log(self, record: dict, loads: np.ndarray | None) -> None:
         if loads is not None:
             record["expert_load"] = loads.tolist()
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        self._write(record)
+        shares = self.history.add_train(record, loads)
         if self.wandb is None:
             return
         step = record["step"]
-        flat = {f"train/{k}": record[k] for k in TRAIN_KEYS if k in record}
-        flat["train/tokens"] = record["tokens"]
+        flat = {f"train/{k}": record[k] for k in TRAIN_KEYS if record.get(k) is not None}
+        flat["train/step"], flat["train/tokens"] = step, record["tokens"]
         flat["perf/tokens_per_s"] = record["tokens_per_s"]
         flat["perf/step_seconds"] = record["step_seconds"]
         if "peak_memory_mb" in record:
@@ -80,23 +100,46 @@ class MetricsLogger:
             flat["moe/maxvio_global"] = record["maxvio_global"]
             for layer, value in enumerate(record["maxvio"]):
                 flat[f"moe/maxvio/block_{layer}"] = value
+            for key in PER_BLOCK:
+                for layer, value in enumerate({**record, **shares}.get(key) or []):
+                    flat[f"moe/{key}/block_{layer}"] = value
             if step % self.heatmap_interval == 0 or step == 1:
-                import wandb
-
-                figure = plots.expert_load_heatmap(loads, step)
-                flat["moe/expert_load_heatmap"] = wandb.Image(figure)
-                plots.plt.close(figure)
+                flat.update(self._images())
         self.wandb.log(flat, step=step)
 
+    def _images(self) -> dict:
+        """The dashboard's figures of the history so far (train/ and moe/ sections)."""
+        import wandb
+
+        out = {}
+        for name, figure in figures(History(self.history.train, self.history.loads, [])):
+            key = "moe/expert_load_heatmap" if name == "expert_load" else \
+                f"train/{name}_curves" if name == "loss" else f"moe/{name}"
+            out[key] = wandb.Image(figure)
+            plots.plt.close(figure)
+        return out
+
     def log_eval(self, record: dict) -> None:
-        """A validation record (``launch.validation``): its own line, W&B under val/."""
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        """One evaluation record (``step``, ``tokens``, ``val: {domain: {loss, bpb, tokens}}``,
+        ``maxvio_batch``, ``specialization``, their per-block lists, ``domain_load``): a line of
+        metrics.jsonl; W&B ``val/<domain>/loss|bpb``, ``val/maxvio_batch``, ``val/specialization`` and
+        one domain x expert heatmap per MoE block, ``val/specialization/block_i``."""
+        self._write(record)
+        self.history.add_eval(record)
         if self.wandb is None:
             return
-        flat = {f"val/{name}/{key}": value[key] for name, value in record["val"].items() for key in ("loss", "bpb")}
-        flat["val/maxvio_batch"] = record["maxvio_batch"]
-        flat["val/specialization"] = record["specialization"]
+        import wandb
+
+        flat = {"train/step": record["step"], "train/tokens": record["tokens"],
+                "val/maxvio_batch": record["maxvio_batch"], "val/specialization": record["specialization"]}
+        for domain, values in record["val"].items():
+            flat[f"val/{domain}/loss"], flat[f"val/{domain}/bpb"] = values["loss"], values["bpb"]
+        if record.get("domain_load"):
+            blocks = len(next(iter(record["domain_load"].values())))
+            for block in range(blocks):
+                figure = plots.specialization_heatmaps(record, [block])
+                flat[f"val/specialization/block_{block}"] = wandb.Image(figure)
+                plots.plt.close(figure)
         self.wandb.log(flat, step=record["step"])
 
     def close(self) -> None:

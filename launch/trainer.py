@@ -33,7 +33,7 @@ from plugins.model.balance import (
     update_router_biases,
 )
 
-from . import ds_internals, memory
+from . import ds_internals, memory, moe_stats
 from .checkpoint import Checkpointer
 from .config import RunConfig
 from .data_setup import setup_data, validating, validation_sets
@@ -228,6 +228,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.update()
         update_router_biases(self.moe_layers, loads, gamma)
+        biases = moe_stats.router_bias_stats(self.moe_layers, self.run.model.num_moe_layers, self.device)
         grad_norm = float(self.engine.get_global_grad_norm())
         if not np.isfinite(grad_norm):
             raise TrainingStopped(f"step {self.step + 1}: non-finite gradient norm ({grad_norm}); MaxVio per MoE block: "
@@ -244,6 +245,8 @@ class Trainer:
             "tokens_per_s": global_batch * self.run.data.seq_len / seconds, "step_seconds": seconds,
             "batch_size": global_batch, "mtp_weight": lam, "bias_update_speed": gamma,
             "maxvio": maxvio, "maxvio_global": float(np.mean(maxvio)) if maxvio else 0.0,
+            "mtp_ce": moe_stats.mtp_cross_entropy(mtp, lam, self.run.model.num_nextn_predict_layers),
+            **biases, "starved": moe_stats.starved_experts(loads.cpu()),
         }
         record.update(destinations)
         record.update(self.sampler.statistics())  # source_tokens/source_epochs of a data.sources mixture

@@ -13,7 +13,7 @@ from .launcher import assert_loads_match, launch, metrics
 from .launcher import ok as _ok
 
 METRIC_KEYS = {"step", "tokens", "loss", "lm_loss", "mtp_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s",
-               "maxvio", "maxvio_global", "expert_load"}
+               "maxvio", "maxvio_global", "expert_load", "mtp_ce", "bias_min", "bias_max", "bias_std", "starved"}
 
 
 def test_embedded_default_builds_data_and_the_loss_falls(embedded_run):
@@ -34,10 +34,12 @@ def test_wandb_offline_run_and_dashboard_plots(embedded_run):
     assert len(offline) == 1 and offline[0].stat().st_size > 0
     history = offline[0].read_bytes()
     for key in [b"train/loss", b"train/lm_loss", b"train/mtp_loss", b"train/aux_loss", b"train/lr",
-                b"train/grad_norm", b"perf/tokens_per_s", b"moe/maxvio_global", b"moe/expert_load_heatmap"]:
+                b"train/grad_norm", b"perf/tokens_per_s", b"moe/maxvio_global", b"moe/expert_load_heatmap",
+                b"train/mtp_ce", b"moe/bias_std/block_2", b"moe/load_max/block_0", b"moe/expert_load_time"]:
         assert key in history, key
     assert dashboard([str(run_dir)]) == 0
-    for name in ["loss.png", "maxvio.png", "expert_load.png"]:
+    for name in ["loss.png", "maxvio.png", "expert_load.png", "expert_load_time.png", "router_bias.png",
+                 "load_share.png", "starved.png"]:
         assert (run_dir / "plots" / name).stat().st_size > 1000
 
 
@@ -56,6 +58,23 @@ def test_checkpoint_exports_to_transformers(embedded_run, tmp_path):
     ids = torch.randint(0, 4096, (2, 64))
     with torch.no_grad():
         assert (ours.eval()(ids).logits - theirs(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_records_carry_the_raw_mtp_loss_and_the_saved_router_biases(embedded_run):
+    from launch.model_source import load_model
+
+    run_dir = embedded_run[0]
+    records = metrics(run_dir)
+    for r in records:
+        assert r["mtp_ce"] * r["mtp_weight"] == pytest.approx(r["mtp_loss"], rel=1e-9)
+        assert r["lm_loss"] * 0.9 < r["mtp_ce"] < r["lm_loss"] * 1.5  # the next-next token: a cross-entropy, a bit harder
+    biases = [m.gate.e_score_correction_bias.double() for m in load_model(run_dir).model.moe_layers()]
+    last = records[-1]
+    assert last["bias_min"] == pytest.approx([b.min().item() for b in biases], abs=1e-7)
+    assert last["bias_max"] == pytest.approx([b.max().item() for b in biases], abs=1e-7)
+    assert last["bias_std"] == pytest.approx([b.std(unbiased=False).item() for b in biases], abs=1e-7)
+    loads = np.array(last["expert_load"])
+    assert last["starved"] == [int((block < 0.1 * block.mean()).sum()) for block in loads]
 
 
 @pytest.fixture(scope="module")
