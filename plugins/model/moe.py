@@ -18,6 +18,7 @@ from .config import ModelConfig
 from .dispatch import LocalDispatcher, TokenDispatcher
 from .experts import RoutedExperts
 from .mlp import SwiGLU
+from .recompute_state import recomputing
 from .router import Router
 
 
@@ -53,9 +54,13 @@ class DeepSeekMoE(nn.Module):
         out = routed.view(batch, seq_len, dim)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
-        self.balance_loss = sequence_balance_loss(
+        balance_loss = sequence_balance_loss(
             routing.scores.view(batch, seq_len, -1), routing.indices.view(batch, seq_len, -1), self.alpha
         )
-        with torch.no_grad():
-            self.tokens_per_expert += expert_load(routing.indices, self.num_experts)
+        # A checkpointed block's forward again in backward (train.recompute: full) runs the same ops
+        # (the recomputation must save the same tensors) but counts and hands over nothing twice.
+        if not recomputing():
+            self.balance_loss = balance_loss
+            with torch.no_grad():
+                self.tokens_per_expert += expert_load(routing.indices, self.num_experts)
         return out
