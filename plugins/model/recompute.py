@@ -30,14 +30,14 @@ from torch.utils.checkpoint import checkpoint
 
 from .block import DecoderLayer
 from .mla import MultiHeadLatentAttention
-from .recompute_state import recomputation
+from .recompute_state import Recomputation
 
 MODES = ("none", "selective", "full")
 
 
 def _contexts():
     """``checkpoint``'s context_fn: nothing for the original forward, the flag for the recomputation."""
-    return contextlib.nullcontext(), recomputation()
+    return contextlib.nullcontext(), Recomputation()
 
 
 def _training(cache) -> bool:

@@ -4,7 +4,6 @@ that must happen once per micro-batch (the MoE layer's expert-load counts and ba
 
 from __future__ import annotations
 
-import contextlib
 import threading
 
 _thread = threading.local()
@@ -16,10 +15,14 @@ def recomputing() -> bool:
     return getattr(_thread, "recomputing", False)
 
 
-@contextlib.contextmanager
-def recomputation():
-    previous, _thread.recomputing = recomputing(), True
-    try:
-        yield
-    finally:
-        _thread.recomputing = previous
+class Recomputation:
+    """Sets the flag while entered; re-enterable (``torch.utils.checkpoint`` enters the same context
+    once per recomputation, and a split backward recomputes twice)."""
+
+    def __enter__(self) -> None:
+        self.previous = getattr(self, "previous", [])
+        self.previous.append(recomputing())
+        _thread.recomputing = True
+
+    def __exit__(self, *exc) -> None:
+        _thread.recomputing = self.previous.pop()
