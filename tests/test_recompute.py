@@ -73,9 +73,8 @@ def test_recompute_gives_the_losses_gradients_and_expert_loads_of_storing_everyt
     losses, grads, loads, _ = accumulated[mode]
     reference_losses, reference_grads, reference_loads, _ = accumulated["none"]
     assert losses == reference_losses  # the forward is the same ops
-    _assert_same_gradients(grads, reference_grads)
-    if mode == "full":
-        assert all(torch.equal(a, b) for a, b in zip(grads.values(), reference_grads.values()))  # bitwise
+    assert grads.keys() == reference_grads.keys()
+    assert all(torch.equal(grads[name], reference_grads[name]) for name in grads)  # bitwise: none's graph
     # each token counted once per block although full recomputes every block's forward in backward
     assert all(torch.equal(a, b) for a, b in zip(loads, reference_loads))
     assert sum(int(load.sum()) for load in loads) == 3 * 2 * 48 * 4 * 2  # micro-batches x tokens x top-4 x 2 blocks

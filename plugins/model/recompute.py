@@ -3,14 +3,15 @@
 
 - ``none``: every activation backward needs is stored;
 - ``selective`` (the report's): the outputs of every block's RMSNorms and MLA up-projections are
-  not kept. Each such sub-computation runs without recording a graph, its output is consumed as
-  usual, then its storage is freed; when the gradient of the consumer's output arrives, the
-  sub-computation runs again from its stored inputs, refills that storage (so the consumers'
-  saved references see it again) and backpropagates through the rebuilt graph (Megatron-LM's
+  not kept. Each such sub-computation is a non-reentrant checkpoint (its intermediates are
+  recomputed); its output is consumed as usual, then its storage is freed, and when the gradient
+  of the consumer's output arrives the sub-computation runs again from its kept inputs and
+  refills that storage, so the consumers' saved references see it again (Megatron-LM's
   ``CheckpointWithoutOutput``). Recomputed: the block's two norms, the latent norms, the q and kv
-  up-projections and RoPE, the per-head q, k, v that attention consumes; attention itself, the
-  down-projections, experts and FFNs are not. Exact: the same ops on the same inputs give the
-  same values, so the gradients equal ``none``'s bit for bit;
+  up-projections and RoPE, the per-head q, k, v that attention consumes (each twice in backward:
+  the refill and the checkpoint's own recomputation); attention itself, the down-projections,
+  experts and FFNs are not. Exact: the graph is ``none``'s and the recomputed values are the
+  same, so the gradients equal ``none``'s bit for bit;
 - ``full``: every decoder block (the MTP modules' blocks included) is a non-reentrant
   ``torch.utils.checkpoint``: only its input is kept and its whole forward runs again in backward.
 
@@ -44,42 +45,22 @@ def _training(cache) -> bool:
     return cache is None and torch.is_grad_enabled()
 
 
-class _Forgotten(torch.autograd.Function):
-    """Runs ``unit.fn`` without a graph; backward goes through the graph ``unit.rebuild`` made."""
-
-    @staticmethod
-    def forward(ctx, unit, *inputs):
-        ctx.unit = unit
-        ctx.save_for_backward(*inputs)  # also what rebuild reads: kept, and checked for in-place changes
-        unit.inputs = [x.detach() for x in inputs]
-        unit.needs = [x.requires_grad for x in inputs]
-        with torch.no_grad():
-            return unit.fn(*unit.inputs)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        unit = ctx.unit
-        unit.rebuild()
-        inputs, outputs = unit.graph
-        unit.graph = None
-        pairs = [(out, grad) for out, grad in zip(outputs, grads) if grad is not None and out.requires_grad]
-        torch.autograd.backward([out for out, _ in pairs], [grad for _, grad in pairs])
-        return (None, *(x.grad if need else None for x, need in zip(inputs, unit.needs)))
-
-
 class Forgotten:
     """One sub-computation ``fn(*inputs) -> tuple of tensors`` whose outputs are not kept for
     backward: call it, let the consumers run on its outputs, then ``forget(anchor)`` with a tensor
-    computed from them. Their storage is freed and refilled by recomputation when ``anchor``'s
-    gradient arrives, before any consumer's backward can read it."""
+    computed from them. ``fn`` runs as a non-reentrant checkpoint (its own intermediates are
+    recomputed when its backward needs them); its outputs' storage is freed, and refilled by
+    running ``fn`` again when ``anchor``'s gradient arrives, before any consumer's backward can read
+    it. The graph is the one ``none`` records, so the gradients are the same bit for bit."""
 
     def __init__(self, fn: Callable[..., tuple[torch.Tensor, ...]]):
-        self.fn, self.graph, self.storages = fn, None, {}
+        self.fn, self.inputs, self.storages = fn, (), {}
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        outputs = _Forgotten.apply(self, *inputs)
-        # storages, not the outputs: an output holds its grad_fn, whose ctx holds this object
-        self.storages = {out.untyped_storage().data_ptr(): (i, out.untyped_storage()) for i, out in enumerate(outputs)}
+        self.inputs = inputs
+        outputs = checkpoint(self.fn, *inputs, use_reentrant=False)
+        # storages, not the outputs: an output holds its grad_fn, which will hold this object's hook
+        self.storages = {out.untyped_storage()._cdata: (i, out.untyped_storage()) for i, out in enumerate(outputs)}
         return outputs
 
     def forget(self, anchor: torch.Tensor) -> None:
@@ -90,23 +71,15 @@ class Forgotten:
         anchor.register_hook(self._gradient_arrived)
 
     def _gradient_arrived(self, _grad) -> None:
-        if self.storages:  # once: a later pass (a deferred weight gradient) finds them filled
-            self.rebuild()
-
-    def rebuild(self) -> None:
-        """The forward again, with a graph, from the kept inputs; the freed storages refilled."""
-        if self.graph is not None:
+        if not self.storages:  # refilled already (a later pass: a deferred weight gradient)
             return
-        inputs = [x.detach().requires_grad_(need) for x, need in zip(self.inputs, self.needs)]
-        with torch.enable_grad():
-            outputs = self.fn(*inputs)
+        with torch.no_grad():
+            outputs = self.fn(*self.inputs)
         for index, storage in self.storages.values():
             fresh = outputs[index].untyped_storage()
-            if storage.nbytes() == 0:
-                storage.resize_(fresh.nbytes())
-                storage.copy_(fresh)
-        self.storages = {}
-        self.graph = (inputs, outputs)
+            storage.resize_(fresh.nbytes())
+            storage.copy_(fresh)
+        self.storages, self.inputs = {}, ()
 
 
 def _norm_then(norm: nn.Module, sublayer: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor) -> torch.Tensor:
