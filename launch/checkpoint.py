@@ -3,8 +3,11 @@ and any layout reads them back (report 3.2: PP x EP x ZeRO-1 data parallelism).
 
     .metadata, __R_0.distcp   ``torch.distributed.checkpoint`` (``launch.dcp_pieces``): for every
                               parameter NAME of the whole model, ``model/NAME`` (FP32 master
-                              weights), ``exp_avg/NAME`` and ``exp_avg_sq/NAME`` (AdamW moments),
-                              each a flattened global tensor (every routed expert included) of
+                              weights), ``exp_avg/NAME`` and ``exp_avg_sq/NAME`` (AdamW moments,
+                              stored in the dtype they train in: FP32, or BF16 under
+                              ``train.optimizer_moments_dtype: bfloat16``; a resume with the
+                              other dtype converts them on load, BF16 -> FP32 exactly, FP32 ->
+                              BF16 rounded to nearest), each a flattened global tensor (every routed expert included) of
                               which each rank wrote its ZeRO-1 partition of the stages and experts
                               it holds; ``ema/NAME`` the same for the host-memory EMA of the
                               weights when the run keeps one; ``buffers/NAME`` (router biases)

@@ -17,7 +17,9 @@ from typing import Any
 from plugins.config_tree import build, read_document
 from plugins.errors import ConfigError
 from plugins.model.config import ModelConfig
+from plugins.model.recompute import MODES as RECOMPUTE_MODES
 from plugins.parallel.dualpipe import SCHEDULES
+from plugins.precision.moments import MOMENT_DTYPES
 from plugins.precision.policy import DEFAULT_FP8_MODULES, FP8_BACKENDS
 
 SECTIONS = ("model", "data", "train", "parallel")
@@ -106,6 +108,10 @@ class TrainConfig:
     eval_sequences: int = 64  # per domain, rounded down to a multiple of micro_batch_size x dp
     wandb_project: str = "deepseek-pretrain"
     wandb_mode: str = "auto"  # auto: online when WANDB_API_KEY is set, else offline; or online/offline/disabled
+    # activations recomputed in backward (report 3.2.3): none, selective (RMSNorm and MLA
+    # up-projection outputs) or full (every block); plugins.model.recompute
+    recompute: str = "none"
+    optimizer_moments_dtype: str = "float32"  # AdamW's exp_avg/exp_avg_sq: float32 or bfloat16 (report 3.3.1)
 
 
 @dataclass
@@ -161,6 +167,15 @@ def _validate(run: RunConfig) -> None:
         fail("train.lr", "peak must be positive and warmup_steps non-negative")
     if t.wandb_mode not in ("auto", "online", "offline", "disabled"):
         fail("train.wandb_mode", f"expected auto, online, offline or disabled, got {t.wandb_mode!r}")
+    if t.recompute not in RECOMPUTE_MODES:
+        fail("train.recompute", f"expected one of {', '.join(RECOMPUTE_MODES)}, got {t.recompute!r}")
+    if t.optimizer_moments_dtype not in MOMENT_DTYPES:
+        fail("train.optimizer_moments_dtype", f"expected one of {', '.join(MOMENT_DTYPES)}, "
+                                              f"got {t.optimizer_moments_dtype!r}")
+    if t.recompute == "full" and p.pp > 1 and p.ep > 1:
+        fail("train.recompute", "full with --pp > 1 and --ep > 1 cannot run: a block's recomputed forward would "
+                                "issue its expert all-to-alls inside a backward that the pipeline overlaps with "
+                                "another micro-batch's forward on the same process group; use selective")
     if d.seq_len < 2:
         fail("data.seq_len", "must be at least 2")
     if d.sources and d.builtin_corpus:

@@ -100,13 +100,14 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config:
 def link_optimizer_states(engine) -> None:
     """Make every parameter's view of its AdamW moments valid. DeepSpeed links them once, after the
     first optimizer step of the first ZeRO parameter group, so the other groups' views stay empty;
-    before any step (a resumed run) there are no moments at all. Create what is missing (zeros,
-    step 0) and re-link all groups."""
+    before any step (a resumed run) there are no moments at all. Create what is missing (zeros in
+    the optimizer's moment dtype, step 0: ``plugins.precision.moments.AdamW.new_state``) and re-link
+    all groups."""
     zero = engine.optimizer
     for flat in zero.single_partition_of_fp32_groups:
         state = zero.optimizer.state[flat]
         if not state:
-            state.update(step=torch.zeros(()), exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat))
+            state.update(zero.optimizer.new_state(flat))
     zero._hp_optimizer_states_linked = False
     zero._lazy_init_hp_params_optimizer_state()
 

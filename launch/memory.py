@@ -58,3 +58,34 @@ class Increase:
             return
         peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else _status_mb("VmHWM")
         self.mb = max(0.0, peak - self.start)
+
+
+class SavedActivations:
+    """``with SavedActivations(model) as saved: loss = model(...)`` then ``saved.bytes()``: the bytes
+    of the tensors autograd keeps for backward, counted once per storage, parameters excluded,
+    measured when called (a storage freed after the forward counts 0). Recomputation regions
+    (``torch.utils.checkpoint``) save through their own hooks: what they keep is their inputs,
+    which are counted. ``label`` (a module name or None) is charged for the tensors saved while set."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.parameters = {p.untyped_storage()._cdata for p in model.parameters()}
+        self.storages: dict[int, tuple[str | None, torch.UntypedStorage]] = {}
+        self.label: str | None = None
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage._cdata not in self.parameters:  # the storage itself (held here, so never reused)
+            self.storages.setdefault(storage._cdata, (self.label, storage))
+        return tensor
+
+    def __enter__(self) -> SavedActivations:
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.hooks.__exit__(*exc)
+
+    def bytes(self, label: str | None = ...) -> int:
+        """All saved bytes, or those saved while ``label`` was set."""
+        return sum(s.nbytes() for owner, s in self.storages.values() if label is ... or owner == label)

@@ -1,8 +1,9 @@
 """Build the rank's part of the model under the run's layout (TorchTitan's ``parallelize``): expert
-parallelism (report 3.2.2), this rank's pipeline stages (3.2.1) and FP8 linears (3.3). The model's
-math is untouched; what changes is which parameters a rank holds, how tokens reach the experts and,
-under ``model.balance: batch_aux``, over which ranks the balance loss counts its tokens (4.5.3).
-Nothing outside the rank's part is ever allocated."""
+parallelism (report 3.2.2), this rank's pipeline stages (3.2.1), FP8 linears (3.3) and activation
+recomputation (3.2.3). The model's math is untouched; what changes is which parameters a rank
+holds, how tokens reach the experts, what backward recomputes and, under ``model.balance:
+batch_aux``, over which ranks the balance loss counts its tokens (4.5.3). Nothing outside the
+rank's part is ever allocated."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from plugins.errors import ConfigError
 from plugins.model.deepseek_v3 import DeepSeekV3
 from plugins.model.init import materialize
+from plugins.model.recompute import set_recompute
 from plugins.parallel.balance_counts import install_count_reduction
 from plugins.parallel.dualpipe import Layout, ScheduleError, check
 from plugins.parallel.expert import ExpertExchange, apply_expert_parallel
@@ -45,6 +47,20 @@ def check_fp8_policy(run: RunConfig) -> None:
     if not fp8_targets(probe, run.parallel.fp8_modules):
         raise ConfigError(f"{run.source}: parallel.fp8_modules: {run.parallel.fp8_modules} match no linear layer "
                           "of the model")
+
+
+def check_recompute(run: RunConfig) -> None:
+    """Recomputation (report 3.2.3) with Transformer-Engine's FP8 linears is refused: backward, where
+    the recomputation runs, is outside ``te.autocast``, so the recomputed GEMMs would not be the FP8
+    ones the forward ran (``parallel.fp8`` as resolved from ``auto``)."""
+    if run.train.recompute != "none" and run.parallel.fp8 == "te":
+        raise ConfigError(f"{run.source}: train.recompute: {run.train.recompute} with --fp8 te cannot run: the "
+                          "recomputation in backward runs outside te.autocast; use --fp8 emulated or "
+                          "train.recompute=none")
+    if run.train.recompute == "full" and run.model.balance == "batch_aux":
+        raise ConfigError(f"{run.source}: train.recompute: full with model.balance: batch_aux cannot run: the "
+                          "recomputed block would all-reduce its expert counts again in backward; use "
+                          "train.recompute=selective")
 
 
 def _fix_hint(schedule: str, pp: int, dp: int, batch: int, micro: int, key: str) -> str:
@@ -100,6 +116,7 @@ def parallelize(run: RunConfig, groups: ParallelGroups, device: torch.device, in
 
         read_weights(init_from, model, expert_offset)
     fp8_modules = convert_to_fp8(model, p.fp8, p.fp8_modules, p.fp8_power_of_two_scales)
+    set_recompute(model, run.train.recompute)
     if exchange is not None:
         ds_internals.mark_expert_parameters([param for moe in model.moe_layers() for param in moe.experts.parameters()],
                                             groups.expert_group_name)

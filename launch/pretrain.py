@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from launch import ds_internals
 from launch.config import RunConfig, load_run_config
-from launch.parallelize import check_fp8_policy
+from launch.parallelize import check_fp8_policy, check_recompute
 from launch.trainer import RunOptions, Trainer, TrainingStopped
 from plugins.errors import ConfigError, ProjectError
 from plugins.parallel.dualpipe import SCHEDULES
@@ -61,6 +61,7 @@ def read_config(args: argparse.Namespace) -> RunConfig:
     run = load_run_config(args.config, overrides)
     run.parallel.fp8 = resolve_backend(run.parallel.fp8)
     check_fp8_policy(run)
+    check_recompute(run)
     if args.steps is not None and args.steps < 1:
         raise ConfigError(f"--steps {args.steps}: expected a positive number of optimizer steps")
     return run

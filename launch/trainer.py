@@ -32,6 +32,7 @@ from plugins.model.balance import (
     reset_expert_loads,
     update_router_biases,
 )
+from plugins.precision.moments import MOMENT_DTYPES, AdamW
 
 from . import ds_internals, memory, moe_stats
 from .checkpoint import Checkpointer
@@ -112,8 +113,9 @@ class Trainer:
         self._say(f"built this rank's part of the model: at most {int(held.item()):,} parameters on a rank; "
                   f"peak memory after construction {self._peak_memory_mb():.0f} MB (largest rank)")
         first_batch = batch_size(t.batch, 0, self.granularity)
-        optimizer = torch.optim.AdamW(ds_internals.parameter_groups(self.module, t.weight_decay),
-                                      lr=learning_rate(t.lr, 0, 0), betas=t.betas, eps=t.eps)
+        optimizer = AdamW(ds_internals.parameter_groups(self.module, t.weight_decay),
+                          MOMENT_DTYPES[t.optimizer_moments_dtype], lr=learning_rate(t.lr, 0, 0), betas=t.betas,
+                          eps=t.eps)
         self.engine = ds_internals.initialize(
             self.module, optimizer, deepspeed_config(run, groups.dp, self.pipelined, first_batch, device.type == "cuda"),
             groups.mpu)

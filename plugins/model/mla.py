@@ -68,12 +68,20 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_b_proj = nn.Linear(self.kv_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, config.hidden_size, bias=False)
 
-    def _queries(self, x: torch.Tensor) -> torch.Tensor:
-        if hasattr(self, "q_proj"):
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        return q.unflatten(-1, (self.num_heads, self.nope_dim + self.rope_dim))
+    def _down(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The down-projections: the query latent before its norm (``x`` itself without q
+        compression) and ``[c_kv | k_pe]`` before the norm and RoPE (eq. 1, 3, 6)."""
+        return (x if hasattr(self, "q_proj") else self.q_a_proj(x)), self.kv_a_proj_with_mqa(x)
+
+    def _rotated(self, q_in, kv, cos, sin):
+        """Latent norms, the query up-projection and RoPE: (q_nope, rotated q_pe [B, T, H, d],
+        normalised c_kv [B, T, r], rotated k_pe [B, T, d_R]) (eq. 3, 7-9)."""
+        q = self.q_proj(q_in) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(q_in))
+        q_nope, q_pe = q.unflatten(-1, (self.num_heads, self.nope_dim + self.rope_dim)).split(
+            [self.nope_dim, self.rope_dim], dim=-1)
+        c_kv, k_pe = kv.split([self.kv_rank, self.rope_dim], dim=-1)
+        k_pe = apply_rotary(k_pe.unsqueeze(2), cos, sin).squeeze(2)
+        return q_nope, apply_rotary(q_pe, cos, sin), self.kv_a_layernorm(c_kv), k_pe
 
     def forward(
         self,
@@ -82,27 +90,28 @@ class MultiHeadLatentAttention(nn.Module):
         cache: LatentCache | None = None,
     ) -> torch.Tensor:
         """``x`` [B, T, D]; ``rope`` the (cos, sin) of the T positions; returns [B, T, D]."""
-        cos, sin = rope
-        q_nope, q_pe = self._queries(x).split([self.nope_dim, self.rope_dim], dim=-1)
-        q_pe = apply_rotary(q_pe, cos, sin)
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope_dim], dim=-1)
-        c_kv = self.kv_a_layernorm(c_kv)
-        k_pe = apply_rotary(k_pe.unsqueeze(2), cos, sin).squeeze(2)
+        q_in, kv = self._down(x)
         if cache is None:
-            out = self._expanded(q_nope, q_pe, c_kv, k_pe)
+            out = self._attend(*self._heads(q_in, kv, *rope))
         else:
+            q_nope, q_pe, c_kv, k_pe = self._rotated(q_in, kv, *rope)
             c_kv, k_pe = cache.update(self.layer_idx, c_kv, k_pe)
             out = self._absorbed(q_nope, q_pe, c_kv, k_pe)
         return self.o_proj(out.flatten(2))
 
-    def _expanded(self, q_nope, q_pe, c_kv, k_pe) -> torch.Tensor:
-        """Training form: materialise per-head keys/values from the latent (eq. 2-5, 10)."""
+    def _heads(self, q_in, kv, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Training form: the per-head queries, keys and values [B, T, H, d] materialised from the
+        latents (the up-projections, eq. 2-5, 7-10)."""
+        q_nope, q_pe, c_kv, k_pe = self._rotated(q_in, kv, cos, sin)
         k_nope, v = self.kv_b_proj(c_kv).unflatten(-1, (self.num_heads, -1)).split([self.nope_dim, self.v_dim], -1)
         q = torch.cat([q_nope, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.num_heads, -1)], dim=-1)
         # Fused (flash) SDPA kernels want one head size for q, k and v: pad v with zeros.
         pad = q.shape[-1] - self.v_dim
-        v = F.pad(v, (0, pad)) if pad > 0 else v
+        return q, k, (F.pad(v, (0, pad)) if pad > 0 else v)
+
+    def _attend(self, q, k, v) -> torch.Tensor:
+        """Causal attention of the per-head q, k, v; [B, T, H, d_v]."""
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.scale
         )

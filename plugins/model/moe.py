@@ -20,6 +20,7 @@ from .config import ModelConfig
 from .dispatch import LocalDispatcher, TokenDispatcher
 from .experts import RoutedExperts
 from .mlp import SwiGLU
+from .recompute_state import recomputing
 from .router import Router
 
 
@@ -59,10 +60,14 @@ class DeepSeekMoE(nn.Module):
         out = routed.view(batch, seq_len, dim)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
-        self.balance_loss = balance_loss(
+        loss = balance_loss(
             self.balance, routing.scores.view(batch, seq_len, -1), routing.indices.view(batch, seq_len, -1),
             self.alpha, self.reduce_counts if self.training else None,
         )
-        with torch.no_grad():
-            self.tokens_per_expert += expert_load(routing.indices, self.num_experts)
+        # A checkpointed block's forward again in backward (train.recompute: full) runs the same ops
+        # (the recomputation must save the same tensors) but counts and hands over nothing twice.
+        if not recomputing():
+            self.balance_loss = loss
+            with torch.no_grad():
+                self.tokens_per_expert += expert_load(routing.indices, self.num_experts)
         return out

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..model.dispatch import Dispatched, TokenDispatcher, permutation, permute, unpermute
 from ..model.moe import DeepSeekMoE
+from ..model.recompute_state import recomputing
 from ..model.router import Routing
 
 
@@ -137,7 +138,8 @@ class AllToAllDispatcher(TokenDispatcher):
 
     def dispatch(self, tokens: torch.Tensor, routing: Routing) -> Dispatched:
         perm = permutation(routing.indices, self.num_experts)
-        self.exchange.observe(routing.indices)
+        if not recomputing():  # a checkpointed block's forward again (train.recompute: full) is not new traffic
+            self.exchange.observe(routing.indices)
         local_rows, plan = self.exchange.dispatch(permute(tokens, perm), perm.counts)
         return Dispatched(local_rows, plan.local_counts, (perm, plan, routing.weights, tokens.shape[0]))
 
