@@ -21,6 +21,8 @@ from plugins.parallel.dualpipe import SCHEDULES
 from plugins.precision.policy import DEFAULT_FP8_MODULES, FP8_BACKENDS
 
 SECTIONS = ("model", "data", "train", "parallel")
+MOMENTS_DTYPES = ("float32", "bfloat16")
+RECOMPUTE_MODES = ("none", "selective", "full")
 
 
 @dataclass
@@ -96,6 +98,8 @@ class TrainConfig:
     heatmap_interval: int = 50
     eval_interval: int = 0  # validate on data.validation every N steps and at the end (0: never)
     eval_sequences: int = 64  # per domain, rounded down to a multiple of micro_batch_size x dp
+    optimizer_moments_dtype: str = "float32"  # AdamW's two moments: float32 or bfloat16
+    recompute: str = "none"  # activations recomputed in backward: none, selective (RMSNorm, MLA up-projections) or full
     wandb_project: str = "deepseek-pretrain"
     wandb_mode: str = "auto"  # auto: online when WANDB_API_KEY is set, else offline; or online/offline/disabled
 
@@ -149,6 +153,10 @@ def _validate(run: RunConfig) -> None:
         fail("train.batch.start", f"expected 0 < start <= final, got {t.batch.start} and {t.batch.final}")
     if t.lr.peak <= 0 or t.lr.warmup_steps < 0:
         fail("train.lr", "peak must be positive and warmup_steps non-negative")
+    if t.optimizer_moments_dtype not in MOMENTS_DTYPES:
+        fail("train.optimizer_moments_dtype", f"expected {' or '.join(MOMENTS_DTYPES)}, got {t.optimizer_moments_dtype!r}")
+    if t.recompute not in RECOMPUTE_MODES:
+        fail("train.recompute", f"expected one of {', '.join(RECOMPUTE_MODES)}, got {t.recompute!r}")
     if t.wandb_mode not in ("auto", "online", "offline", "disabled"):
         fail("train.wandb_mode", f"expected auto, online, offline or disabled, got {t.wandb_mode!r}")
     if d.seq_len < 2:
