@@ -12,7 +12,7 @@ import torch
 from plugins.errors import ConfigError
 from plugins.model.deepseek_v3 import DeepSeekV3
 from plugins.model.init import materialize
-from plugins.parallel.dualpipe import Layout, ScheduleError, check
+from plugins.parallel.dualpipe import Layout
 from plugins.parallel.expert import ExpertExchange, apply_expert_parallel
 from plugins.parallel.pipeline_stages import PipelineShard
 from plugins.parallel.replicas import stages_of
@@ -21,7 +21,6 @@ from plugins.precision.policy import convert_to_fp8, fp8_targets
 from . import ds_internals
 from .config import RunConfig
 from .groups import ParallelGroups
-from .schedules import BatchGrid
 
 
 @dataclass
@@ -44,50 +43,6 @@ def check_fp8_policy(run: RunConfig) -> None:
     if not fp8_targets(probe, run.parallel.fp8_modules):
         raise ConfigError(f"{run.source}: parallel.fp8_modules: {run.parallel.fp8_modules} match no linear layer "
                           "of the model")
-
-
-def _fix_hint(schedule: str, pp: int, dp: int, batch: int, micro: int, key: str) -> str:
-    """What would make a batch run under the schedule: a micro-batch size, or a larger batch."""
-    for candidate in range(micro - 1, 0, -1):
-        if batch % (candidate * dp) == 0:
-            try:
-                check(schedule, pp, batch // (candidate * dp))
-                return f"--set train.micro_batch_size={candidate}"
-            except ScheduleError:
-                continue
-    need = (pp if schedule == "1f1b" else 2 * pp) * micro * dp
-    return f"global batches of at least {need} sequences (--set {key}={need})"
-
-
-def check_schedule(run: RunConfig, pp: int, dp: int) -> BatchGrid:
-    """The layout's grid of global batches, after checking every batch the ramp can produce
-    (``BatchGrid.sizes``: a few dozen sizes, not one per step) against the pipeline schedule. The
-    final batch must be on the grid as configured (the recipe's batch is not silently changed); a
-    start below the schedule's smallest batch starts the ramp there (``ramp_note``)."""
-    schedule, micro, final = run.parallel.pipeline_schedule, run.train.micro_batch_size, run.train.batch.final
-    grid = BatchGrid.of(micro, dp, pp, schedule)
-    sizes = [final] if final % grid.step or final < grid.minimum else list(grid.sizes(run.train.batch))
-    for size in sizes:
-        count = size // (micro * dp)
-        try:
-            if pp > 1:
-                check(schedule, pp, count)
-        except ScheduleError as error:
-            raise ConfigError(f"{run.source}: train.batch.final = {size} sequences = {count} micro-batches of "
-                              f"{micro} per pipeline at --pp {pp}: {error}; fix: "
-                              f"{_fix_hint(schedule, pp, dp, size, micro, 'train.batch.final')}") from None
-    return grid
-
-
-def ramp_note(run: RunConfig, dp: int, grid: BatchGrid) -> str | None:
-    """What a user should know when the schedule raises the ramp's first batches (report 4.2's 3072
-    sequences are 24 micro-batches at dp 128, DualPipe at pp 16 needs 32)."""
-    start, t, p = run.train.batch.start, run.train, run.parallel
-    if start >= grid.minimum:
-        return None
-    return (f"train.batch.start = {start} sequences is below {grid.minimum}, the smallest global batch "
-            f"{p.pipeline_schedule} runs at --pp {p.pp} ({grid.minimum // (t.micro_batch_size * dp)} micro-batches "
-            f"of {t.micro_batch_size} x {dp} data-parallel ranks): the ramp holds {grid.minimum} until it passes it")
 
 
 def parallelize(run: RunConfig, groups: ParallelGroups, device: torch.device, init_from: str | None = None

@@ -1,13 +1,15 @@
-"""The report's token-based schedules (4.2 "Training Hyper-Parameters")."""
+"""The report's token-based schedules (4.2 "Training Hyper-Parameters"), and the global batches a
+layout can run them at."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-from plugins.parallel.dualpipe import micro_batch_rule
+from plugins.errors import ConfigError
+from plugins.parallel.dualpipe import ScheduleError, check, micro_batch_rule
 
-from .config import BatchSchedule, LRSchedule, StepSchedule
+from .config import BatchSchedule, LRSchedule, RunConfig, StepSchedule
 
 
 def learning_rate(schedule: LRSchedule, step: int, tokens: float) -> float:
@@ -61,3 +63,47 @@ def batch_size(schedule: BatchSchedule, tokens: float, grid: BatchGrid | None = 
 def step_value(schedule: StepSchedule, tokens: float) -> float:
     """gamma (bias update speed) and lambda (MTP weight) switch once at a token mark."""
     return schedule.value if tokens < schedule.until_tokens else schedule.then
+
+
+def _fix_hint(schedule: str, pp: int, dp: int, batch: int, micro: int, key: str) -> str:
+    """What would make a batch run under the schedule: a micro-batch size, or a larger batch."""
+    for candidate in range(micro - 1, 0, -1):
+        if batch % (candidate * dp) == 0:
+            try:
+                check(schedule, pp, batch // (candidate * dp))
+                return f"--set train.micro_batch_size={candidate}"
+            except ScheduleError:
+                continue
+    need = (pp if schedule == "1f1b" else 2 * pp) * micro * dp
+    return f"global batches of at least {need} sequences (--set {key}={need})"
+
+
+def check_schedule(run: RunConfig, pp: int, dp: int) -> BatchGrid:
+    """The layout's grid of global batches, after checking every batch the ramp can produce
+    (``BatchGrid.sizes``: a few dozen sizes, not one per step) against the pipeline schedule. The
+    final batch must be on the grid as configured (the recipe's batch is not silently changed); a
+    start below the schedule's smallest batch starts the ramp there (``ramp_note``)."""
+    schedule, micro, final = run.parallel.pipeline_schedule, run.train.micro_batch_size, run.train.batch.final
+    grid = BatchGrid.of(micro, dp, pp, schedule)
+    sizes = [final] if final % grid.step or final < grid.minimum else list(grid.sizes(run.train.batch))
+    for size in sizes:
+        count = size // (micro * dp)
+        try:
+            if pp > 1:
+                check(schedule, pp, count)
+        except ScheduleError as error:
+            raise ConfigError(f"{run.source}: train.batch.final = {size} sequences = {count} micro-batches of "
+                              f"{micro} per pipeline at --pp {pp}: {error}; fix: "
+                              f"{_fix_hint(schedule, pp, dp, size, micro, 'train.batch.final')}") from None
+    return grid
+
+
+def ramp_note(run: RunConfig, dp: int, grid: BatchGrid) -> str | None:
+    """What a user should know when the schedule raises the ramp's first batches (report 4.2's 3072
+    sequences are 24 micro-batches at dp 128, DualPipe at pp 16 needs 32)."""
+    start, t, p = run.train.batch.start, run.train, run.parallel
+    if start >= grid.minimum:
+        return None
+    return (f"train.batch.start = {start} sequences is below {grid.minimum}, the smallest global batch "
+            f"{p.pipeline_schedule} runs at --pp {p.pp} ({grid.minimum // (t.micro_batch_size * dp)} micro-batches "
+            f"of {t.micro_batch_size} x {dp} data-parallel ranks): the ramp holds {grid.minimum} until it passes it")

@@ -33,8 +33,8 @@ from .config import RunConfig
 from .data_setup import setup_data, validating, validation_sets
 from .forward_backward import GradientAccumulation, PipelineSchedule
 from .groups import build_groups
-from .parallelize import check_schedule, parallelize, ramp_note
-from .schedules import batch_size, learning_rate, step_value
+from .parallelize import parallelize
+from .schedules import batch_size, check_schedule, learning_rate, ramp_note, step_value
 from .validation import Validator
 
 
