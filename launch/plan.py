@@ -28,7 +28,7 @@ from .walk import walk
 
 # Resident memory of one CPU training process beyond what the planner counts (Python, torch, DeepSpeed,
 # gloo, allocator slack), calibrated once: benchmarks/plan_vs_measured.py, the tiny recipe on one rank.
-CPU_RUNTIME_OVERHEAD = 470 * 2**20
+CPU_RUNTIME_OVERHEAD = 471 * 2**20
 GB = 1e9
 
 
