@@ -197,6 +197,18 @@ def _validate(run: RunConfig) -> None:
                             f"{run.model.n_routed_experts}")
 
 
+def check_world(pp: int, ep: int, world: int) -> int:
+    """The data-parallel size of a layout, or a one-line error saying what would run."""
+    if world % pp:
+        raise ConfigError(f"--pp {pp}: does not divide the {world} launched ranks (world = pp x dp); "
+                          f"launch a multiple of {pp} ranks or pick a --pp dividing {world}")
+    dp = world // pp
+    if dp % ep:
+        raise ConfigError(f"--ep {ep}: does not divide the data-parallel size {dp} (the {world} launched ranks / "
+                          f"--pp {pp}); pick an --ep dividing {dp}")
+    return dp
+
+
 def _sources(raw: Any, source: str) -> list[SourceConfig]:
     """``data.sources``: a list of {name, path, weight} mappings, names unique, weights positive."""
     if raw is None:

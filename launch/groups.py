@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
-from plugins.errors import ConfigError
 from plugins.model.config import ModelConfig
 from plugins.parallel.dualpipe import Layout
 from plugins.parallel.replicas import replica_sets
 
 from . import ds_internals
+from .config import check_world
 
 
 @dataclass
@@ -50,18 +50,6 @@ class ParallelGroups:
     def pipeline_peers(self) -> list[int]:
         """Global rank of each pipeline rank of this data-parallel replica."""
         return [p * self.dp + self.dp_rank for p in range(self.pp)]
-
-
-def check_world(pp: int, ep: int, world: int) -> int:
-    """The data-parallel size of a layout, or a one-line error saying what would run."""
-    if world % pp:
-        raise ConfigError(f"--pp {pp}: does not divide the {world} launched ranks (world = pp x dp); "
-                          f"launch a multiple of {pp} ranks or pick a --pp dividing {world}")
-    dp = world // pp
-    if dp % ep:
-        raise ConfigError(f"--ep {ep}: does not divide the data-parallel size {dp} (the {world} launched ranks / "
-                          f"--pp {pp}); pick an --ep dividing {dp}")
-    return dp
 
 
 def build_groups(pp: int, ep: int, schedule: str, config: ModelConfig) -> ParallelGroups:

@@ -16,7 +16,7 @@ from plugins.model.deepseek_v3 import DeepSeekV3
 from plugins.model.init import materialize
 from plugins.model.recompute import set_recompute
 from plugins.parallel.balance_counts import install_count_reduction
-from plugins.parallel.dualpipe import Layout, ScheduleError, check
+from plugins.parallel.dualpipe import Layout
 from plugins.parallel.expert import ExpertExchange, apply_expert_parallel
 from plugins.parallel.pipeline_stages import PipelineShard
 from plugins.parallel.replicas import stages_of
@@ -62,31 +62,6 @@ def check_recompute(run: RunConfig) -> None:
                           "recomputed block would all-reduce its expert counts again in backward; use "
                           "train.recompute=selective")
 
-
-def _fix_hint(schedule: str, pp: int, dp: int, batch: int, micro: int, key: str) -> str:
-    """What would make a batch run under the schedule: a micro-batch size, or a larger batch."""
-    for candidate in range(micro - 1, 0, -1):
-        if batch % (candidate * dp) == 0:
-            try:
-                check(schedule, pp, batch // (candidate * dp))
-                return f"--set train.micro_batch_size={candidate}"
-            except ScheduleError:
-                continue
-    need = (pp if schedule == "1f1b" else 2 * pp) * micro * dp
-    return f"global batches of at least {need} sequences (--set {key}={need})"
-
-
-def check_schedule(run: RunConfig, groups: ParallelGroups, batch_sizes: list[int]) -> None:
-    """Every global batch of the ramp must give the pipeline schedule enough micro-batches."""
-    schedule, micro = run.parallel.pipeline_schedule, run.train.micro_batch_size
-    for key, size in zip(("train.batch.start", "train.batch.final"), batch_sizes):
-        count = size // (micro * groups.dp)
-        try:
-            check(schedule, groups.pp, count)
-        except ScheduleError as error:
-            raise ConfigError(f"{run.source}: train.batch = {size} sequences = {count} micro-batches of "
-                              f"{micro} per pipeline at --pp {groups.pp}: {error}; fix: "
-                              f"{_fix_hint(schedule, groups.pp, groups.dp, size, micro, key)}") from None
 
 
 def parallelize(run: RunConfig, groups: ParallelGroups, device: torch.device, init_from: str | None = None

@@ -1,10 +1,15 @@
-"""The report's token-based schedules (4.2 "Training Hyper-Parameters")."""
+"""The report's token-based schedules (4.2 "Training Hyper-Parameters"), and the global batches a
+layout can run them at."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
-from .config import BatchSchedule, LRSchedule, StepSchedule
+from plugins.errors import ConfigError
+from plugins.parallel.dualpipe import ScheduleError, check, micro_batch_rule
+
+from .config import BatchSchedule, LRSchedule, RunConfig, StepSchedule
 
 
 def learning_rate(schedule: LRSchedule, step: int, tokens: float) -> float:
@@ -23,14 +28,82 @@ def learning_rate(schedule: LRSchedule, step: int, tokens: float) -> float:
     return schedule.final
 
 
-def batch_size(schedule: BatchSchedule, tokens: float, granularity: int = 1) -> int:
-    """Global batch (sequences) ramped linearly in tokens, rounded down to a multiple of
-    ``granularity`` (data-parallel ranks x micro-batch), never below one multiple."""
+@dataclass(frozen=True)
+class BatchGrid:
+    """The global batches (sequences) a layout can run: multiples of ``step``, at least ``minimum``.
+    Without pipelining any multiple of micro-batch x data-parallel ranks; under a pipeline schedule
+    the micro-batches per pipeline must also satisfy the schedule (``micro_batch_rule``: DualPipe an
+    even count >= 2 x pp, DualPipeV >= 2 x pp, 1F1B >= pp)."""
+
+    step: int = 1
+    minimum: int = 1
+
+    @classmethod
+    def of(cls, micro_batch: int, dp: int, pp: int = 1, pipeline_schedule: str = "dualpipe") -> BatchGrid:
+        multiple, minimum = micro_batch_rule(pipeline_schedule, pp) if pp > 1 else (1, 1)
+        per_micro = micro_batch * dp
+        return cls(step=multiple * per_micro, minimum=-(-minimum // multiple) * multiple * per_micro)
+
+    def sizes(self, schedule: BatchSchedule) -> range:
+        """Every global batch the ramp from ``start`` to ``final`` can produce, in order."""
+        first = batch_size(schedule, 0.0, self)
+        return range(first, max(first, batch_size(schedule, schedule.ramp_tokens, self)) + 1, self.step)
+
+
+def batch_size(schedule: BatchSchedule, tokens: float, grid: BatchGrid | None = None) -> int:
+    """Global batch (sequences) ramped linearly in tokens (report 4.2: 3072 -> 15360 over the first
+    469B tokens), rounded down onto the layout's ``grid`` and never below its smallest batch. The one
+    rounding the trainer and ``python -m launch.plan --walk`` both use."""
     fraction = min(1.0, tokens / schedule.ramp_tokens) if schedule.ramp_tokens > 0 else 1.0
     raw = schedule.start + (schedule.final - schedule.start) * fraction
-    return max(granularity, int(raw // granularity) * granularity)
+    grid = grid or BatchGrid()
+    return max(grid.minimum, int(raw // grid.step) * grid.step)
 
 
 def step_value(schedule: StepSchedule, tokens: float) -> float:
     """gamma (bias update speed) and lambda (MTP weight) switch once at a token mark."""
     return schedule.value if tokens < schedule.until_tokens else schedule.then
+
+
+def _fix_hint(schedule: str, pp: int, dp: int, batch: int, micro: int, key: str) -> str:
+    """What would make a batch run under the schedule: a micro-batch size, or a larger batch."""
+    for candidate in range(micro - 1, 0, -1):
+        if batch % (candidate * dp) == 0:
+            try:
+                check(schedule, pp, batch // (candidate * dp))
+                return f"--set train.micro_batch_size={candidate}"
+            except ScheduleError:
+                continue
+    need = (pp if schedule == "1f1b" else 2 * pp) * micro * dp
+    return f"global batches of at least {need} sequences (--set {key}={need})"
+
+
+def check_schedule(run: RunConfig, pp: int, dp: int) -> BatchGrid:
+    """The layout's grid of global batches, after checking every batch the ramp can produce
+    (``BatchGrid.sizes``: a few dozen sizes, not one per step) against the pipeline schedule. The
+    final batch must be on the grid as configured (the recipe's batch is not silently changed); a
+    start below the schedule's smallest batch starts the ramp there (``ramp_note``)."""
+    schedule, micro, final = run.parallel.pipeline_schedule, run.train.micro_batch_size, run.train.batch.final
+    grid = BatchGrid.of(micro, dp, pp, schedule)
+    sizes = [final] if final % grid.step or final < grid.minimum else list(grid.sizes(run.train.batch))
+    for size in sizes:
+        count = size // (micro * dp)
+        try:
+            if pp > 1:
+                check(schedule, pp, count)
+        except ScheduleError as error:
+            raise ConfigError(f"{run.source}: train.batch.final = {size} sequences = {count} micro-batches of "
+                              f"{micro} per pipeline at --pp {pp}: {error}; fix: "
+                              f"{_fix_hint(schedule, pp, dp, size, micro, 'train.batch.final')}") from None
+    return grid
+
+
+def ramp_note(run: RunConfig, dp: int, grid: BatchGrid) -> str | None:
+    """What a user should know when the schedule raises the ramp's first batches (report 4.2's 3072
+    sequences are 24 micro-batches at dp 128, DualPipe at pp 16 needs 32)."""
+    start, t, p = run.train.batch.start, run.train, run.parallel
+    if start >= grid.minimum:
+        return None
+    return (f"train.batch.start = {start} sequences is below {grid.minimum}, the smallest global batch "
+            f"{p.pipeline_schedule} runs at --pp {p.pp} ({grid.minimum // (t.micro_batch_size * dp)} micro-batches "
+            f"of {t.micro_batch_size} x {dp} data-parallel ranks): the ramp holds {grid.minimum} until it passes it")

@@ -41,8 +41,8 @@ from .data_setup import setup_data, validating, validation_sets
 from .ema import HostEMA
 from .forward_backward import GradientAccumulation, PipelineSchedule
 from .groups import build_groups
-from .parallelize import check_schedule, parallelize
-from .schedules import batch_size, learning_rate, step_value
+from .parallelize import parallelize
+from .schedules import batch_size, check_schedule, learning_rate, ramp_note, step_value
 from .validation import Validator
 
 
@@ -93,9 +93,11 @@ class Trainer:
         self._check_run_dir()
         bundle, self.dataset = setup_data(run, groups.rank)
         held_out = validation_sets(run, bundle) if validating(run) else {}
-        self.granularity = self._check_batch()
-        if self.pipelined:
-            check_schedule(run, groups, [t.batch.start, t.batch.final])
+        self._check_batch()
+        self.grid = check_schedule(run, groups.pp, groups.dp)
+        note = ramp_note(run, groups.dp, self.grid)
+        if note:
+            self._say(f"note: {note}")
         if self.rank0:
             options.run_dir.mkdir(parents=True, exist_ok=True)
             write_text_atomic(options.run_dir / "config.yaml", yaml.safe_dump(run.to_dict(), sort_keys=False))
@@ -112,7 +114,7 @@ class Trainer:
         dist.all_reduce(held, op=dist.ReduceOp.MAX)
         self._say(f"built this rank's part of the model: at most {int(held.item()):,} parameters on a rank; "
                   f"peak memory after construction {self._peak_memory_mb():.0f} MB (largest rank)")
-        first_batch = batch_size(t.batch, 0, self.granularity)
+        first_batch = batch_size(t.batch, 0, self.grid)
         optimizer = AdamW(ds_internals.parameter_groups(self.module, t.weight_decay),
                           MOMENT_DTYPES[t.optimizer_moments_dtype], lr=learning_rate(t.lr, 0, 0), betas=t.betas,
                           eps=t.eps)
@@ -165,7 +167,7 @@ class Trainer:
             raise ConfigError(f"{self.options.run_dir}: already holds checkpoints; pass --resume to continue it or "
                               "pick another --run-dir")
 
-    def _check_batch(self) -> int:
+    def _check_batch(self) -> None:
         t, dp = self.run.train, self.groups.dp
         granularity = t.micro_batch_size * dp
         for name in ("start", "final"):
@@ -177,7 +179,6 @@ class Trainer:
         if len(self.dataset) < granularity:
             raise ConfigError(f"{self.run.data.dataset}: the dataset's {len(self.dataset)} sequences cannot fill one "
                               "micro-batch per rank")
-        return granularity
 
     def _describe(self, built) -> None:
         p = self.run.parallel
@@ -200,7 +201,7 @@ class Trainer:
     def train_step(self) -> tuple[dict, torch.Tensor]:
         t = self.run.train
         started = time.perf_counter()
-        global_batch = batch_size(t.batch, self.tokens, self.granularity)
+        global_batch = batch_size(t.batch, self.tokens, self.grid)
         if not self.pipelined and global_batch != self.engine.train_batch_size():
             self.engine.set_train_batch_size(global_batch)
         lr = learning_rate(t.lr, self.step, self.tokens)

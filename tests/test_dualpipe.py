@@ -91,9 +91,10 @@ def test_pipelined_training_gives_the_single_process_losses(embedded_run, tmp_pa
 
 
 def test_pipeline_shapes_that_cannot_run_fail_with_a_clear_error(embedded_run, tmp_path):
-    result = launch(2, tmp_path / "few", "--pp", "2", data=embedded_run[1])  # 8 sequences / 4 per micro-batch
+    result = launch(2, tmp_path / "few", "--pp", "2", "--set", "train.batch.final=8",
+                    data=embedded_run[1])  # 8 sequences / 4 per micro-batch
     assert result.returncode != 0
-    assert "train.batch = 8 sequences = 2 micro-batches of 4 per pipeline at --pp 2" in result.stderr
+    assert "train.batch.final = 8 sequences = 2 micro-batches of 4 per pipeline at --pp 2" in result.stderr
     assert "dualpipe: needs an even number of micro-batches >= 2 x pp = 4" in result.stderr
     assert "fix: --set train.micro_batch_size=2" in result.stderr  # 8 / 2 = 4 micro-batches would run
     result = launch(4, tmp_path / "layers", "--pp", "4", "--set", "train.micro_batch_size=1", data=embedded_run[1])

@@ -3,7 +3,7 @@
 import pytest
 
 from launch.config import load_run_config
-from launch.schedules import batch_size, learning_rate, step_value
+from launch.schedules import BatchGrid, batch_size, learning_rate, step_value
 
 from .conftest import ROOT
 
@@ -35,7 +35,7 @@ def test_batch_size_ramps_from_3072_to_15360_over_469b_tokens(recipe):
     assert batch_size(recipe.batch, 234.5 * B) == (3072 + 15360) // 2
     assert batch_size(recipe.batch, 469 * B) == 15360
     assert batch_size(recipe.batch, 10 * T) == 15360
-    assert batch_size(recipe.batch, 100 * B, granularity=64) % 64 == 0
+    assert batch_size(recipe.batch, 100 * B, BatchGrid(64, 64)) % 64 == 0
 
 
 def test_gamma_and_lambda_switch_at_the_reports_marks(recipe):

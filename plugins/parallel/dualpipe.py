@@ -84,6 +84,14 @@ class Layout:
         return list(range(self.micro_batches))
 
 
+def micro_batch_rule(schedule: str, ranks: int) -> tuple[int, int]:
+    """(multiple, minimum) of the micro-batch counts a schedule runs on ``ranks`` pipeline ranks:
+    DualPipe an even count >= 2 x pp (half fed from each end), DualPipeV >= 2 x pp, 1F1B >= pp."""
+    if schedule == "dualpipe":
+        return 2, 2 * ranks
+    return 1, 2 * ranks if schedule == "dualpipev" else ranks
+
+
 def check(schedule: str, ranks: int, micro_batches: int) -> Layout:
     if schedule not in SCHEDULES:
         raise ScheduleError(f"pipeline schedule {schedule!r}: expected one of {', '.join(SCHEDULES)}")
@@ -91,13 +99,11 @@ def check(schedule: str, ranks: int, micro_batches: int) -> Layout:
         raise ScheduleError(f"{schedule}: needs at least 2 pipeline ranks, got {ranks}")
     if schedule == "dualpipe" and ranks % 2:
         raise ScheduleError(f"dualpipe: needs an even number of pipeline ranks, got {ranks}")
-    if schedule == "dualpipe" and (micro_batches % 2 or micro_batches < 2 * ranks):
-        raise ScheduleError(f"dualpipe: needs an even number of micro-batches >= 2 x pp = {2 * ranks} "
-                            f"(half are fed from each end), got {micro_batches}")
-    if schedule == "dualpipev" and micro_batches < 2 * ranks:
-        raise ScheduleError(f"dualpipev: needs >= 2 x pp = {2 * ranks} micro-batches, got {micro_batches}")
-    if schedule == "1f1b" and micro_batches < ranks:
-        raise ScheduleError(f"1f1b: needs >= pp = {ranks} micro-batches, got {micro_batches}")
+    multiple, minimum = micro_batch_rule(schedule, ranks)
+    if micro_batches % multiple or micro_batches < minimum:
+        need = {"dualpipe": f"an even number of micro-batches >= 2 x pp = {minimum} (half are fed from each end)",
+                "dualpipev": f">= 2 x pp = {minimum} micro-batches", "1f1b": f">= pp = {minimum} micro-batches"}
+        raise ScheduleError(f"{schedule}: needs {need[schedule]}, got {micro_batches}")
     return Layout(schedule, ranks, micro_batches)
 
 
