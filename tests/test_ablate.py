@@ -161,17 +161,21 @@ def test_a_real_two_variant_study_runs_once_and_a_rerun_skips_both(embedded_run,
     data = embedded_run[1]
     path = write_study(tmp_path / "s.yaml", steps=3, set=[
         f"data.dataset={data['dataset']}", f"data.tokenizer={data['tokenizer']}", "data.builtin_corpus=false",
+        *[f"data.validation.{name}={path}" for name, path in data["validation"].items()], "train.eval_sequences=8",
         "train.wandb_mode=disabled"], variants=[{"name": "small", "set": ["model.aux_loss_alpha=0.0001"]},
                                                 {"name": "large", "set": ["model.aux_loss_alpha=0.1"]}])
     assert ablate([str(path)]) == 0, capsys.readouterr()
     out = capsys.readouterr().out
     assert "variant small: ran" in out and "variant large: ran" in out
     runs = tmp_path / "runs"
-    records = {name: [json.loads(line) for line in (runs / name / "metrics.jsonl").read_text().splitlines()]
-               for name in ("small", "large")}
+    lines = {name: [json.loads(line) for line in (runs / name / "metrics.jsonl").read_text().splitlines()]
+             for name in ("small", "large")}
+    records = {name: [r for r in rows if "loss" in r] for name, rows in lines.items()}
     assert [r["step"] for r in records["small"]] == [1, 2, 3] and (runs / "small" / DONE).is_file()
     assert records["large"][0]["aux_loss"] > 100 * records["small"][0]["aux_loss"]  # alpha 0.1 vs 1e-4
     table = json.loads((runs / "comparison.json").read_text())
+    evaluated = [r for r in lines["small"] if "val" in r][-1]
+    assert table["small"]["val"]["code"]["loss"] == evaluated["val"]["code"]["loss"]
     assert table["large"]["train_loss"] == records["large"][-1]["loss"] and table["small"]["steps"] == 3
     before = {name: (runs / name / "metrics.jsonl").stat().st_mtime_ns for name in ("small", "large")}
     assert ablate([str(path)]) == 0
