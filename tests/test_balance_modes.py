@@ -170,7 +170,7 @@ def _train(rank: int, world: int, root: str, data: dict, results) -> None:
         run = load_run_config(ROOT / "configs" / "tiny.yaml", [
             f"model.balance={mode}", "model.aux_loss_alpha=0.01", f"data.dataset={data['dataset']}",
             f"data.tokenizer={data['tokenizer']}", "data.builtin_corpus=false", "train.wandb_mode=disabled",
-            "train.bias_update_speed.value=0.01"])
+            "train.bias_update_speed.value=0.01", "data.validation={}"])
         trainer = Trainer(run, RunOptions(Path(root) / mode, steps=3), torch.device("cpu"))
         records = [trainer.train_step()[0] for _ in range(3)]
         results[mode] = {
