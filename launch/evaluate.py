@@ -146,8 +146,8 @@ def parse_packed(items: list[str]) -> dict[str, str]:
 
 
 @torch.no_grad()
-def score_packed(model: DeepSeekV3, tokenizer: TokenizerBundle, directory: str, max_sequences: int | None,
-                 batch_size: int) -> dict:
+def score_packed(model: DeepSeekV3, tokenizer: TokenizerBundle, token_bytes: torch.Tensor, directory: str,
+                 max_sequences: int | None, batch_size: int) -> dict:
     """Loss and bits per byte of a prepared directory's first ``max_sequences`` sequences."""
     from data_pipeline.catalog import open_prepared, prepared_dirs
     from data_pipeline.dataset import DatasetError
@@ -161,7 +161,6 @@ def score_packed(model: DeepSeekV3, tokenizer: TokenizerBundle, directory: str, 
         raise ConfigError(f"--packed {directory}: sequences of {dataset.seq_len} tokens exceed the model's "
                           f"{model.config.max_position_embeddings} positions")
     device = next(model.parameters()).device
-    token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.float64, device=device)
     count = min(max_sequences or len(dataset), len(dataset))
     totals = torch.zeros(3, dtype=torch.float64, device=device)
     for start in tqdm(range(0, count, batch_size), desc=f"scoring {directory}", unit=" batches", file=sys.stderr,
@@ -225,8 +224,10 @@ def main(argv: list[str] | None = None) -> int:
             texts = iter_texts([str(path) for path in data], text_field=args.text_field)
             result.update(evaluate_texts(loaded.model, tokenizer, texts, seq_len, stride, sources=data))
         if packed:
-            result["packed"] = {name: score_packed(loaded.model, tokenizer, path, args.max_sequences, args.batch_size)
-                                for name, path in packed.items()}
+            token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.float64,
+                                       device=next(loaded.model.parameters()).device)  # once for every set
+            result["packed"] = {name: score_packed(loaded.model, tokenizer, token_bytes, path, args.max_sequences,
+                                                   args.batch_size) for name, path in packed.items()}
         if args.choices:
             result["choices"] = {"file": str(args.choices),
                                  **score_choices(loaded.model, tokenizer, choices, seq_len)}
