@@ -4,8 +4,10 @@ estimator behind ``python -m launch.plan``.
 Per pipeline rank (every expert-parallel rank of it holds as much):
 - parameters: the rank's stages and 1/ep of each routed-expert bank (``plugins.parallel.rank_share``,
   built on ``meta`` as the trainer builds it), bf16 on a GPU, fp32 on a CPU (the trainer's engine);
-- gradients: one per parameter in the weights' dtype (ZeRO-1 keeps them whole until the step; a
-  one-rank DeepSpeed engine settles at exactly weights + gradients + master + two moments);
+- gradients: one per parameter in the weights' dtype (ZeRO-1 keeps them whole until the step),
+  plus the rank's flat FP32 partition of them that DeepSpeed's ZeRO-1 builds at the accumulation
+  boundary, while the whole ones are still held (measured: a one-rank launch peaks at weights +
+  2 gradients + master + two moments, in the last backward of a step);
 - optimizer: the FP32 master weights and AdamW's two moments (``train.optimizer_moments_dtype``),
   ZeRO-1-partitioned over the data-parallel ranks, routed experts over their expert-data-parallel
   group (dp / ep ranks);
@@ -14,7 +16,9 @@ Per pipeline rank (every expert-parallel rank of it holds as much):
   (``plugins.parallel.dualpipe.build_schedule``: F adds a micro-batch's chunk, B drops it, I keeps it
   until its deferred W), plus one block's working set for the backward;
 - communication: point-to-point sends the pipeline runtime keeps until the step ends, one
-  all-to-all send buffer under expert parallelism, on a GPU the ZeRO reduce bucket;
+  all-to-all send buffer under expert parallelism, the ZeRO reduce bucket (the gradients
+  flattened for the data-parallel reduction, up to DeepSpeed's bucket size; on a GPU always), one
+  bucket of the pipeline replicas' gradient sum;
 - EMA (report 3.2.3: kept in host memory) is reported apart: one FP32 copy of the rank's partition.
 
 Report 3.2.3's selective recomputation (RMSNorm and the MLA up-projections, ``train.recompute:
@@ -30,6 +34,7 @@ from plugins.model.experts import RoutedExperts
 from plugins.parallel.dualpipe import Layout, build_schedule, check
 from plugins.parallel.pipeline_stages import layer_spans
 from plugins.parallel.rank_share import rank_model
+from plugins.parallel.replicas import BUCKET as REPLICA_BUCKET
 
 REDUCE_BUCKET = 500_000_000  # DeepSpeed's default ZeRO reduce_bucket_size (elements)
 FP8_BYTES = 1 + 4 / 128  # an E4M3 value and its share of a 1x128 tile's FP32 scale
@@ -182,13 +187,15 @@ def plan_ranks(config: ModelConfig, layout: Layout3D, p: Precision) -> list[dict
         else:
             activations, held, sends = per_stage[0], 1, 0
         communication = sends * hidden_message + (config.num_experts_per_tok * hidden_message if layout.ep > 1 else 0)
-        if layout.device == "gpu":  # a CPU process never touches the untouched rest of it
+        if layout.dp > 1 or layout.device == "gpu":  # ZeRO's flat reduce bucket (a CPU engine skips it at dp 1)
             communication += min(REDUCE_BUCKET, params) * p.act
+        if sched:  # one bucket of the replicas' gradient sum
+            communication += min(REPLICA_BUCKET, params) * p.act
         out = {
             "pipeline_rank": rank, "parameters": params, "routed_expert_parameters": experts,
             "optimizer_partition_parameters": shard,
             "parameters_bytes": params * p.act,
-            "gradients_bytes": params * p.act,
+            "gradients_bytes": params * p.act + shard * 4,
             "master_weights_bytes": shard * 4,
             "moments_bytes": shard * 2 * p.moments,
             "activations_bytes": activations + working,

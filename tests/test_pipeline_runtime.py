@@ -14,6 +14,7 @@ from plugins.model.deepseek_v3 import DeepSeekV3
 from plugins.parallel.dualpipe import check
 from plugins.parallel.pipeline_runtime import PipelineRuntime
 from plugins.parallel.pipeline_stages import PipelineShard
+from plugins.parallel import replicas as replica_sync
 from plugins.parallel.replicas import ReplicaSync, stages_of
 
 from .conftest import ROOT
@@ -39,7 +40,8 @@ def _batches(count: int) -> list[dict[str, torch.Tensor]]:
     return batches
 
 
-def _worker(rank: int, world: int, schedule: str, micro: int, results) -> None:
+def _worker(rank: int, world: int, schedule: str, micro: int, bucket: int, results) -> None:
+    replica_sync.BUCKET = bucket
     batches = _batches(micro)
     reference = _model()
     outs = [reference(b["input_ids"], labels=b["labels"], document_ids=b["document_ids"]) for b in batches]
@@ -61,11 +63,13 @@ def _worker(rank: int, world: int, schedule: str, micro: int, results) -> None:
     results[rank] = ((values / micro).float() - expected).abs().max().item(), worst
 
 
-@pytest.mark.parametrize("schedule,world,micro", [("dualpipe", 2, 4), ("dualpipe", 4, 8), ("dualpipev", 2, 4),
-                                                  ("1f1b", 2, 3)])
-def test_pipeline_step_equals_one_process(schedule, world, micro):
+@pytest.mark.parametrize("schedule,world,micro,bucket", [
+    ("dualpipe", 2, 4, replica_sync.BUCKET),
+    ("dualpipe", 2, 4, 1000),  # replica gradients summed in many small all-reduces, large tensors alone
+    ("dualpipe", 4, 8, replica_sync.BUCKET), ("dualpipev", 2, 4, replica_sync.BUCKET), ("1f1b", 2, 3, replica_sync.BUCKET)])
+def test_pipeline_step_equals_one_process(schedule, world, micro, bucket):
     results = mp.Manager().dict()
-    spawn(_worker, world, schedule, micro, results)
+    spawn(_worker, world, schedule, micro, bucket, results)
     for rank in range(world):
         loss_error, grad_error = results[rank]
         assert loss_error < 1e-5, (rank, loss_error)

@@ -154,8 +154,11 @@ def test_recompute_config_is_validated_in_one_line(tmp_path):
         check_recompute(run)
 
 
-def test_bf16_moments_follow_adamw_with_moments_rounded_each_step():
-    """The oracle: torch.optim.AdamW on FP32 weights whose moments are rounded to BF16 after every step."""
+@pytest.mark.parametrize("chunk", [AdamW.CHUNK, 7])
+def test_bf16_moments_follow_adamw_with_moments_rounded_each_step(chunk, monkeypatch):
+    """The oracle: torch.optim.AdamW on FP32 weights whose moments are rounded to BF16 after every
+    step; the same when the step walks the parameter in slices that do not divide it."""
+    monkeypatch.setattr(AdamW, "CHUNK", chunk)
     torch.manual_seed(0)
     start = torch.randn(64, 40)
     ours, theirs = start.clone().requires_grad_(), start.clone().requires_grad_()

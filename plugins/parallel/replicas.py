@@ -17,6 +17,8 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from .dualpipe import Layout
 from .pipeline_stages import piece_of, stage_pieces
 
+BUCKET = 1 << 24  # elements per all-reduce of replica gradients (64 MB in FP32)
+
 
 def stages_of(layout: Layout, rank: int) -> list[int]:
     return sorted({layout.stage(rank, c) for c in range(layout.chunks)})
@@ -55,9 +57,31 @@ class ReplicaSync:
         self.buckets = [(groups[ranks], params) for ranks, params in sorted(by_set.items())]
 
     def sum_gradients(self) -> None:
+        """All-reduce the replicas' gradients in place, ``BUCKET`` elements at a time, so the step
+        never holds a second copy of the replicated gradients (under DualPipe: all of them)."""
         for group, params in self.buckets:
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            flat = _flatten_dense_tensors(grads)
-            dist.all_reduce(flat, group=group)
-            for param, summed in zip(params, _unflatten_dense_tensors(flat, grads)):
-                param.grad = summed
+            for param in params:
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+            for grads in _bucketed([p.grad for p in params], BUCKET):
+                if len(grads) == 1 and grads[0].is_contiguous():
+                    dist.all_reduce(grads[0], group=group)
+                    continue
+                flat = _flatten_dense_tensors(grads)
+                dist.all_reduce(flat, group=group)
+                for grad, summed in zip(grads, _unflatten_dense_tensors(flat, grads)):
+                    grad.copy_(summed)
+
+
+
+def _bucketed(tensors: list[torch.Tensor], size: int) -> list[list[torch.Tensor]]:
+    """Consecutive runs of ``tensors`` of at most ``size`` elements (a larger tensor alone)."""
+    out: list[list[torch.Tensor]] = [[]]
+    held = 0
+    for tensor in tensors:
+        if out[-1] and held + tensor.numel() > size:
+            out.append([])
+            held = 0
+        out[-1].append(tensor)
+        held += tensor.numel()
+    return [bucket for bucket in out if bucket]
