@@ -11,10 +11,10 @@ import torch.multiprocessing as mp
 from launch.groups import pipeline_groups
 from plugins.model.config import ModelConfig
 from plugins.model.deepseek_v3 import DeepSeekV3
+from plugins.parallel import replicas as replica_sync
 from plugins.parallel.dualpipe import check
 from plugins.parallel.pipeline_runtime import PipelineRuntime
 from plugins.parallel.pipeline_stages import PipelineShard
-from plugins.parallel import replicas as replica_sync
 from plugins.parallel.replicas import ReplicaSync, stages_of
 
 from .conftest import ROOT
