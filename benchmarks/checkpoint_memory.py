@@ -8,8 +8,8 @@ peak of one rank of the 15.7B ablation model at (pp 2, ep 4) of 8 ranks, built a
 
     python benchmarks/checkpoint_memory.py [--baseline REV] [--out benchmarks/results/checkpoint_memory.json]
 
-Peaks are each launch's largest process (``getrusage(RUSAGE_CHILDREN).ru_maxrss`` of a wrapper
-around the launcher: every rank is a waited-for descendant), so they cover the whole run.
+Peaks are each launch's largest process over the whole run, read from every process of the
+launch's tree while it runs (``common.run_with_peak``: VmHWM and RSS every 50 ms).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import write_result  # benchmarks/ is the script directory, first on sys.path
+from common import run_with_peak, write_result  # benchmarks/ is the script directory, first on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = ["--set", "model.n_routed_experts=64", "--set", "model.hidden_size=256",
@@ -31,24 +31,21 @@ PROBE = ["--set", "model.n_routed_experts=64", "--set", "model.hidden_size=256",
          "--set", "train.micro_batch_size=1", "--set", "train.wandb_mode=disabled",
          "--set", "data.dataset=runs/cache/tiny/packed", "--set", "data.tokenizer=runs/cache/tiny/tokenizer"]
 LAYOUTS = {"1 rank": (1, []), "dp 4": (4, []), "ep 4": (4, ["--ep", "4"]), "pp 2 x ep 2": (4, ["--pp", "2", "--ep", "2"])}
-WRAPPER = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
-           "print(r.stdout[-4000:]); print(r.stderr[-4000:], file=sys.stderr); "
-           "print('PEAK_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
 
 
 def run_layout(code: Path, ranks: int, layout: list[str], run_dir: Path, port: int) -> dict:
-    command = [sys.executable, "-c", WRAPPER, "deepspeed", "--num_gpus", str(ranks), "--master_port", str(port),
-               "launch/pretrain.py", "--config", str(ROOT / "configs/tiny.yaml"), "--run-dir", str(run_dir),
+    command = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port),
+               "launch/pretrain.py", "--config", "configs/tiny.yaml", "--run-dir", str(run_dir),  # the revision's own recipe
                "--steps", "3", "--save-interval", "3", *PROBE, *layout]
     env = {**os.environ, "PYTHONPATH": str(code)}  # the revision's own packages, ahead of the editable install
-    result = subprocess.run(command, capture_output=True, text=True, cwd=code, timeout=1800, env=env)
+    result, peak_mb = run_with_peak(command, cwd=code, timeout=1800, env=env)
     if result.returncode:
         raise SystemExit(f"{code}: {' '.join(layout) or '1 rank'} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
     built = re.search(r"peak memory after construction (\d+) MB", result.stdout)
     save = re.search(r"saved checkpoint \S+ \(memory added while at it: (\d+) MB", result.stdout)
     step = run_dir / "checkpoints" / "step00000003"
     files = sorted(p for p in step.rglob("*") if p.is_file() and not p.name.startswith("rng_"))
-    return {"peak_mb": int(re.search(r"PEAK_KB (\d+)", result.stdout)[1]) / 1024,
+    return {"peak_mb": peak_mb,
             "construction_peak_mb": int(built[1]) if built else None,
             "save_added_mb": int(save[1]) if save else None,
             "checkpoint_files": {p.name: p.stat().st_size for p in files},
