@@ -59,13 +59,13 @@ def run_with_peak(command: list[str], interval: float = 0.05, **kwargs) -> tuple
     peaks: dict[int, float] = {}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         root = subprocess.Popen(command, stdout=out, stderr=err, text=True, **kwargs)
-        start = time.monotonic()
+        parent, start = psutil.Process(root.pid), time.monotonic()
         while root.poll() is None:
             if timeout is not None and time.monotonic() - start > timeout:
                 root.kill()
                 raise subprocess.TimeoutExpired(command, timeout)
             try:
-                tree = [psutil.Process(root.pid), *psutil.Process(root.pid).children(recursive=True)]
+                tree = [parent, *parent.children(recursive=True)]
             except psutil.NoSuchProcess:
                 break
             for proc in tree:

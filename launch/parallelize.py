@@ -63,7 +63,6 @@ def check_recompute(run: RunConfig) -> None:
                           "train.recompute=selective")
 
 
-
 def parallelize(run: RunConfig, groups: ParallelGroups, device: torch.device, init_from: str | None = None
                 ) -> Parallelized:
     """Build only this rank's part of the model: on the ``meta`` device, keep the rank's experts and

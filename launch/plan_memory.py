@@ -190,7 +190,7 @@ def plan_ranks(config: ModelConfig, layout: Layout3D, p: Precision) -> list[dict
         if layout.dp > 1 or layout.device == "gpu":  # ZeRO's flat reduce bucket (a CPU engine skips it at dp 1)
             communication += min(REDUCE_BUCKET, params) * p.act
         if sched:  # one bucket of the replicas' gradient sum
-            communication += min(REPLICA_BUCKET, params) * p.act
+            communication += min(REPLICA_BUCKET, params * p.act)
         out = {
             "pipeline_rank": rank, "parameters": params, "routed_expert_parameters": experts,
             "optimizer_partition_parameters": shard,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 
-import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -16,16 +15,12 @@ from ..model.balance import BALANCE
 from ..model.moe import DeepSeekMoE
 
 
-def _all_reduce_sum(counts: torch.Tensor, group: dist.ProcessGroup | None) -> None:
-    dist.all_reduce(counts, group=group)
-
-
 def install_count_reduction(model: nn.Module, group: dist.ProcessGroup | None) -> int:
     """Give every DeepSeekMoE of ``model`` whose mode uses the batch-wise loss a ``reduce_counts``
     over ``group`` (the stage's data-parallel ranks, which include its expert-parallel ones;
     None: the world). Every rank of ``group`` then runs its training forwards' reductions in the
     same order. Returns the number of blocks given one."""
-    reduce = functools.partial(_all_reduce_sum, group=group)
+    reduce = functools.partial(dist.all_reduce, group=group)  # a sum, in place
     blocks = [m for m in model.modules() if isinstance(m, DeepSeekMoE) and BALANCE[m.balance].loss == "batch"]
     for moe in blocks:
         moe.reduce_counts = reduce

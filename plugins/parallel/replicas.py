@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch._utils import _flatten_dense_tensors, _take_tensors, _unflatten_dense_tensors
 
 from .dualpipe import Layout
 from .pipeline_stages import piece_of, stage_pieces
 
-BUCKET = 1 << 24  # elements per all-reduce of replica gradients (64 MB in FP32)
+BUCKET = 64 << 20  # bytes per all-reduce of replica gradients (of one dtype)
 
 
 def stages_of(layout: Layout, rank: int) -> list[int]:
@@ -57,13 +57,13 @@ class ReplicaSync:
         self.buckets = [(groups[ranks], params) for ranks, params in sorted(by_set.items())]
 
     def sum_gradients(self) -> None:
-        """All-reduce the replicas' gradients in place, ``BUCKET`` elements at a time, so the step
+        """All-reduce the replicas' gradients in place, ``BUCKET`` bytes at a time, so the step
         never holds a second copy of the replicated gradients (under DualPipe: all of them)."""
         for group, params in self.buckets:
             for param in params:
                 if param.grad is None:
                     param.grad = torch.zeros_like(param)
-            for grads in _bucketed([p.grad for p in params], BUCKET):
+            for grads in _take_tensors([p.grad for p in params], BUCKET):
                 if len(grads) == 1 and grads[0].is_contiguous():
                     dist.all_reduce(grads[0], group=group)
                     continue
@@ -71,17 +71,3 @@ class ReplicaSync:
                 dist.all_reduce(flat, group=group)
                 for grad, summed in zip(grads, _unflatten_dense_tensors(flat, grads)):
                     grad.copy_(summed)
-
-
-
-def _bucketed(tensors: list[torch.Tensor], size: int) -> list[list[torch.Tensor]]:
-    """Consecutive runs of ``tensors`` of at most ``size`` elements (a larger tensor alone)."""
-    out: list[list[torch.Tensor]] = [[]]
-    held = 0
-    for tensor in tensors:
-        if out[-1] and held + tensor.numel() > size:
-            out.append([])
-            held = 0
-        out[-1].append(tensor)
-        held += tensor.numel()
-    return [bucket for bucket in out if bucket]
