@@ -176,6 +176,9 @@ def _validate(run: RunConfig) -> None:
         fail("train.recompute", "full with --pp > 1 and --ep > 1 cannot run: a block's recomputed forward would "
                                 "issue its expert all-to-alls inside a backward that the pipeline overlaps with "
                                 "another micro-batch's forward on the same process group; use selective")
+    if t.recompute == "full" and run.model.balance == "batch_aux":
+        fail("train.recompute", "full with model.balance: batch_aux cannot run: the recomputed block would "
+                                "all-reduce its expert counts again in backward; use selective")
     if d.seq_len < 2:
         fail("data.seq_len", "must be at least 2")
     if d.sources and d.builtin_corpus:

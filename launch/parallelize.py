@@ -57,10 +57,6 @@ def check_recompute(run: RunConfig) -> None:
         raise ConfigError(f"{run.source}: train.recompute: {run.train.recompute} with --fp8 te cannot run: the "
                           "recomputation in backward runs outside te.autocast; use --fp8 emulated or "
                           "train.recompute=none")
-    if run.train.recompute == "full" and run.model.balance == "batch_aux":
-        raise ConfigError(f"{run.source}: train.recompute: full with model.balance: batch_aux cannot run: the "
-                          "recomputed block would all-reduce its expert counts again in backward; use "
-                          "train.recompute=selective")
 
 
 def parallelize(run: RunConfig, groups: ParallelGroups, device: torch.device, init_from: str | None = None

@@ -147,6 +147,8 @@ def test_recompute_config_is_validated_in_one_line(tmp_path):
         load_run_config(config, ["train.optimizer_moments_dtype=fp16"])
     with pytest.raises(ConfigError, match=r"train.recompute: full with --pp > 1 and --ep > 1 cannot run"):
         load_run_config(config, ["train.recompute=full", "parallel.pp=2", "parallel.ep=2"])
+    with pytest.raises(ConfigError, match=r"tiny.yaml: train.recompute: full with model.balance: batch_aux cannot run"):
+        load_run_config(config, ["train.recompute=full", "model.balance=batch_aux"])
     run = load_run_config(config, ["train.recompute=selective", "parallel.pp=2"])
     check_recompute(run)
     run.parallel.fp8 = "te"
