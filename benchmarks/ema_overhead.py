@@ -1,4 +1,4 @@
-"""What the EMA of the weights costs a training step: ``launch.ema.HostEMA`` (host copy, updated on
+"""What the EMA of the weights costs a training step: ``launch.training.ema.HostEMA`` (host copy, updated on
 a worker thread while the next step runs) vs the obvious alternative, an EMA updated in the step
 (``torch._foreach_lerp_`` on the training device, as most loops do it), vs no EMA. One process,
 the tiny recipe's model widened to the scale probe's experts (so the EMA has real work), AdamW.
@@ -19,8 +19,8 @@ from common import time_interleaved, write_result  # benchmarks/ is the script d
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from launch.config import load_run_config  # noqa: E402
-from launch.ema import HostEMA  # noqa: E402
+from launch.config.run_config import load_run_config  # noqa: E402
+from launch.training.ema import HostEMA  # noqa: E402
 from plugins.model.deepseek_v3 import DeepSeekV3  # noqa: E402
 
 PROBE = ["model.n_routed_experts=64", "model.moe_intermediate_size=256", "model.num_hidden_layers=4"]

@@ -20,12 +20,14 @@ import socket
 import statistics
 import time
 
+import deepspeed
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from common import write_result  # benchmarks/ is the script directory, first on sys.path
 
-from launch.groups import pipeline_groups
+from launch.distributed import ds_internals
+from launch.distributed.groups import build_groups
 from plugins.model.config import ModelConfig
 from plugins.model.deepseek_v3 import DeepSeekV3
 from plugins.parallel.dualpipe import check
@@ -48,28 +50,25 @@ def _port() -> int:
 
 
 def _worker(rank, world, port, schedule, args, ep, overlap, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_SIZE=str(world))
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    deepspeed.init_distributed(dist_backend="gloo")
+    ds_internals.release_shared_memory_names()
     try:
-        dp = world // args.pp
-        pipeline_rank, dp_rank = rank // dp, rank % dp
         torch.manual_seed(0)
         config = ModelConfig.from_yaml("configs/tiny.yaml", [f"model.num_hidden_layers={args.layers}"])
         model = DeepSeekV3(config)
-        if ep > 1:  # expert-parallel groups of consecutive ranks inside one pipeline rank
-            forward_groups = [dist.new_group(list(range(s, s + ep))) for s in range(0, world, ep)]
-            backward_groups = [dist.new_group(list(range(s, s + ep))) for s in range(0, world, ep)]
-            apply_expert_parallel(model, ExpertExchange(forward_groups[rank // ep], config.n_routed_experts,
-                                                        backward_groups[rank // ep]))
-        channels, replica_groups = pipeline_groups(schedule, args.pp, dp, config)
+        groups = build_groups(args.pp, ep, schedule, config)  # the trainer's groups: ep ranks inside dp = ep
+        if ep > 1:
+            apply_expert_parallel(model, ExpertExchange(groups.ep_group, config.n_routed_experts,
+                                                        groups.ep_backward_group, groups.ep_nodes))
         layout = check(schedule, args.pp, args.micro_batches)
-        shard = PipelineShard(model, stages_of(layout, pipeline_rank), layout.stages)
-        peers = [p * dp + dp_rank for p in range(args.pp)]
-        runtime = PipelineRuntime(layout, pipeline_rank, shard, peers, channels,
+        shard = PipelineShard(model, stages_of(layout, groups.pipeline_rank), layout.stages)
+        runtime = PipelineRuntime(layout, groups.pipeline_rank, shard, groups.pipeline_peers, groups.channels,
                                   overlap=overlap_threads if overlap else _sequential)
-        replicas = ReplicaSync(layout, shard.model, pipeline_rank, replica_groups)
-        g = torch.Generator().manual_seed(dp_rank)
+        replicas = ReplicaSync(layout, shard.model, groups.pipeline_rank, groups.replicas)
+        g = torch.Generator().manual_seed(groups.dp_rank)
         batches = []
         for _ in range(args.micro_batches):
             ids = torch.randint(0, config.vocab_size, (1, args.seq_len), generator=g)

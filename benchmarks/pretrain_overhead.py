@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def bare_loop(run, dataset, steps: int, batch: int) -> list[float]:
     """The obvious alternative: a plain loop with torch.optim.AdamW; returns seconds per step."""
     from data_pipeline import PackedSampler
-    from launch.ds_internals import parameter_groups
-    from launch.trainer import collate
+    from launch.distributed.ds_internals import parameter_groups
+    from launch.training.trainer import collate
     from plugins.model.balance import collect_expert_loads, update_router_biases
     from plugins.model.deepseek_v3 import DeepSeekV3
 
@@ -61,8 +61,8 @@ def main() -> None:
     parser.add_argument("--output", default="benchmarks/results/pretrain_overhead.json")
     args = parser.parse_args()
 
-    from launch.config import load_run_config
-    from launch.data_setup import setup_data
+    from launch.config.run_config import load_run_config
+    from launch.training.data import setup_data
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

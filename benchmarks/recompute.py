@@ -1,6 +1,6 @@
 """Activation recomputation (report 3.2.3) on the tiny recipe's model: per ``train.recompute`` mode,
 the activation bytes autograd keeps for backward (per block and per micro-batch step, measured
-with ``saved_tensors_hooks``: ``launch.memory.SavedActivations``) and the forward+backward time of
+with ``saved_tensors_hooks``: ``launch.training.memory.SavedActivations``) and the forward+backward time of
 one micro-batch (median of interleaved repeats), both as ratios to ``none``. Prints a table,
 writes JSON.
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from common import time_interleaved, write_result  # benchmarks/ is the script directory, first on sys.path
 
-from launch.memory import SavedActivations
+from launch.training.memory import SavedActivations
 from plugins.model.config import ModelConfig
 from plugins.model.deepseek_v3 import DeepSeekV3
 from plugins.model.recompute import MODES, set_recompute

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from common import write_result  # benchmarks/ is the script directory, first on sys.path
 
-from launch.model_source import load_model_and_tokenizer
+from launch.checkpointing.model_source import load_model_and_tokenizer
 from plugins.inference.decoding import generate, generate_speculative
 
 

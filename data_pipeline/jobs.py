@@ -1,5 +1,6 @@
 """``prepare --jobs J``: the shards of one machine as J processes at a time (issue 18), through the
-standard library's process pool. Each job is the same ``prepare`` an array-job task runs, with
+standard library's process pool. Each job is the same ``prepare`` an array-job task runs (passed
+in by ``data_pipeline.prepare``, so this module does not import it back), with
 its tokenizer threads set to the cores divided among the jobs; one progress bar counts the
 documents of all of them. The first failing shard's one-line error stops the command once the
 running shards finish (none is left half written: each is complete or absent), so a rerun with
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 
 from tqdm import tqdm
@@ -29,21 +31,20 @@ def _count(n: int) -> None:
         _documents.value += n
 
 
-def _run(args: argparse.Namespace, index: int) -> dict:
-    from .prepare import prepare
-
+def _run(prepare: Callable[..., dict], args: argparse.Namespace, index: int) -> dict:
     return prepare(argparse.Namespace(**{**vars(args), "shard_index": index}), progress=_count)
 
 
-def run_shards(args: argparse.Namespace, indices: list[int]) -> list[dict]:
-    """Prepare shards ``indices`` with ``args.jobs`` processes; their manifests in shard order."""
+def run_shards(prepare: Callable[..., dict], args: argparse.Namespace, indices: list[int]) -> list[dict]:
+    """``prepare(args, progress)`` of shards ``indices`` with ``args.jobs`` processes (``prepare`` a
+    module-level function, pickled by name into each job); their manifests in shard order."""
     jobs = min(args.jobs, len(indices))
     threads = args.workers or max(1, (os.cpu_count() or 1) // jobs)
     context = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
     counter = context.Value("q", 0)
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_job, initargs=(counter, threads)) as pool, \
             tqdm(desc=f"tokenizing ({jobs} jobs)", unit="doc", disable=None) as bar:
-        futures = {pool.submit(_run, args, index): index for index in indices}
+        futures = {pool.submit(_run, prepare, args, index): index for index in indices}
         pending = set(futures)
         while pending:
             done, pending = wait(pending, timeout=0.5, return_when=FIRST_EXCEPTION)

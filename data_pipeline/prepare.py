@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(indices) > 1:
             from .jobs import run_shards
 
-            manifests = run_shards(args, indices)
+            manifests = run_shards(prepare, args, indices)
         else:
             if args.workers is not None:
                 os.environ["RAYON_NUM_THREADS"] = str(args.workers)

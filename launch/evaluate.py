@@ -14,10 +14,10 @@ each scoring only the tokens the previous window did not. Bits per byte (tokeniz
 lowest NLL per UTF-8 byte of the option, given the context.
 
 ``--packed NAME=DIR`` scores prepared (packed) sequences as training's validation does
-(``launch.validation``): every label of the first ``--max-sequences`` sequences, given the
+(``launch.evaluation.scoring``): every label of the first ``--max-sequences`` sequences, given the
 sequence before it; loss per token and bits per byte (the tokens' UTF-8 bytes).
 
-``--tasks`` runs lm-evaluation-harness tasks (the ``eval`` extra; ``launch.lm_eval_model``) on the
+``--tasks`` runs lm-evaluation-harness tasks (the ``eval`` extra; ``launch.evaluation.lm_eval``) on the
 same model, every token scored given at most L-1 tokens before it (the harness's max_length
 L-1): its results go into the output under ``tasks`` and the harness's whole JSON into
 ``lm_eval.json`` beside it.
@@ -28,110 +28,17 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
 from data_pipeline.sources import iter_texts, resolve_inputs
+from launch.checkpointing.model_source import load_model_and_tokenizer
+from launch.evaluation.likelihood import evaluate_texts, read_choices, score_choices
+from launch.evaluation.scoring import score_packed
 from plugins.atomic import write_text_atomic
 from plugins.errors import ConfigError, ProjectError
-from plugins.model.deepseek_v3 import DeepSeekV3
-from tokenizer.load import TokenizerBundle
-
-from .model_source import load_model_and_tokenizer
-from .validation import model_logits, score_logits, summarize
-
-
-def windows(num_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
-    """(start, end, first scored position) of each window over a sequence whose positions 1..n-1
-    are to be scored (position 0 is the BOS): every position is scored exactly once."""
-    spans, scored = [], 1
-    while scored < num_tokens:
-        end = min(scored + (stride if spans else seq_len - 1), num_tokens)
-        start = max(0, end - seq_len)
-        spans.append((start, end, scored))
-        scored = end
-    return spans
-
-
-@torch.no_grad()
-def token_nll(model: DeepSeekV3, ids: list[int], seq_len: int, stride: int) -> torch.Tensor:
-    """NLL (nats, float64) of ``ids[1:]`` each given what precedes it, through sliding windows."""
-    device = next(model.parameters()).device
-    losses = []
-    for start, end, scored in windows(len(ids), seq_len, stride):
-        window = torch.tensor(ids[start:end], device=device)[None]
-        logits = model(window).logits[0, scored - start - 1 : end - start - 1].float()
-        targets = window[0, scored - start : end - start]
-        losses.append(F.cross_entropy(logits, targets, reduction="none").double())
-    return torch.cat(losses) if losses else torch.zeros(0, dtype=torch.float64)
-
-
-def evaluate_texts(model: DeepSeekV3, tokenizer: TokenizerBundle, texts, seq_len: int, stride: int,
-                   sources: Sequence[Path] = ()) -> dict:
-    """Loss, perplexity and bits per byte of ``texts`` (read from ``sources``, named in errors)."""
-    nll, tokens, text_bytes, documents = 0.0, 0, 0, 0
-    for text in tqdm(texts, desc="evaluating", unit=" docs", file=sys.stderr, disable=None):
-        losses = token_nll(model, [tokenizer.bos_id, *tokenizer.encode(text)], seq_len, stride)
-        nll += losses.sum().item()
-        tokens += losses.numel()
-        text_bytes += len(text.encode("utf-8"))
-        documents += 1
-    if not tokens:
-        raise ConfigError(f"--data {' '.join(map(str, sources))}: no text to evaluate")
-    loss = nll / tokens
-    return {"documents": documents, "tokens": tokens, "bytes": text_bytes, "loss": loss,
-            "perplexity": math.exp(loss), "bits_per_byte": nll / (math.log(2) * text_bytes)}
-
-
-def read_choices(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise ConfigError(f"--choices {path}: no such file")
-    items = []
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise ConfigError(f"{path}: not valid UTF-8 (byte offset {error.start})") from None
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"{path}: line {number}: invalid JSON ({error.msg})") from None
-        ok = (isinstance(item, dict) and isinstance(item.get("context"), str) and isinstance(item.get("options"), list)
-              and len(item["options"]) >= 2 and all(isinstance(o, str) and o for o in item["options"])
-              and isinstance(item.get("answer"), int) and 0 <= item["answer"] < len(item["options"]))
-        if not ok:
-            raise ConfigError(f"{path}: line {number}: expected {{\"context\": str, \"options\": [>=2 non-empty str], "
-                              "\"answer\": index into options}")
-        items.append(item)
-    if not items:
-        raise ConfigError(f"{path}: no multiple-choice items")
-    return items
-
-
-@torch.no_grad()
-def score_choices(model: DeepSeekV3, tokenizer: TokenizerBundle, items: list[dict], seq_len: int) -> dict:
-    predictions = []
-    for item in tqdm(items, desc="multiple choice", unit=" items", file=sys.stderr, disable=None):
-        context = [tokenizer.bos_id, *tokenizer.encode(item["context"])]
-        scores = []
-        for option in item["options"]:
-            option_ids = tokenizer.encode(option)
-            if len(option_ids) >= seq_len:
-                raise ConfigError(f"an option of {len(option_ids)} tokens does not fit --seq-len {seq_len}")
-            ids = (context + option_ids)[-seq_len:]
-            nll = token_nll(model, ids, seq_len, seq_len - 1)[-len(option_ids):].sum().item()
-            scores.append(nll / len(option.encode("utf-8")))
-        predictions.append(min(range(len(scores)), key=scores.__getitem__))
-    correct = sum(p == item["answer"] for p, item in zip(predictions, items))
-    return {"items": len(items), "accuracy": correct / len(items), "predictions": predictions}
 
 
 def parse_packed(items: list[str]) -> dict[str, str]:
@@ -143,33 +50,6 @@ def parse_packed(items: list[str]) -> dict[str, str]:
             raise ConfigError(f"--packed {item}: expected NAME=DIR with distinct names")
         out[name] = path
     return out
-
-
-@torch.no_grad()
-def score_packed(model: DeepSeekV3, tokenizer: TokenizerBundle, token_bytes: torch.Tensor, directory: str,
-                 max_sequences: int | None, batch_size: int) -> dict:
-    """Loss and bits per byte of a prepared directory's first ``max_sequences`` sequences."""
-    from data_pipeline.catalog import open_prepared, prepared_dirs
-    from data_pipeline.dataset import DatasetError
-    from data_pipeline.mixture import MixtureDataset, Source
-
-    try:
-        dataset = MixtureDataset([Source(directory, 1.0, open_prepared(prepared_dirs(directory), tokenizer.fingerprint))])
-    except DatasetError as error:
-        raise ConfigError(f"--packed {directory}: {error}") from None
-    if dataset.seq_len > model.config.max_position_embeddings:
-        raise ConfigError(f"--packed {directory}: sequences of {dataset.seq_len} tokens exceed the model's "
-                          f"{model.config.max_position_embeddings} positions")
-    device = next(model.parameters()).device
-    count = min(max_sequences or len(dataset), len(dataset))
-    totals = torch.zeros(3, dtype=torch.float64, device=device)
-    for start in tqdm(range(0, count, batch_size), desc=f"scoring {directory}", unit=" batches", file=sys.stderr,
-                      disable=None):
-        samples = [dataset[i] for i in range(start, min(start + batch_size, count))]
-        input_ids = torch.stack([s["input_ids"] for s in samples]).to(device)
-        labels = torch.stack([s["labels"] for s in samples]).to(device)
-        totals += score_logits(model_logits(model, input_ids), labels, token_bytes)
-    return {"directory": directory, "sequences": count, **summarize(totals)}
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -232,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             result["choices"] = {"file": str(args.choices),
                                  **score_choices(loaded.model, tokenizer, choices, seq_len)}
         if args.tasks:
-            from .lm_eval_model import evaluate_tasks
+            from launch.evaluation.lm_eval import evaluate_tasks
 
             harness = evaluate_tasks(loaded, tokenizer, args.tasks.split(","), args.include_path, args.num_fewshot,
                                      args.limit, args.batch_size, max_length=seq_len - 1)

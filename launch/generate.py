@@ -14,10 +14,9 @@ import argparse
 import json
 import sys
 
+from launch.checkpointing.model_source import load_model_and_tokenizer
 from plugins.errors import ConfigError, ProjectError
 from plugins.inference.decoding import generate, generate_speculative
-
-from .model_source import load_model_and_tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:

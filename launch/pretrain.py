@@ -4,7 +4,7 @@
         [--run-dir DIR] [--steps N] [--save-interval N] [--resume | --resume-from TAG | --init-from PATH] [--pp N] [--ep N] \
         [--pipeline-schedule dualpipe|dualpipev|1f1b] [--fp8 none|emulated|te|auto] [--set section.key=value ...]
 
-The loop itself is ``launch.trainer.Trainer``; this file reads the command line into the config
+The loop itself is ``launch.training.trainer.Trainer``; this file reads the command line into the config
 tree and starts DeepSpeed.
 """
 
@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from launch import ds_internals
-from launch.config import RunConfig, load_run_config
-from launch.parallelize import check_fp8_policy, check_recompute
-from launch.trainer import RunOptions, Trainer, TrainingStopped
+from launch.config.run_config import RunConfig, load_run_config
+from launch.distributed import ds_internals
+from launch.training.parallelize import check_fp8_policy, check_recompute
+from launch.training.trainer import RunOptions, Trainer, TrainingStopped
 from plugins.errors import ConfigError, ProjectError
 from plugins.parallel.dualpipe import SCHEDULES
 from plugins.precision.policy import FP8_BACKENDS, resolve_backend

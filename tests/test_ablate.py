@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from launch.ablate import DONE, PRETRAIN, ROOT, command, load_study, run_variant, state
 from launch.ablate import main as ablate
-from launch.ablation_table import write_comparison
+from launch.ablation.comparison import write_comparison
+from launch.ablation.study import DONE, PRETRAIN, ROOT, command, load_study, run_variant, state
 from plugins.errors import ConfigError, ProjectError
 from plugins.model.config import ModelConfig
 

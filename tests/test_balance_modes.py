@@ -162,8 +162,8 @@ def _train(rank: int, world: int, root: str, data: dict, results) -> None:
     import os
     from pathlib import Path
 
-    from launch.config import load_run_config
-    from launch.trainer import RunOptions, Trainer
+    from launch.config.run_config import load_run_config
+    from launch.training.trainer import RunOptions, Trainer
 
     os.environ.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1")  # what DeepSpeed's launcher would set
     for mode in MODES:

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from launch.checkpoint import MANIFEST, Checkpointer, CheckpointError, verify
+from launch.checkpointing.checkpointer import MANIFEST, Checkpointer, CheckpointError, verify
 
 
 def _saved(directory, files: dict[str, bytes]) -> None:

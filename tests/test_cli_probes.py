@@ -311,7 +311,7 @@ def test_lm_eval_cli_missing_tokenizer(tmp_path, capfd, monkeypatch, hf_dir):
 def test_lm_eval_bad_tokenizer(kind, tmp_path, capfd, hf_dir, tokenizer_dir):
     """The model lm-eval's command line builds (``create_from_arg_string``), as its ``main`` runs it."""
     pytest.importorskip("lm_eval", reason="the eval extra")
-    from launch.lm_eval_model import DeepSeekPretrainLM
+    from launch.evaluation.lm_eval import DeepSeekPretrainLM
     from plugins.errors import run_cli
 
     tok = _bad_tokenizer(tmp_path, kind, tokenizer_dir)
@@ -325,7 +325,7 @@ def test_lm_eval_bad_tokenizer(kind, tmp_path, capfd, hf_dir, tokenizer_dir):
 ])
 def test_lm_eval_out_of_range_model_args(model_args, config, names, capfd, hf_dir, tokenizer_dir):
     pytest.importorskip("lm_eval", reason="the eval extra")
-    from launch.lm_eval_model import DeepSeekPretrainLM
+    from launch.evaluation.lm_eval import DeepSeekPretrainLM
     from plugins.errors import run_cli
 
     arg_string = ",".join(filter(None, [f"path={hf_dir},tokenizer={tokenizer_dir}", model_args]))

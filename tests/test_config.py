@@ -119,7 +119,7 @@ def test_init_std_follows_config(tiny_config):
 
 # ------------------------------------------------------------------------- the run config tree
 def _run_config(tmp_path, text: str, overrides=()):
-    from launch.config import load_run_config
+    from launch.config.run_config import load_run_config
 
     return load_run_config(_write(tmp_path, text), list(overrides))
 
@@ -152,7 +152,7 @@ def test_unknown_keys_and_wrong_types_anywhere_are_one_line_errors(tmp_path, sec
 
 
 def test_base_inherits_and_overrides_key_by_key(tmp_path):
-    from launch.config import load_run_config
+    from launch.config.run_config import load_run_config
 
     tiny = load_run_config(ROOT / "configs" / "tiny.yaml")
     stage = load_run_config(ROOT / "configs" / "tiny_long_stage2.yaml")  # tiny <- stage 1 <- stage 2
@@ -168,7 +168,7 @@ def test_base_inherits_and_overrides_key_by_key(tmp_path):
 def test_set_overrides_and_the_recorded_config_round_trip(tmp_path):
     import yaml
 
-    from launch.config import load_run_config
+    from launch.config.run_config import load_run_config
 
     run = load_run_config(ROOT / "configs" / "tiny.yaml", ["parallel.ep=2", "train.lr.peak=1e-3", "model.n_group=2"])
     assert (run.parallel.ep, run.train.lr.peak, run.model.n_group) == (2, 1e-3, 2)

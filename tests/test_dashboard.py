@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from launch import plots
 from launch.dashboard import main as dashboard
-from launch.moe_stats import load_share_stats, mtp_cross_entropy, router_bias_stats, starved_experts
-from launch.run_records import Thinned, read_history
+from launch.reporting import plots
+from launch.reporting.run_records import Thinned, load_share_stats, read_history
+from launch.training.moe_stats import mtp_cross_entropy, router_bias_stats, starved_experts
 
 BLOCKS, EXPERTS, STEPS, DOMAINS = 58, 256, 40, ("code", "math", "web")
 
@@ -162,7 +162,7 @@ def test_router_bias_statistics_of_one_process():
 def test_logger_writes_train_and_eval_records_to_wandb_and_the_file_resumes(tmp_path):
     """Train and evaluation lines share metrics.jsonl (a resume keeps both kinds up to its step); W&B
     gets the per-block moe/ keys, train/mtp_ce, val/<domain>/..., and the figures as images."""
-    from launch.metrics import MetricsLogger
+    from launch.training.metrics import MetricsLogger
 
     lines = synthetic_run(tmp_path / "source", blocks=3, experts=8, steps=4, evals=(2, 4))
     logger = MetricsLogger(tmp_path, {}, "offline", "test", heatmap_interval=2, resume_step=None)

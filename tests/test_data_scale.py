@@ -254,8 +254,8 @@ def test_mixture_proportions_epochs_and_resume_at_any_data_parallel_size(sources
 
 
 def test_a_corrupt_or_foreign_shard_is_one_line_before_any_work(sources, tokenizer_dir, tmp_path):
-    from launch.config import load_run_config
-    from launch.data_setup import setup_data
+    from launch.config.run_config import load_run_config
+    from launch.training.data import setup_data
 
     def setup(code_path):
         sets = [f"data.tokenizer={tokenizer_dir}", "data.builtin_corpus=false", "data.seq_len=128", "data.validation={}",
@@ -296,7 +296,7 @@ def test_a_corrupt_or_foreign_shard_is_one_line_before_any_work(sources, tokeniz
     ("{name: a}", "data.sources: expected a list"),
 ])
 def test_bad_data_sources_are_one_line_naming_the_key(value, message):
-    from launch.config import load_run_config
+    from launch.config.run_config import load_run_config
 
     with pytest.raises(ConfigError) as error:
         load_run_config(ROOT / "configs" / "tiny.yaml", ["data.builtin_corpus=false", f"data.sources={value}"])

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launch import dcp_pieces
-from launch.dcp_pieces import Piece, PieceError
+from launch.checkpointing import dcp_pieces
+from launch.checkpointing.dcp_pieces import Piece, PieceError
 
 from .distributed import spawn
 

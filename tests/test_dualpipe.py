@@ -6,7 +6,7 @@ import json
 import pytest
 import yaml
 
-from launch.model_source import load_model
+from launch.checkpointing.model_source import load_model
 from plugins.parallel.dualpipe import Op, ScheduleError, build_schedule, check
 from plugins.parallel.pipeline_sim import Costs, bubbles, formula, simulate
 from plugins.parallel.pipeline_sim import main as simulate_main

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from launch.ema import HostEMA
+from launch.training.ema import HostEMA
 
 from .conftest import ROOT
 from .launcher import launch, ok
@@ -37,7 +37,7 @@ def test_host_ema_follows_the_recurrence_and_reads_weights_before_they_change():
 
 
 def _weights(run_dir, tag: str, ema: bool) -> dict[str, torch.Tensor]:
-    from launch.model_source import load_model
+    from launch.checkpointing.model_source import load_model
 
     model = load_model(run_dir / "checkpoints" / tag, ema=ema).model
     return {name: p.detach().clone() for name, p in model.named_parameters()}

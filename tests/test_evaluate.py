@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from launch.evaluate import main as evaluate
-from launch.evaluate import windows
+from launch.evaluation.likelihood import windows
 from tokenizer.load import load_tokenizer_dir
 
 from .conftest import hf_reference_config, save_hf

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from launch.checkpointing.model_source import load_model_and_tokenizer
 from launch.evaluate import main as evaluate
+from launch.evaluation.niah import build_prompt
 from launch.generate import main as generate_cli
-from launch.model_source import load_model_and_tokenizer
-from launch.niah import build_prompt
 from launch.niah import main as niah
 from plugins.inference.decoding import generate, generate_speculative
 
@@ -86,7 +86,7 @@ def test_needle_prompts_put_the_needle_at_its_depth(trained):
 
 def test_needle_in_a_haystack_scores_an_oracle_perfectly(embedded_run, trained, tmp_path, monkeypatch):
     """The harness is right: a 'model' that reads the needle out of its prompt scores 1 everywhere."""
-    import launch.niah as harness
+    import launch.evaluation.niah as harness
 
     tokenizer = trained[1]
 

@@ -21,8 +21,8 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.api.registry import get_model  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from launch.lm_eval_model import DeepSeekPretrainLM  # noqa: E402
-from launch.model_source import load_model  # noqa: E402
+from launch.checkpointing.model_source import load_model  # noqa: E402
+from launch.evaluation.lm_eval import DeepSeekPretrainLM  # noqa: E402
 from plugins.errors import ConfigError  # noqa: E402
 from plugins.inference.decoding import generate  # noqa: E402
 

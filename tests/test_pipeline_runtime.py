@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from launch.groups import pipeline_groups
+from launch.distributed.groups import pipeline_groups
 from plugins.model.config import ModelConfig
 from plugins.model.deepseek_v3 import DeepSeekV3
 from plugins.parallel import replicas as replica_sync

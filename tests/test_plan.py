@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from launch.config import load_run_config
+from launch.config.run_config import load_run_config
+from launch.config.schedules import BatchGrid, batch_size, check_schedule
 from launch.plan import main as plan_main
-from launch.schedules import BatchGrid, batch_size, check_schedule
-from launch.walk import walk
+from launch.planning.walk import walk
 from plugins.errors import ConfigError
 from plugins.model.deepseek_v3 import DeepSeekV3
 from plugins.model.experts import RoutedExperts
@@ -128,7 +128,7 @@ def test_rank_parameters_equal_the_built_rank():
     run = load_run_config(TINY, ["model.num_hidden_layers=4"])
     with torch.device("meta"):
         built = rank_model(run.model, 2, 1, "dualpipe", 0)
-    from launch.plan_memory import Layout3D, Precision, plan_ranks
+    from launch.planning.rank_memory import Layout3D, Precision, plan_ranks
 
     ranks = plan_ranks(run.model, Layout3D(2, 1, 1, 1, 128, "dualpipe", 4, "none", "cpu"),
                        Precision.of("cpu", "float32", "none"))

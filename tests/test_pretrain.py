@@ -47,8 +47,8 @@ def test_checkpoint_exports_to_transformers(embedded_run, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from launch.checkpointing.model_source import load_model
     from launch.convert import main as convert
-    from launch.model_source import load_model
 
     run_dir = embedded_run[0]
     assert convert([str(run_dir), str(tmp_path / "hf")]) == 0
@@ -61,7 +61,7 @@ def test_checkpoint_exports_to_transformers(embedded_run, tmp_path):
 
 
 def test_records_carry_the_raw_mtp_loss_and_the_saved_router_biases(embedded_run):
-    from launch.model_source import load_model
+    from launch.checkpointing.model_source import load_model
 
     run_dir = embedded_run[0]
     records = metrics(run_dir)

@@ -12,9 +12,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
 
-from launch.config import load_run_config
-from launch.memory import SavedActivations
-from launch.parallelize import check_recompute
+from launch.config.run_config import load_run_config
+from launch.training.memory import SavedActivations
+from launch.training.parallelize import check_recompute
 from plugins.errors import ConfigError
 from plugins.model.config import ModelConfig
 from plugins.model.deepseek_v3 import DeepSeekV3

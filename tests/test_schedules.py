@@ -2,8 +2,8 @@
 
 import pytest
 
-from launch.config import load_run_config
-from launch.schedules import BatchGrid, batch_size, learning_rate, step_value
+from launch.config.run_config import load_run_config
+from launch.config.schedules import BatchGrid, batch_size, learning_rate, step_value
 
 from .conftest import ROOT
 

@@ -93,7 +93,7 @@ def test_data_parallel_ranks_write_their_share_and_resume_on_one_rank(runs):
     assert max(sizes) <= 0.3 * sum(sizes), sizes  # each rank its ZeRO-1 partition: about a quarter
     resumed = _resume(runs, "dp4", "dp4_to_one_rank", 1)
     _same_losses(metrics(root / "dp4"), resumed, 1e-4, "dp4 -> 1 rank")
-    from launch.model_source import load_model
+    from launch.checkpointing.model_source import load_model
 
     theirs, ours = (load_model(root / run).model.state_dict() for run in ("dp4", "dp4_to_one_rank"))
     assert max((theirs[k] - ours[k]).abs().max().item() for k in theirs) <= 5e-5

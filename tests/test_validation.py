@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from launch.evaluate import main as evaluate
-from launch.validation import specialization
+from launch.training.validation import specialization
 from tokenizer.load import load_tokenizer_dir
 
 from .corpus import code_documents, prose_documents

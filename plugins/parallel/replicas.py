@@ -4,7 +4,7 @@ A model piece held by several pipeline ranks (every stage under DualPipe, the em
 1F1B with MTP) is one parameter trained from all of them: ``ReplicaSync`` sums the replicas'
 gradients once per step, before the data-parallel reduction; ``secondary`` lists the copies held
 by any but the first of their ranks, which the gradient norm must count once. The
-process groups come from the launcher's one group builder (``launch.groups``), one per set of
+process groups come from the launcher's one group builder (``launch.distributed.groups``), one per set of
 pipeline ranks that ``replica_sets`` lists.
 """
 

@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
+from launch.config.run_config import check_world
 from plugins.model.config import ModelConfig
 from plugins.parallel.dualpipe import Layout
 from plugins.parallel.replicas import replica_sets
 
 from . import ds_internals
-from .config import check_world
 
 
 @dataclass

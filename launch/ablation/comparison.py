@@ -12,11 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
+from launch.reporting import plots
+from launch.reporting.run_records import read_records
 from plugins.atomic import write_text_atomic
 from plugins.errors import ProjectError
-
-from . import plots
-from .run_records import read_records
 
 
 def summarize(run_dir: Path) -> dict:

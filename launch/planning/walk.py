@@ -2,7 +2,7 @@
 4.2): the global batch, micro-batches per pipeline, learning rate, gamma and lambda of every step,
 compressed into runs of steps that share their batch, LR phase, gamma and lambda.
 
-Every value comes from the functions the trainer calls (``launch.schedules``), at the steps and
+Every value comes from the functions the trainer calls (``launch.config.schedules``), at the steps and
 token counts the trainer would reach. A run is found by bisection: every value is a monotone
 function of (step, tokens), so equal values at both ends of a stretch mean equal values inside it,
 and the ~235K steps of the 671B recipe take a few hundred evaluations.
@@ -12,10 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from launch.config.run_config import LRSchedule, RunConfig
+from launch.config.schedules import BatchGrid, batch_size, learning_rate, step_value
 from plugins.parallel.dualpipe import ScheduleError, check
-
-from .config import LRSchedule, RunConfig
-from .schedules import BatchGrid, batch_size, learning_rate, step_value
 
 
 def lr_phase(schedule: LRSchedule, step: int, tokens: float) -> str:

@@ -1,6 +1,7 @@
 """A run's ``metrics.jsonl`` as the figures read it: train records (one per logged step, with a
-``loss``), evaluation records (with a ``val``) and the expert-load matrices, held in bounded,
-evenly thinned histories so a long run at 58 blocks x 256 experts stays a few tens of MB."""
+``loss``, and each MoE block's load-share spread), evaluation records (with a ``val``) and the
+expert-load matrices, held in bounded, evenly thinned histories so a long run at 58 blocks x 256
+experts stays a few tens of MB."""
 
 from __future__ import annotations
 
@@ -12,8 +13,6 @@ from pathlib import Path
 import numpy as np
 
 from plugins.errors import ProjectError
-
-from .moe_stats import load_share_stats
 
 TRAIN_ROWS = 4096  # scalar curves: plenty of points for a figure
 LOAD_ROWS = 512  # time rows of the time x expert heatmaps
@@ -73,6 +72,15 @@ class History:
 
     def add_eval(self, record: dict) -> None:
         self.evals.append(record)
+
+
+def load_share_stats(loads: np.ndarray) -> dict[str, list[float]]:
+    """Per MoE block [M, E]: min, max and std of each expert's share of the block's routed tokens
+    (uniform = 1/E)."""
+    loads = np.asarray(loads, dtype=np.float64)
+    share = loads / np.maximum(loads.sum(axis=1, keepdims=True), 1.0)
+    return {"load_min": share.min(axis=1).tolist(), "load_max": share.max(axis=1).tolist(),
+            "load_std": share.std(axis=1).tolist()}
 
 
 def _is_number(value) -> bool:

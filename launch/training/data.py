@@ -19,10 +19,9 @@ from data_pipeline.builtin_corpus import DOMAINS, write_heldout, write_python_co
 from data_pipeline.catalog import open_prepared, prepared_dirs
 from data_pipeline.dataset import DatasetError
 from data_pipeline.mixture import MixtureDataset, Source
+from launch.config.run_config import RunConfig
 from plugins.errors import ConfigError
 from tokenizer.load import TokenizerBundle, load_tokenizer_dir
-
-from .config import RunConfig
 
 
 def _prepared(path: str) -> bool:

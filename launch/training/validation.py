@@ -11,44 +11,21 @@ bits per byte, and over the whole validation batch the expert loads:
   domains' tokens, in nats, averaged over blocks; 0 when every domain uses the experts alike,
   ln(#domains) at most (disjoint experts, equal token counts).
 
-The packed scoring (``score_logits``) is also ``launch.evaluate --packed``'s, which reloads a
-checkpoint as one whole model: the two agree on the same checkpoint.
+The packed scoring (``launch.evaluation.scoring``) is also ``launch.evaluate --packed``'s, which
+reloads a checkpoint as one whole model: the two agree on the same checkpoint.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from data_pipeline.dataset import IGNORE_INDEX
+from launch.evaluation.scoring import model_logits, score_logits, summarize
 from plugins.errors import ConfigError
 from plugins.model.balance import collect_expert_loads, max_violation, reset_expert_loads
 from plugins.parallel.dualpipe import Layout
 from plugins.parallel.pipeline_forward import pipeline_logits
 from plugins.precision.policy import fp8_autocast
-
-
-def score_logits(logits: torch.Tensor, labels: torch.Tensor, token_bytes: torch.Tensor) -> torch.Tensor:
-    """float64 (summed NLL in nats, scored tokens, UTF-8 bytes of the scored tokens) of one batch."""
-    scored = labels != IGNORE_INDEX
-    nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-    return torch.stack([nll.double(), scored.sum().double(), token_bytes[labels[scored]].sum().double()])
-
-
-@torch.no_grad()
-def model_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """The main model's logits of a whole (unpipelined) ``DeepSeekV3``, MTP modules skipped."""
-    rope = model.rope(input_ids.shape[1], input_ids.device)
-    return model.outputs(model.trunk(model.embed_tokens(input_ids), rope), input_ids, rope, with_mtp=False).logits
-
-
-def summarize(totals: torch.Tensor) -> dict:
-    """(nll, tokens, bytes) -> loss per token and bits per byte."""
-    nll, tokens, text_bytes = totals.tolist()
-    return {"loss": nll / max(tokens, 1.0), "bpb": nll / (math.log(2) * max(text_bytes, 1.0)), "tokens": int(tokens)}
 
 
 def specialization(domain_loads: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Sharded checkpoints in ``RUN_DIR/checkpoints/stepNNNNNNNN``: each rank writes only what it holds,
 and any layout reads them back (report 3.2: PP x EP x ZeRO-1 data parallelism).
 
-    .metadata, __R_0.distcp   ``torch.distributed.checkpoint`` (``launch.dcp_pieces``): for every
+    .metadata, __R_0.distcp   ``torch.distributed.checkpoint`` (``dcp_pieces``): for every
                               parameter NAME of the whole model, ``model/NAME`` (FP32 master
                               weights), ``exp_avg/NAME`` and ``exp_avg_sq/NAME`` (AdamW moments,
                               stored in the dtype they train in: FP32, or BF16 under
@@ -38,11 +38,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from launch.distributed import ds_internals
 from plugins.atomic import torch_save_atomic, write_text_atomic
 from plugins.errors import ProjectError
 from plugins.model.experts import RoutedExperts
 
-from . import dcp_pieces, ds_internals
+from . import dcp_pieces
 from .dcp_pieces import Piece, PieceError
 
 LATEST = "latest"

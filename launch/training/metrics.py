@@ -2,7 +2,7 @@
 evaluation, told apart by ``loss`` / ``val``) and Weights & Biases with the same values, grouped as
 train/, val/, moe/, perf/ and data/ (a mixture's tokens and epoch per source), ``train/step`` and
 ``train/tokens`` on every row so either is an x-axis, plus the dashboard's figures as images every
-``heatmap_interval`` steps (``launch.dashboard``, from a bounded history kept here).
+``heatmap_interval`` steps (``launch.reporting.figures``, from a bounded history kept here).
 
 W&B runs online only when asked to (or, in ``auto`` mode, when ``WANDB_API_KEY`` is set) and falls
 back to offline if the service cannot be reached, so a run never waits on the network.
@@ -17,11 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from launch.reporting import plots
+from launch.reporting.figures import figures
+from launch.reporting.run_records import History
 from plugins.atomic import write_text_atomic
-
-from . import plots
-from .dashboard import figures
-from .run_records import History
 
 TRAIN_KEYS = ("loss", "lm_loss", "mtp_loss", "mtp_ce", "aux_loss", "lr", "grad_norm", "batch_size", "mtp_weight",
               "bias_update_speed")

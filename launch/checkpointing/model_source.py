@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from launch.config.run_config import load_run_config
 from plugins.errors import ConfigError, ProjectError
 from plugins.interop.hf import load_hf_checkpoint, load_hf_weights
 from plugins.model.config import ModelConfig
@@ -17,7 +18,7 @@ from plugins.model.deepseek_v3 import DeepSeekV3
 from plugins.model.init import materialize
 from tokenizer.load import TokenizerBundle, load_tokenizer_dir
 
-from .checkpoint import Checkpointer, is_checkpoint, read_model, verify
+from .checkpointer import Checkpointer, is_checkpoint, read_model, verify
 
 
 @dataclass
@@ -40,8 +41,6 @@ class CheckpointSource:
 
 def find_checkpoint(path: str | Path, tag: str | None = None) -> CheckpointSource:
     """A run dir (its ``latest``, or ``tag``) or a checkpoint dir -> the checkpoint to read."""
-    from .config import load_run_config
-
     path = Path(path)
     if is_checkpoint(path):
         run_dir, tag = path.parent.parent, path.name

@@ -1,6 +1,6 @@
-"""Per-step MoE statistics for the run's records (report 2.1.2, 4.5.2): each block's load-share
-spread, its starved experts, the router-bias trajectory gathered over the pipeline stages, and
-the raw MTP cross-entropy behind the lambda-weighted term (report 2.2, eq. 25)."""
+"""Per-step MoE statistics for the run's records (report 2.1.2, 4.5.2): each block's starved
+experts, the router-bias trajectory gathered over the pipeline stages, and the raw MTP
+cross-entropy behind the lambda-weighted term (report 2.2, eq. 25)."""
 
 from __future__ import annotations
 
@@ -17,15 +17,6 @@ def starved_experts(loads: np.ndarray | torch.Tensor) -> list[int]:
     if loads.size == 0:
         return []
     return (loads < STARVED_FRACTION * loads.mean(axis=1, keepdims=True)).sum(axis=1).astype(int).tolist()
-
-
-def load_share_stats(loads: np.ndarray) -> dict[str, list[float]]:
-    """Per MoE block [M, E]: min, max and std of each expert's share of the block's routed tokens
-    (uniform = 1/E)."""
-    loads = np.asarray(loads, dtype=np.float64)
-    share = loads / np.maximum(loads.sum(axis=1, keepdims=True), 1.0)
-    return {"load_min": share.min(axis=1).tolist(), "load_max": share.max(axis=1).tolist(),
-            "load_std": share.std(axis=1).tolist()}
 
 
 def mtp_cross_entropy(mtp_loss: float, mtp_weight: float, mtp_depth: int) -> float | None:

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import torch
 
+from launch.distributed import ds_internals
+from launch.distributed.groups import ParallelGroups
 from plugins.parallel.dualpipe import Layout, check
 from plugins.parallel.pipeline_runtime import PipelineRuntime
 from plugins.parallel.pipeline_stages import PipelineShard
 from plugins.parallel.replicas import ReplicaSync
 from plugins.precision.policy import fp8_autocast
-
-from . import ds_internals
-from .groups import ParallelGroups
 
 
 class GradientAccumulation:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from plugins.errors import ConfigError
 from plugins.parallel.dualpipe import ScheduleError, check, micro_batch_rule
 
-from .config import BatchSchedule, LRSchedule, RunConfig, StepSchedule
+from .run_config import BatchSchedule, LRSchedule, RunConfig, StepSchedule
 
 
 def learning_rate(schedule: LRSchedule, step: int, tokens: float) -> float:

@@ -7,7 +7,7 @@ the step's micro-batches through ``forward_backward`` (gradient accumulation or 
 schedule) -> one all-reduce of the losses and the [MoE blocks, experts] loads -> a non-finite
 check -> DeepSpeed reduces, clips (1.0) and applies AdamW -> every MoE block's router bias moves by
 +-gamma from the whole batch's loads (report 2.1.2) -> metrics, validation on the held-out domains
-at ``train.eval_interval`` (``launch.validation``), and a checkpoint at the interval.
+at ``train.eval_interval`` (``launch.training.validation``), and a checkpoint at the interval.
 """
 
 from __future__ import annotations
@@ -23,6 +23,11 @@ import yaml
 
 from data_pipeline import PackedDataset
 from data_pipeline.mixture import sampler_for
+from launch.checkpointing.checkpointer import Checkpointer
+from launch.config.run_config import RunConfig
+from launch.config.schedules import batch_size, check_schedule, learning_rate, ramp_note, step_value
+from launch.distributed import ds_internals
+from launch.distributed.groups import build_groups
 from plugins.atomic import write_text_atomic
 from plugins.errors import ConfigError, ProjectError
 from plugins.model.balance import (
@@ -34,15 +39,11 @@ from plugins.model.balance import (
 )
 from plugins.precision.moments import MOMENT_DTYPES, AdamW
 
-from . import ds_internals, memory, moe_stats
-from .checkpoint import Checkpointer
-from .config import RunConfig
-from .data_setup import setup_data, validating, validation_sets
+from . import memory, moe_stats
+from .data import setup_data, validating, validation_sets
 from .ema import HostEMA
 from .forward_backward import GradientAccumulation, PipelineSchedule
-from .groups import build_groups
 from .parallelize import parallelize
-from .schedules import batch_size, check_schedule, learning_rate, ramp_note, step_value
 from .validation import Validator
 
 

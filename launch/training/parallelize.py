@@ -11,6 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
+from launch.checkpointing.model_source import read_weights
+from launch.config.run_config import RunConfig
+from launch.distributed import ds_internals
+from launch.distributed.groups import ParallelGroups
 from plugins.errors import ConfigError
 from plugins.model.deepseek_v3 import DeepSeekV3
 from plugins.model.init import materialize
@@ -21,10 +25,6 @@ from plugins.parallel.expert import ExpertExchange, apply_expert_parallel
 from plugins.parallel.pipeline_stages import PipelineShard
 from plugins.parallel.replicas import stages_of
 from plugins.precision.policy import convert_to_fp8, fp8_targets
-
-from . import ds_internals
-from .config import RunConfig
-from .groups import ParallelGroups
 
 
 @dataclass
@@ -82,8 +82,6 @@ def parallelize(run: RunConfig, groups: ParallelGroups, device: torch.device, in
     dtype = torch.bfloat16 if device.type == "cuda" else None  # the bf16 engine's weights; FP32 masters are ZeRO's
     materialize(model, device, run.model.initializer_range, run.train.seed, expert_offset, dtype)
     if init_from:
-        from .model_source import read_weights
-
         read_weights(init_from, model, expert_offset)
     fp8_modules = convert_to_fp8(model, p.fp8, p.fp8_modules, p.fp8_power_of_two_scales)
     set_recompute(model, run.train.recompute)
