@@ -255,3 +255,136 @@ def test_deepseek_v3_and_kimi_k2_configs_are_read():
 def test_a_field_the_model_cannot_honour_is_one_line_naming_it(change, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         config_from_hf({**KIMI_K2, **change}, "kimi/config.json")
+
+
+# ------------------------------------------------------------------ a trained run through the format
+@pytest.fixture(scope="module")
+def exports(embedded_run, tmp_path_factory):
+    """The tiny recipe's run exported twice by ``launch.convert``: plain (its FP32 master weights) and
+    ``--fp8``. Returns (plain dir, FP8 dir, the run's data)."""
+    from launch.convert import main as convert
+
+    root = tmp_path_factory.mktemp("exports")
+    run_dir, data = embedded_run[0], embedded_run[1]
+    assert convert([str(run_dir), str(root / "plain")]) == 0
+    assert convert([str(run_dir), str(root / "fp8"), "--fp8"]) == 0
+    return root / "plain", root / "fp8", data
+
+
+def _tensors(directory) -> dict[str, torch.Tensor]:
+    return {k: v for f in sorted(directory.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+def test_fp8_export_round_trips_within_e4m3_error_and_keeps_the_held_out_loss(exports, tmp_path):
+    from launch.evaluate import main as evaluate
+
+    plain_dir, fp8_dir, data = exports
+    plain, fp8 = _tensors(plain_dir), _tensors(fp8_dir)
+    quantized = {k for k, v in fp8.items() if v.dtype == E4M3}
+    assert quantized == {k for k in plain if quantized_in_release(k)} and quantized
+    worst = 0.0
+    for key in quantized:
+        scale = fp8[key + "_scale_inv"]
+        value = weight_dequant(fp8[key], scale)
+        # round to nearest E4M3: half a step, 2^-4 of the value (normals) or 2^-10 of the block scale (subnormals)
+        block_scale = scale.repeat_interleave(BLOCK, 0)[: value.shape[0]].repeat_interleave(BLOCK, 1)[:, : value.shape[1]]
+        assert ((value - plain[key]).abs() <= 2**-4 * plain[key].abs() + 2**-10 * block_scale).all(), key
+        worst = max(worst, ((value - plain[key]).norm() / plain[key].norm()).item())
+    assert worst <= 2**-4
+    for key in set(plain) - quantized:
+        expected = plain[key] if key.endswith("e_score_correction_bias") else plain[key].to(torch.bfloat16)
+        assert torch.equal(fp8[key], expected), key
+    losses = {}
+    for name, directory in (("plain", plain_dir), ("fp8", fp8_dir)):
+        out = tmp_path / f"{name}.json"
+        assert evaluate(["--model", str(directory), "--tokenizer", str(data["tokenizer"]), "--max-sequences", "16",
+                         "--packed", *(f"{d}={p}" for d, p in data["validation"].items()), "--output", str(out)]) == 0
+        losses[name] = {d: r["loss"] for d, r in json.loads(out.read_text())["packed"].items()}
+    print(f"worst relative Frobenius error {worst:.4f}; held-out loss {losses}")
+    for domain, loss in losses["plain"].items():
+        assert abs(losses["fp8"][domain] - loss) <= 0.01 * loss, (domain, losses)
+
+
+def _read_by_rank(rank: int, world: int, fp8_dir: str, results) -> None:
+    """One rank of (pp 2, ep 2, dp 2) builds its part from the FP8 directory as the trainer does;
+    every tensor it reads from the safetensors files is recorded."""
+    import deepspeed
+
+    import plugins.interop.hf as hf
+    from launch.config.run_config import load_run_config
+    from launch.distributed.groups import build_groups
+    from launch.training.parallelize import parallelize
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    read: list[str] = []
+    real = hf.safe_open
+
+    class Counted:
+        def __init__(self, *args, **kwargs):
+            self.file = real(*args, **kwargs)
+
+        def __enter__(self):
+            self.file.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.file.__exit__(*exc)
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+        def get_tensor(self, key):
+            read.append(key)
+            return self.file.get_tensor(key)
+
+    hf.safe_open = Counted
+    run = load_run_config("configs/tiny.yaml", ["parallel.pp=2", "parallel.ep=2"])
+    groups = build_groups(2, 2, run.parallel.pipeline_schedule, run.model)
+    part = parallelize(run, groups, torch.device("cpu"), fp8_dir)
+    held = {key for name, tensor in part.module.state_dict().items()
+            for key, _ in hf.hf_tensors(name, tensor, run.model, part.expert_offset if ".experts." in name else 0)}
+    results[rank] = {"read": read, "held": held, "dp_rank": groups.dp_rank}
+
+
+def test_each_rank_of_pp2_ep2_reads_only_its_own_tensors(exports, tiny_config):
+    import torch.multiprocessing as mp
+
+    from .distributed import spawn
+
+    fp8_dir = exports[1]
+    results = mp.Manager().dict()
+    spawn(_read_by_rank, 4, str(fp8_dir), results)
+    stored = _tensors(fp8_dir)
+    per_ep_rank = tiny_config.n_routed_experts // 2
+    readers: dict[str, list[dict]] = {}
+    for rank in range(4):
+        r = results[rank]
+        assert len(r["read"]) == len(set(r["read"])), rank  # nothing read twice
+        for key in r["read"]:
+            readers.setdefault(key, []).append(r)
+            expert = re.search(r"\.experts\.(\d+)\.", key)
+            if expert:  # ep rank = position in the expert-parallel group of consecutive dp ranks
+                assert int(expert[1]) // per_ep_rank == r["dp_rank"], (rank, key)
+    mtp = tiny_config.num_hidden_layers
+    mtp_copies = {k for k in stored if re.search(rf"layers\.{mtp}\.(embed_tokens|shared_head\.head)\.", k)}
+    assert set(readers) == set(stored) - mtp_copies  # every tensor by some rank, the MTP copies by none
+    for rank in range(4):  # a rank reads what it holds (an FP8 weight with its scales), nothing else
+        held = results[rank]["held"] - mtp_copies
+        assert set(results[rank]["read"]) == held | {k + "_scale_inv" for k in held if k + "_scale_inv" in stored}
+    sizes = [sum(stored[k].numel() * stored[k].element_size() for k in results[rank]["read"]) for rank in range(4)]
+    total = sum(stored[k].numel() * stored[k].element_size() for k in set(stored) - mtp_copies)
+    print(f"bytes read per rank {sizes} of {total}")
+    assert max(sizes) < total, sizes
+
+
+def test_init_from_fp8_at_pp2_ep2_starts_with_the_one_rank_loss(exports, tmp_path):
+    from .launcher import launch, metrics, ok
+
+    fp8_dir, data = exports[1], exports[2]
+    common = ("--steps", "1", "--init-from", str(fp8_dir), "--set", "train.micro_batch_size=1")
+    one = ok(launch(1, tmp_path / "one", *common, data=data))
+    ok(launch(4, tmp_path / "pp2ep2", *common, "--pp", "2", "--ep", "2", data=data))
+    assert f"initialised the weights from {fp8_dir}" in one.stdout
+    first, split = metrics(tmp_path / "one")[0]["loss"], metrics(tmp_path / "pp2ep2")[0]["loss"]
+    print(f"step-1 loss: one rank {first}, pp2 x ep2 {split}")
+    assert abs(first - split) <= 1e-5

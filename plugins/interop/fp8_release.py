@@ -101,8 +101,11 @@ def check_tensors(headers: dict[str, tuple[Path, str, tuple[int, ...]]], fp8: bo
 def dequantize(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """FP32 values of a [rows, cols] FP8 weight: each element times its 128x128 block's scale."""
     rows, cols = data.shape
-    blocks = scale.float().repeat_interleave(TILE, 0)[:rows].repeat_interleave(TILE, 1)[:, :cols]
-    return data.float() * blocks
+    out = torch.empty(rows, cols, dtype=torch.float32)
+    for i, row_scales in enumerate(scale.float()):  # one band of 128 rows at a time: no full-size temporary
+        band = slice(i * TILE, (i + 1) * TILE)
+        torch.mul(data[band].float(), row_scales.repeat_interleave(TILE)[:cols], out=out[band])
+    return out
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
