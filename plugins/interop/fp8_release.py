@@ -99,12 +99,11 @@ def check_tensors(headers: dict[str, tuple[Path, str, tuple[int, ...]]], fp8: bo
 
 
 def dequantize(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """FP32 values of a [rows, cols] FP8 weight: each element times its 128x128 block's scale."""
-    rows, cols = data.shape
-    out = torch.empty(rows, cols, dtype=torch.float32)
-    for i, row_scales in enumerate(scale.float()):  # one band of 128 rows at a time: no full-size temporary
-        band = slice(i * TILE, (i + 1) * TILE)
-        torch.mul(data[band].float(), row_scales.repeat_interleave(TILE)[:cols], out=out[band])
+    """FP32 values of a [rows, cols] FP8 weight (on its device): each element times its 128x128 block's scale."""
+    out = data.float()
+    column_scales = scale.float().repeat_interleave(TILE, 1)[:, : data.shape[1]].to(out.device)
+    for i, band_scales in enumerate(column_scales):  # in place, 128 rows at a time: no full-size temporary
+        out[i * TILE:(i + 1) * TILE].mul_(band_scales)
     return out
 
 

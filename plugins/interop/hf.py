@@ -230,18 +230,20 @@ def _headers(files: list[Path]) -> dict[str, tuple[Path, str, tuple[int, ...]]]:
     return out
 
 
-def _reader(shard, path: Path, scales: dict[str, str], headers: dict) -> Callable[[str], torch.Tensor]:
+def _reader(shard, path: Path, scales: dict[str, str], headers: dict) -> Callable[[str, torch.device], torch.Tensor]:
     """Reads a tensor of the open ``shard``; an FP8 weight comes dequantised with its block scales
-    (from whichever file holds them)."""
+    (from whichever file holds them) on the device of the tensor it fills."""
 
-    def read(key: str) -> torch.Tensor:
+    def read(key: str, device: torch.device) -> torch.Tensor:
         if key not in scales:
             return shard.get_tensor(key)
         scale_path = headers[scales[key]][0]
         if scale_path == path:
-            return dequantize(shard.get_tensor(key), shard.get_tensor(scales[key]))
-        with safe_open(str(scale_path), framework="pt", device="cpu") as other:
-            return dequantize(shard.get_tensor(key), other.get_tensor(scales[key]))
+            scale = shard.get_tensor(scales[key])
+        else:
+            with safe_open(str(scale_path), framework="pt", device="cpu") as other:
+                scale = other.get_tensor(scales[key])
+        return dequantize(shard.get_tensor(key).to(device), scale.to(device))
 
     return read
 
@@ -317,7 +319,7 @@ class _ShardLoader:
         }
         return set(self.targets) - self.filled - complete
 
-    def load(self, key: str, read: Callable[[str], torch.Tensor], path: Path) -> None:
+    def load(self, key: str, read: Callable[[str, torch.device], torch.Tensor], path: Path) -> None:
         expert = _EXPERT_KEY.match(key)
         if expert:
             base, e, proj = expert.group(1), int(expert.group(2)), expert.group(3)
@@ -329,7 +331,7 @@ class _ShardLoader:
                 return
             rows = target.shape[1] // 2
             view = {"gate_proj": target[e, :rows], "up_proj": target[e, rows:], "down_proj": target[e]}[proj]
-            _copy(view, read(key), key, path)
+            _copy(view, read(key, view.device), key, path)
             self.expert_parts.setdefault(name, set()).add((e, proj))
             return
         name = _our_name(key, self.config)
@@ -339,7 +341,7 @@ class _ShardLoader:
             raise ConfigError(f"{path}: {key}: unexpected tensor for this config")
         if name not in self.targets:
             return
-        _copy(self.targets[name], read(key), key, path)
+        _copy(self.targets[name], read(key, self.targets[name].device), key, path)
         self.filled.add(name)
 
 
