@@ -2,7 +2,7 @@
 as FP32 (today's default: the master weights), BF16 and FP8 (``--fp8``), time and bytes on disk,
 each read back into a whole FP32 model (time and host memory the reading adds); and, on the meta
 device, what each rank of the report's layout (PP16 DualPipe x EP64) reads of DeepSeek-V3-Base and
-the largest tensor it has in flight.
+the largest tensor it holds at once.
 
 The checkpoint is a 1-step run of a scaled-down model (the tiny recipe at hidden 512, 64 routed
 experts of 512, 4 layers: ~0.2B parameters, dims multiples of 128 as in V3), trained through the
@@ -101,25 +101,27 @@ def read_back(directory: Path, model: DeepSeekV3) -> tuple[float, float]:
 
 def release_reads(config: ModelConfig, pp: int = 16, ep: int = 64) -> list[dict]:
     """Per pipeline rank of (PP pp DualPipe, EP ep): the bytes one of its ranks reads from the FP8
-    release (FP8 linears + FP32 scales, BF16 rest) and its largest tensor in flight (an FP8 weight
-    dequantised in FP32 beside its FP8 data; any other tensor as stored)."""
+    release (FP8 linears + FP32 scales, BF16 rest), the largest tensor it reads and the largest FP32
+    dequantisation temporary (on the rank's device)."""
     rows = []
     for pipeline_rank in range(pp):
         model = rank_model(config, pp, ep, "dualpipe", pipeline_rank)
-        read = largest = 0
+        read = largest = dequantised = 0
         for name, tensor in model.state_dict().items():
             for key, value in hf_tensors(name, tensor, config):
                 if ".layers." in key and int(key.split(".")[2]) >= config.num_hidden_layers \
                         and key.endswith(("embed_tokens.weight", "shared_head.head.weight")):
                     continue  # the MTP module's copies of the embedding and head are not read
                 if is_release_quantized(key):
-                    size = value.numel() + 4 * scale_shape(value.shape)[0] * scale_shape(value.shape)[1]
-                    largest = max(largest, 5 * value.numel())
+                    rows_, cols = scale_shape(value.shape)
+                    size = value.numel() + 4 * rows_ * cols
+                    dequantised = max(dequantised, 4 * value.numel())
                 else:
                     size = value.numel() * (4 if key.endswith("e_score_correction_bias") else 2)
-                    largest = max(largest, size)
+                largest = max(largest, size)
                 read += size
-        rows.append({"pipeline_rank": pipeline_rank, "read_gb": read / 1e9, "largest_in_flight_gb": largest / 1e9})
+        rows.append({"pipeline_rank": pipeline_rank, "read_gb": read / 1e9, "largest_tensor_gb": largest / 1e9,
+                     "largest_fp32_dequantised_gb": dequantised / 1e9})
     return rows
 
 
@@ -159,8 +161,9 @@ def main() -> None:
               f"{r['read_s']:>7.2f} {r['read_added_mb']:>13.0f}")
     most = max(v3, key=lambda r: r["read_gb"])
     print(f"DeepSeek-V3-Base FP8 release at PP16 x EP64: a rank reads {min(r['read_gb'] for r in v3):.2f}-"
-          f"{most['read_gb']:.2f} GB (pipeline rank {most['pipeline_rank']} the most); largest tensor in flight "
-          f"{max(r['largest_in_flight_gb'] for r in v3):.2f} GB")
+          f"{most['read_gb']:.2f} GB (pipeline rank {most['pipeline_rank']} the most); largest tensor read "
+          f"{max(r['largest_tensor_gb'] for r in v3):.2f} GB, largest FP32 dequantisation "
+          f"{max(r['largest_fp32_dequantised_gb'] for r in v3):.2f} GB")
     write_result(args.out, {"parameters": parameters, "threads": torch.get_num_threads(), "rounds": args.rounds,
                             "rows": rows, "deepseek_v3_pp16_ep64": v3})
 

@@ -80,6 +80,14 @@ def test_ema_exports_and_evaluates(ema_run, embedded_run, tmp_path):
     exported = dict(load_hf_checkpoint(tmp_path / "hf").named_parameters())
     ema = _weights(run_dir, "step00000004", True)
     assert exported.keys() == ema.keys() and all(torch.equal(exported[n], ema[n]) for n in ema)
+    # --fp8 with --ema: the release format of those same EMA weights
+    from .test_fp8_release import tensors_of, weight_quant
+
+    assert convert([str(run_dir), str(tmp_path / "fp8"), "--ema", "--fp8"]) == 0
+    plain, fp8 = tensors_of(tmp_path / "hf"), tensors_of(tmp_path / "fp8")
+    quantized = [k for k in fp8 if k + "_scale_inv" in fp8]
+    assert quantized and all(torch.equal(weight_quant(plain[k])[0].view(torch.uint8), fp8[k].view(torch.uint8))
+                             for k in quantized)
     packed = [f"{name}={path}" for name, path in embedded_run[1]["validation"].items()]
     losses = {}
     for flag in ([], ["--ema"]):

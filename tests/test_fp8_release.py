@@ -73,6 +73,10 @@ def write_directory(directory, tensors: dict[str, torch.Tensor], config: dict, s
     (directory / "config.json").write_text(json.dumps(config))
 
 
+def tensors_of(directory) -> dict[str, torch.Tensor]:
+    return {k: v for f in sorted(directory.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
     """A release-format directory written with DeepSeek's algorithm from a random transformers
@@ -91,7 +95,7 @@ def release(tmp_path_factory):
             if name.endswith("e_score_correction_bias"):
                 buffer.copy_(torch.randn_like(buffer) * 0.1)
     plain = save_hf(with_mtp_layer, root / "plain")
-    source = {k: v for f in sorted(plain.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    source = tensors_of(plain)
     mtp = f"model.layers.{DIMS['num_hidden_layers']}"
     hidden = DIMS["hidden_size"]
     source.update({f"{mtp}.enorm.weight": 1 + 0.1 * torch.randn(hidden), f"{mtp}.hnorm.weight": 1 + 0.1 * torch.randn(hidden),
@@ -150,7 +154,7 @@ def test_fp8_export_is_the_release_algorithm_and_reads_back(release, tmp_path):
     directory = release[0]
     model = _load(directory)
     save_hf_checkpoint(model, tmp_path / "out", max_shard_bytes=256 * 1024, fp8=True)
-    written = {k: v for f in sorted((tmp_path / "out").glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    written = tensors_of(tmp_path / "out")
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["weight_map"]
     assert len(set(index.values())) > 1
     config = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -246,6 +250,19 @@ def test_deepseek_v3_and_kimi_k2_configs_are_read():
     assert (kimi.n_routed_experts, kimi.num_attention_heads, kimi.routed_scaling_factor) == (384, 64, 2.827)
 
 
+def test_the_domain_stage_config_builds_the_released_model():
+    """``configs/deepseek_v3_base_domain.yaml`` (docs/checkpoints.md) is DeepSeek-V3-Base's architecture,
+    rope scaling included, so ``--init-from`` the release fills it."""
+    from launch.config.run_config import load_run_config
+
+    from .conftest import ROOT
+
+    ours = load_run_config(ROOT / "configs" / "deepseek_v3_base_domain.yaml").model
+    release = config_from_hf(V3_CONFIG, "v3/config.json")
+    own = {"aux_loss_alpha", "initializer_range", "balance", "mtp_loss_weight", "source"}
+    assert {k: v for k, v in vars(ours).items() if k not in own} == {k: v for k, v in vars(release).items() if k not in own}
+
+
 @pytest.mark.parametrize("change,message", [
     ({"attention_dropout": 0.1}, "kimi/config.json: attention_dropout: expected 0.0"),
     ({"sliding_window": 4096}, "kimi/config.json: sliding_window: not a field this model implements"),
@@ -271,15 +288,11 @@ def exports(embedded_run, tmp_path_factory):
     return root / "plain", root / "fp8", data
 
 
-def _tensors(directory) -> dict[str, torch.Tensor]:
-    return {k: v for f in sorted(directory.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
-
-
 def test_fp8_export_round_trips_within_e4m3_error_and_keeps_the_held_out_loss(exports, tmp_path):
     from launch.evaluate import main as evaluate
 
     plain_dir, fp8_dir, data = exports
-    plain, fp8 = _tensors(plain_dir), _tensors(fp8_dir)
+    plain, fp8 = tensors_of(plain_dir), tensors_of(fp8_dir)
     quantized = {k for k, v in fp8.items() if v.dtype == E4M3}
     assert quantized == {k for k in plain if quantized_in_release(k)} and quantized
     worst = 0.0
@@ -354,7 +367,7 @@ def test_each_rank_of_pp2_ep2_reads_only_its_own_tensors(exports, tiny_config):
     fp8_dir = exports[1]
     results = mp.Manager().dict()
     spawn(_read_by_rank, 4, str(fp8_dir), results)
-    stored = _tensors(fp8_dir)
+    stored = tensors_of(fp8_dir)
     per_ep_rank = tiny_config.n_routed_experts // 2
     readers: dict[str, list[dict]] = {}
     for rank in range(4):
