@@ -58,15 +58,15 @@ def quantized_in_release(key: str) -> bool:
     return re.search(r"\.(self_attn|mlp)\..*_proj(_with_mqa)?\.weight$", key) is not None
 
 
-def write_directory(directory, tensors: dict[str, torch.Tensor], config: dict, shards: int = 2) -> None:
-    """safetensors shards (split in key order, so some scales land in another shard than their
-    weight) + index + config.json."""
+def write_directory(directory, tensors: dict[str, torch.Tensor], config: dict) -> None:
+    """safetensors shards + index + config.json; the block scales in a shard of their own (the release
+    keeps most beside their weights, but a reader may not count on it)."""
     directory.mkdir(parents=True)
-    keys = sorted(tensors)
+    parts = [sorted(k for k in tensors if not k.endswith("_scale_inv")), sorted(k for k in tensors if k.endswith("_scale_inv"))]
+    parts = [part for part in parts if part]
     weight_map = {}
-    for i in range(shards):
-        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = keys[i * len(keys) // shards:(i + 1) * len(keys) // shards]
+    for i, part in enumerate(parts):
+        name = f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
         save_file({k: tensors[k].contiguous() for k in part}, str(directory / name))
         weight_map.update({k: name for k in part})
     (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
@@ -133,7 +133,7 @@ def test_release_format_loads_as_transformers_on_the_dequantised_weights(release
         for key, expected in hf_tensors(name, value, ours.config):
             assert torch.equal(expected, dequantised[key]), key
     reference_dir = tmp_path / "dequantised"
-    write_directory(reference_dir, dequantised, {k: v for k, v in config.items() if k != "quantization_config"}, 1)
+    write_directory(reference_dir, dequantised, {k: v for k, v in config.items() if k != "quantization_config"})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         reference = AutoModelForCausalLM.from_pretrained(reference_dir, attn_implementation="eager").eval()
@@ -201,6 +201,8 @@ BAD_INPUTS = {
                  None, r"model\.norm\.weight: float8_e4m3fn where the FP8 release format keeps BF16"),
     "FP8 router": (lambda t: t.update({"model.layers.1.mlp.gate.weight": t["model.layers.1.mlp.gate.weight"].to(E4M3)}),
                    None, r"model\.layers\.1\.mlp\.gate\.weight: float8_e4m3fn where"),
+    "another FP8 format": (lambda t: t.update({GATE: t[GATE].to(torch.float8_e5m2)}), None,
+                           rf"{GATE}: F8_E5M2, expected F8_E4M3"),
     "scale without FP8 weight": (lambda t: t.update({"lm_head.weight_scale_inv": torch.ones(2, 2)}), None,
                                  r"lm_head\.weight_scale_inv: a block scale without an FP8 weight"),
     "another quant_method": (None, lambda c: c["quantization_config"].update(quant_method="awq"),

@@ -78,6 +78,8 @@ def check_tensors(headers: dict[str, tuple[Path, str, tuple[int, ...]]], fp8: bo
             if headers.get(weight, (None, ""))[1] != FP8_DTYPE:
                 raise ConfigError(f"{path}: {key}: a block scale without an FP8 weight {weight}")
             continue
+        if dtype.startswith("F8_") and dtype != FP8_DTYPE:
+            raise ConfigError(f"{path}: {key}: {dtype}, expected {FP8_DTYPE} (float8_e4m3fn, the release's fmt e4m3)")
         if dtype != FP8_DTYPE:
             continue
         if not may_be_fp8(key):
