@@ -222,6 +222,18 @@ def test_bad_release_input_is_one_line_naming_the_key(release, tmp_path, case):
     assert "\n" not in str(error.value)
 
 
+def test_a_bad_release_through_launch_evaluate_is_one_error_line(release, tmp_path, capfd, tokenizer_dir):
+    from launch.evaluate import main as evaluate
+
+    from .test_cli_probes import probe
+
+    broken = _broken(release, tmp_path, BAD_INPUTS["missing scale"][0])
+    (tmp_path / "held_out.jsonl").write_text('{"text": "def f(): pass"}\n')
+    probe(capfd, lambda: evaluate(["--model", str(broken), "--tokenizer", str(tokenizer_dir), "--data",
+                                   str(tmp_path / "held_out.jsonl"), "--output", str(tmp_path / "out.json")]),
+          f"{GATE}: FP8 weight without its block scales", tmp_path / "out.json")
+
+
 # The fields of DeepSeek-V3's config.json, and the model_type Kimi-K2 ships with the same architecture.
 V3_CONFIG = {
     "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
