@@ -128,6 +128,20 @@ def test_tokenizer_train_out_of_range_flag(flag, value, tmp_path, capfd):
     probe(capfd, lambda: main([a for item in argv.items() for a in item]), f"{flag} {value}", tmp_path / "tok")
 
 
+@pytest.mark.parametrize("flags,names", [
+    (["--bos-token", ""], "--bos-token '': must be a non-empty string"),
+    (["--eos-token", "<｜begin▁of▁sentence｜>"], "--bos-token and --eos-token are both '<｜begin▁of▁sentence｜>'"),
+    (["--pad-token", "<x>", "--fim-end-token", "<x>"], "--pad-token and --fim-end-token are both '<x>'"),
+])
+def test_tokenizer_train_empty_or_equal_special_tokens(flags, names, tmp_path, capfd):
+    from tokenizer.train import main
+
+    path = tmp_path / "ok.jsonl"
+    path.write_text('{"text": "hello world"}\n')
+    out = tmp_path / "tok"
+    probe(capfd, lambda: main(["--input", str(path), "--vocab-size", "300", "--output", str(out), *flags]), names, out)
+
+
 # --------------------------------------------------------------------------- data_pipeline.prepare
 @pytest.mark.parametrize("kind", FILE_KINDS + list(BAD_TEXT_FORMATS))
 def test_prepare_bad_input(kind, tmp_path, capfd, tokenizer_dir):
@@ -183,6 +197,18 @@ def test_pretrain_out_of_range_flag(flag, value, names, tmp_path, capfd):
     run_dir = tmp_path / "run"
     probe(capfd, lambda: main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--run-dir", str(run_dir),
                                flag, value]), names, run_dir)
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_pretrain_run_dir_that_is_a_file(inside, tmp_path, capfd):
+    from launch.pretrain import main
+
+    path = tmp_path / "run"
+    path.write_text("not a directory")
+    run_dir = path / "sub" if inside else path
+    line = probe(capfd, lambda: main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--run-dir", str(run_dir)]),
+                 f"--run-dir {run_dir}")
+    assert "is not a directory" in line and path.read_text() == "not a directory"
 
 
 # --------------------------------------------------------------------------- launch.evaluate
