@@ -177,6 +177,34 @@ def test_prepare_out_of_range_flag(flag, value, tmp_path, capfd, tokenizer_dir):
     probe(capfd, lambda: main([a for item in argv.items() for a in item]), f"{flag} {value}", tmp_path / "packed")
 
 
+def _dying_prepare(args, progress=None) -> dict:
+    """``prepare`` of a job process that is killed while on shard 1 (the others take a moment)."""
+    import os
+    import signal
+    import time
+
+    if args.shard_index == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(0.5)
+    return {}
+
+
+def test_prepare_jobs_a_killed_job_names_the_shards_to_rerun(tmp_path, capfd, tokenizer_dir, monkeypatch):
+    """Each job is ``data_pipeline.prepare.prepare`` run in a spawned process, pickled by name: here
+    one that kills its own process on shard 1."""
+    import data_pipeline.prepare as prepare
+
+    monkeypatch.setattr(prepare, "prepare", _dying_prepare)
+    corpus = tmp_path / "ok.jsonl"
+    corpus.write_text('{"text": "hello world"}\n')
+    line = probe(capfd, lambda: prepare.main(["--input", str(corpus), "--tokenizer", str(tokenizer_dir), "--seq-len",
+                                              "64", "--output", str(tmp_path / "packed"), "--num-shards", "3",
+                                              "--jobs", "2"]), "--jobs 2: a job process died")
+    unfinished = line.split("for I in ")[1].split(", ")
+    assert {"1", "2"} <= set(unfinished) <= {"0", "1", "2"}, line  # shard 0 may have finished first
+    assert "--shard-index I in place of --jobs" in line and "of 3 did not finish" in line
+
+
 # --------------------------------------------------------------------------- launch.pretrain
 @pytest.mark.parametrize("kind", list(BAD_YAML))
 def test_pretrain_bad_config(kind, tmp_path, capfd):

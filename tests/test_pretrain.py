@@ -183,6 +183,18 @@ def test_configs_that_cannot_run_fail_before_any_work(data, tmp_path):
     assert not (tmp_path / "odd").exists() and not (tmp_path / "nodata").exists()
 
 
+def test_pretrain_py_without_a_launcher_runs_as_one_process(data, tmp_path):
+    import os
+
+    from .launcher import _pretrain
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    result = _ok(subprocess.run([sys.executable, *_pretrain(tmp_path / "run", ["--steps", "1"], data, "configs/tiny.yaml")],
+                                capture_output=True, text=True, cwd=ROOT, env=env, timeout=600))
+    assert "no launcher: running as one process" in result.stdout
+    assert [r["step"] for r in metrics(tmp_path / "run")] == [1]
+
+
 def test_non_finite_loss_stops_with_the_step_and_last_checkpoint(data, tmp_path):
     result = launch(1, tmp_path / "nan", "--steps", "10", "--set", "train.lr.peak=1.0e+6",
                     "--set", "train.lr.warmup_steps=0", data=data)
