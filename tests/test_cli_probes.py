@@ -361,6 +361,23 @@ def test_lm_eval_cli_missing_tokenizer(tmp_path, capfd, monkeypatch, hf_dir):
     assert not out.exists()
 
 
+def test_lm_eval_cli_unknown_task(tmp_path, capfd, monkeypatch, hf_dir, tokenizer_dir):
+    """A task lm-eval does not know: its INFO lines, then one error line naming the task (~15 s)."""
+    pytest.importorskip("lm_eval", reason="the eval extra")
+    from launch.lm_eval_model import main
+
+    out = tmp_path / "results"
+    monkeypatch.setattr(sys, "argv", ["deepseek-lm-eval", "--model", "deepseek-pretrain", "--model_args",
+                                      f"path={hf_dir},tokenizer={tokenizer_dir}", "--tasks", "local_choice,no_such_task",
+                                      "--include_path", "configs/eval", "--output_path", str(out)])
+    monkeypatch.chdir(ROOT)
+    assert main() == 2
+    lines = capfd.readouterr().err.strip().splitlines()
+    assert all(LM_EVAL_LOG.match(line) for line in lines[:-1]), lines
+    assert lines[-1].startswith("error: --tasks: unknown no_such_task (see `lm-eval ls tasks`"), lines[-1]
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("kind", FILE_KINDS)
 def test_lm_eval_bad_tokenizer(kind, tmp_path, capfd, hf_dir, tokenizer_dir):
     """The model lm-eval's command line builds (``create_from_arg_string``), as its ``main`` runs it."""
