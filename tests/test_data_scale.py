@@ -319,6 +319,28 @@ def test_inspect_summarises_and_refuses_mixing_window_lengths(sources, tokenizer
     assert f"{sources['prose']} and {tmp_path / 'short'}: different seq_len (128 vs 64)" in message
 
 
+def test_inspect_reports_validation_documents_that_are_in_the_training_data(sources, tokenizer_dir, tmp_path, capsys):
+    """By the text of each document (as hashed at prepare time, before FIM): two of the three held-out
+    documents are in the docs source, prepared there with FIM and here without."""
+    heldout = prose_documents(limit=4)[:2] + code_documents(limit=20)[-1:]
+    assert _prepare([write_jsonl(tmp_path / "val.jsonl", heldout)], tokenizer_dir, tmp_path / "val", "--fim-rate", "0",
+                    seq_len=128) == 0
+    assert _prepare([write_jsonl(tmp_path / "new.jsonl", heldout[2:])], tokenizer_dir, tmp_path / "new",
+                    seq_len=128) == 0
+    training = [str(sources[name]) for name in ("prose", "code", "docs")]
+    capsys.readouterr()
+    assert inspect_main([*training, "--validation", str(tmp_path / "val"), str(tmp_path / "new")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2] == (f"warning: validation {tmp_path / 'val'}: 2 of its 3 documents are also in the training "
+                         "data (the same text): their loss is not held out")
+    assert lines[-1] == f"validation {tmp_path / 'new'}: none of its 1 documents is in the training data"
+    old = tmp_path / "old"
+    shutil.copytree(sources["docs"], old)
+    (old / "document_hashes.npy").unlink()  # prepared before prepare kept the hashes
+    message = _one_line_error(capsys, inspect_main([str(old), "--validation", str(tmp_path / "val")]))
+    assert "old/document_hashes.npy: missing" in message and "prepare it again" in message
+
+
 @pytest.mark.slow
 def test_a_three_source_mixture_trains_in_its_proportions_and_resumes_exactly(sources, tokenizer_dir, tmp_path):
     """Through the launcher: 24 steps of a 0.5/0.3/0.2 mixture, each source's share of the consumed tokens within 1% of its weight; resumed from step 12, the
