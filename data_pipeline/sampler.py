@@ -93,5 +93,5 @@ class PackedSampler(GlobalStream):
             raise DatasetError(f"the checkpoint's data stream was {saved} with seed {state.get('seed')}, this run's is "
                                f"{self.num_samples} sequences with seed {self.seed}: a run resumes with the data it "
                                "started with")
-        check_content("data.dataset", state.get("fingerprint"), self.fingerprint)
+        check_content("the dataset", state.get("fingerprint"), self.fingerprint)
         self.consumed = state["consumed"]

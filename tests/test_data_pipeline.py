@@ -172,7 +172,7 @@ def test_sampler_global_batches_split_over_ranks_and_resume_at_any_data_parallel
     with pytest.raises(DatasetError, match="the checkpoint's data stream was 103 sequences with seed 3, this run's is 100"):
         PackedSampler(100, seed=3).load_state_dict(state)
     same_size = PackedSampler(103, seed=3, fingerprint="b" * 64)
-    with pytest.raises(DatasetError, match="data.dataset: its data changed since the checkpoint was saved"):
+    with pytest.raises(DatasetError, match="the dataset: its data changed since the checkpoint was saved"):
         same_size.load_state_dict({**state, "fingerprint": "a" * 64})
 
 

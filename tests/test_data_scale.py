@@ -402,6 +402,27 @@ def test_the_embedded_corpus_is_built_only_in_its_cache_with_its_tokenizer(token
     assert sorted(p.name for p in cache.iterdir()) == ["python-corpus.jsonl", "tokenizer"]
 
 
+def test_the_embedded_corpus_replaces_only_what_it_built(sources, tokenizer_dir, tmp_path):
+    """A missing tokenizer makes the embedded corpus build a new one, and the data of the old one
+    again: only data it built itself (the corpus text its one input). Prepared data of your own is
+    never replaced: with a typo in ``data.tokenizer`` it is one line, and nothing is written."""
+    from launch.training.data import _built_by_embedded
+
+    mine = tmp_path / "data"
+    shutil.copytree(sources["docs"], mine / "packed")
+    before = sorted(p.name for p in mine.rglob("*"))
+    with pytest.raises(ConfigError, match=rf"data.tokenizer: {mine / 'tokenzier'} is missing, and data.dataset "
+                                          rf"{mine / 'packed'} was prepared with another tokenizer"):
+        _setup(mine / "tokenzier", f"data.dataset={mine / 'packed'}")
+    assert sorted(p.name for p in mine.rglob("*")) == before
+    assert not _built_by_embedded(str(mine / "packed"), mine)
+    manifest = json.loads((mine / "packed" / "manifest.json").read_text())
+    for name, built in (("python-corpus.jsonl", True), ("python-heldout-code.jsonl", True), ("corpus.jsonl", False)):
+        (mine / "packed" / "manifest.json").write_text(json.dumps({**manifest, "inputs": [str(mine / name)]}))
+        assert _built_by_embedded(str(mine / "packed"), mine) == built, name
+        assert not _built_by_embedded(str(mine / "packed"), tmp_path / "elsewhere"), name
+
+
 def test_data_smaller_than_a_micro_batch_per_rank_names_its_source(sources, tokenizer_dir):
     from launch.training.data import check_fills_a_micro_batch
 

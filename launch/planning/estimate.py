@@ -88,17 +88,17 @@ def walked(run: RunConfig, dp: int) -> dict:
             "note": ramp_note(run, dp, grid)}
 
 
-def walk_report(walked: dict) -> str:
+def walk_report(answer: dict) -> str:
     """``walked``'s answer as text."""
     lines = [f"{'steps':>17} {'tokens before':>15} {'batch':>6} {'micro':>5} {'lr phase':>8} {'lr':>21} "
              f"{'gamma':>6} {'lambda':>6}"]
-    for s in walked["stretches"]:
+    for s in answer["stretches"]:
         lines.append(f"{s['first']:>8}-{s['last']:<8} {s['tokens_before']:>15.4g} {s['batch']:>6} "
                      f"{s['micro_batches']:>5} {s['phase']:>8} {s['lr_first']:>9.3e}->{s['lr_last']:<9.3e} "
                      f"{s['gamma']:>6.3g} {s['lam']:>6.3g}")
-    bad = walked["first_step_that_cannot_run"]
+    bad = answer["first_step_that_cannot_run"]
     lines.append(f"first step that cannot run: step {bad['step']} ({bad['problem']})" if bad else
-                 f"every step runs: {walked['steps']} steps, {walked['tokens']:.4g} tokens")
-    if walked["note"]:
-        lines.append(f"note: {walked['note']}")
+                 f"every step runs: {answer['steps']} steps, {answer['tokens']:.4g} tokens")
+    if answer["note"]:
+        lines.append(f"note: {answer['note']}")
     return "\n".join(lines)

@@ -8,12 +8,14 @@ the configured paths; the other ranks wait for it. Its held-out documents per do
 ``docs``) are built the same way for the ``data.validation`` entries of those names. It builds
 only inside its cache directory, the one holding ``data.tokenizer`` (and the corpus text), and only
 with its own tokenizer: a missing path elsewhere, or beside another tokenizer, is an error as without
-``builtin_corpus`` (a typo in ``data.dataset`` must not train on the standard library).
+``builtin_corpus`` (a typo in ``data.dataset`` must not train on the standard library), and it
+replaces no prepared directory it did not build.
 """
 
 from __future__ import annotations
 
 import glob
+import json
 from pathlib import Path
 
 import torch.distributed as dist
@@ -21,12 +23,14 @@ import torch.distributed as dist
 from data_pipeline.builtin_corpus import DOMAINS, write_heldout, write_python_corpus
 from data_pipeline.catalog import open_prepared, prepared_dirs
 from data_pipeline.dataset import DatasetError
+from data_pipeline.layout import MANIFEST
 from data_pipeline.mixture import MixtureDataset, Source
 from launch.config.run_config import RunConfig
 from plugins.errors import ConfigError
 from tokenizer.load import TokenizerBundle, load_tokenizer_dir
 
 CORPUS = "python-corpus.jsonl"  # the embedded corpus's text, beside the tokenizer built from it
+HELDOUT = "python-heldout-"  # + domain + .jsonl: its held-out documents
 
 
 def _prepared(path: str) -> bool:
@@ -54,7 +58,7 @@ def _build_builtin(run: RunConfig, tokenizer_dir: Path, dataset_dir: Path | None
     if dataset_dir is not None and prepare(["--input", str(corpus), "--output", str(dataset_dir), *common]):
         raise ConfigError(f"{dataset_dir}: building the embedded dataset failed")
     for domain, directory in validation.items():
-        heldout = tokenizer_dir.parent / f"python-heldout-{domain}.jsonl"
+        heldout = tokenizer_dir.parent / f"{HELDOUT}{domain}.jsonl"
         size = write_heldout(heldout, domain)
         print(f"wrote {heldout} ({size / 2**20:.2f} MB of held-out Python {domain})")
         if prepare(["--input", str(heldout), "--output", str(directory), "--fim-rate", "0", *common]):
@@ -81,13 +85,28 @@ def _inside(path: Path, directory: Path) -> bool:
     return directory.resolve() in path.resolve().parents
 
 
-def _check_buildable(run: RunConfig, missing: dict[str, Path], tokenizer_dir: Path) -> None:
+def _built_by_embedded(path: str, cache: Path) -> bool:
+    """A prepared directory in the cache that the embedded corpus built (its one input is the corpus
+    text or a held-out file): one a new embedded tokenizer may replace. Nothing else is replaced."""
+    try:
+        inputs = json.loads((Path(path) / MANIFEST).read_text()).get("inputs", [])
+    except (OSError, ValueError):
+        return False
+    name = Path(inputs[0]).name if len(inputs) == 1 else ""
+    return _inside(Path(path), cache) and (name == CORPUS or name.startswith(HELDOUT))
+
+
+def _check_buildable(run: RunConfig, missing: dict[str, Path], kept: list[str], tokenizer_dir: Path) -> None:
     """What is missing may be built: ``data.builtin_corpus`` is on, the tokenizer is the embedded one
-    (missing too, or built beside its corpus text) and every path lies in its cache directory."""
+    (missing too, or built beside its corpus text) and every path lies in its cache directory; a
+    missing tokenizer does not leave ``kept`` prepared data of another tokenizer behind it."""
     key, path = next(iter(missing.items()))
     if not run.data.builtin_corpus:
         raise ConfigError(f"{run.source}: {key}: {path} is missing; build it with `python -m tokenizer.train` / "
                           "`python -m data_pipeline.prepare` or set data.builtin_corpus: true")
+    if "data.tokenizer" in missing and kept:
+        raise ConfigError(f"{run.source}: data.tokenizer: {tokenizer_dir} is missing, and {kept[0]} was prepared with "
+                          "another tokenizer (its manifest.json names it): point data.tokenizer at that one")
     cache = tokenizer_dir.parent
     for key, path in missing.items():
         if key == "data.tokenizer":
@@ -110,15 +129,19 @@ def setup_data(run: RunConfig, rank: int) -> tuple[TokenizerBundle, MixtureDatas
     tokenizer_dir = Path(run.data.tokenizer)
     no_tokenizer = not (tokenizer_dir / "tokenizer.json").is_file()
     missing = {"data.tokenizer": tokenizer_dir} if no_tokenizer else {}
-    # a new embedded tokenizer invalidates what was built with the old one: rebuilt, inside its cache only
     targets = {} if run.data.sources else {"data.dataset": run.data.dataset}
     if validating(run):
         targets.update({f"data.validation.{name}": path for name, path in run.data.validation.items()})
+    kept = []  # prepared data a missing tokenizer would not match
     for key, path in targets.items():
-        if not _prepared(path) or no_tokenizer and _inside(Path(path), tokenizer_dir.parent):
+        if not _prepared(path):
             missing[key] = Path(path)
+        elif no_tokenizer and _built_by_embedded(path, tokenizer_dir.parent):
+            missing[key] = Path(path)  # built with the embedded tokenizer that is gone: built again with the new one
+        elif no_tokenizer:
+            kept.append(f"{key} {path}")
     if missing:
-        _check_buildable(run, missing, tokenizer_dir)
+        _check_buildable(run, missing, kept, tokenizer_dir)
     if missing and rank == 0:
         validation = {key.removeprefix("data.validation."): path for key, path in missing.items()
                       if key.startswith("data.validation.")}
