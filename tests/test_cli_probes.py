@@ -362,7 +362,8 @@ def test_lm_eval_cli_missing_tokenizer(tmp_path, capfd, monkeypatch, hf_dir):
 
 
 def test_lm_eval_cli_unknown_task(tmp_path, capfd, monkeypatch, hf_dir, tokenizer_dir):
-    """A task lm-eval does not know: its INFO lines, then one error line naming the task (~15 s)."""
+    """A task lm-eval does not know: its INFO lines, then one error line naming the task (~5 s: lm-eval
+    indexes its whole task registry to look for it)."""
     pytest.importorskip("lm_eval", reason="the eval extra")
     from launch.lm_eval_model import main
 
