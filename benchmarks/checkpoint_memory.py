@@ -42,7 +42,7 @@ def run_layout(code: Path, ranks: int, layout: list[str], run_dir: Path, port: i
     if result.returncode:
         raise SystemExit(f"{code}: {' '.join(layout) or '1 rank'} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
     built = re.search(r"peak memory after construction (\d+) MB", result.stdout)
-    save = re.search(r"saved checkpoint \S+ \(memory added while at it: (\d+) MB", result.stdout)
+    save = re.search(r"saved checkpoint \S+ (?:in [\d.]+ s )?\(memory added while at it: (\d+) MB", result.stdout)
     step = run_dir / "checkpoints" / "step00000003"
     files = sorted(p for p in step.rglob("*") if p.is_file() and not p.name.startswith("rng_"))
     return {"peak_mb": peak_mb,

@@ -10,7 +10,8 @@ job), ``--jobs J`` all of them, J processes at a time (``jobs``). A job's memory
 shard: document lengths are numpy arrays, tokens go through a file, the tokenizer sees bounded
 windows (``encode``).
 
-Output (written under a temporary name, renamed into place when complete):
+Output (written under a temporary name, renamed into place when complete; one job at a time per
+output, ``plugins.run_lock``, the lock file ``.NAME.lock`` beside it while it runs):
 ``tokens-NNNNN.npy`` shards of [sequences, L] token ids (uint16/uint32, memory-mappable, padded
 with the tokenizer's pad id), ``pieces.npy`` (one row per placed document piece: sequence, start,
 length, document, offset in the document), ``document_hashes.npy`` (each document's text hash,
@@ -34,6 +35,7 @@ from tqdm import tqdm
 
 from plugins.atomic import check_output_dir, staged_directory
 from plugins.errors import ProjectError
+from plugins.run_lock import DirectoryLock
 
 from .dedup import document_hashes
 from .layout import DOCUMENT_HASHES, FORMAT_VERSION, MANIFEST, PIECES, shard_dir_name, shard_name, token_dtype
@@ -173,13 +175,13 @@ def prepare(args: argparse.Namespace, progress=None) -> dict:
     stats = SourceStats()
     texts = iter_texts(args.input, args.dataset, args.dataset_config, args.split, args.text_field,
                        skip_bad=args.skip_bad, stats=stats, num_shards=args.num_shards, shard_index=index)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(output)
-    with staged_directory(output) as tmp:
-        if progress is not None:
-            return _prepare_into(tmp, args, bundle, dtype, encoder, stats, texts, progress)
-        with tqdm(desc="tokenizing", unit="doc", disable=None) as bar:
-            return _prepare_into(tmp, args, bundle, dtype, encoder, stats, texts, bar.update)
+    with DirectoryLock(output.with_name(f".{output.name}.lock"), f"--output {output}"):  # one job per output
+        remove_stale_temporaries(output)
+        with staged_directory(output) as tmp:
+            if progress is not None:
+                return _prepare_into(tmp, args, bundle, dtype, encoder, stats, texts, progress)
+            with tqdm(desc="tokenizing", unit="doc", disable=None) as bar:
+                return _prepare_into(tmp, args, bundle, dtype, encoder, stats, texts, bar.update)
 
 
 def _prepare_into(tmp, args, bundle, dtype, encoder, stats, texts, progress) -> dict:

@@ -10,15 +10,7 @@ import re
 import shutil
 from pathlib import Path
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
+from plugins.run_lock import process_alive
 
 
 def remove_stale_temporaries(output: Path) -> list[Path]:
@@ -29,7 +21,7 @@ def remove_stale_temporaries(output: Path) -> list[Path]:
         return removed
     for path in output.parent.iterdir():
         match = pattern.fullmatch(path.name)
-        if match and int(match.group(2)) != os.getpid() and not _alive(int(match.group(2))):
+        if match and int(match.group(2)) != os.getpid() and not process_alive(int(match.group(2))):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
             removed.append(path)
     return removed

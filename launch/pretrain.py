@@ -1,10 +1,12 @@
 """Pre-train a DeepSeek-V3-style model on DeepSpeed (ZeRO-1 data parallel) with the report's recipe.
 
     deepspeed [--num_gpus N | --hostfile FILE] launch/pretrain.py --config configs/tiny.yaml \
-        [--run-dir DIR] [--steps N] [--save-interval N] [--resume | --resume-from TAG | --init-from PATH] [--pp N] [--ep N] \
+        [--run-dir DIR] [--steps N] [--save-interval N] [--resume [auto] | --resume-from TAG | --init-from PATH] [--pp N] [--ep N] \
         [--pipeline-schedule dualpipe|dualpipev|1f1b] [--fp8 none|emulated|te|auto] [--set section.key=value ...]
 
-Without a launcher (``python launch/pretrain.py ...``) it runs as one process. The loop itself is
+Without a launcher (``python launch/pretrain.py ...``) it runs as one process. ``--resume auto`` is the
+command a scheduler requeues unchanged: it resumes when the run dir holds a checkpoint, else starts;
+SIGTERM, SIGUSR1 or SIGINT on any rank saves the step's checkpoint and exits 0. The loop itself is
 ``launch.training.trainer.Trainer``; this file reads the command line into the config tree and starts
 DeepSpeed.
 """
@@ -24,6 +26,7 @@ from launch.distributed import ds_internals
 from launch.distributed.rendezvous import single_process_rendezvous
 from launch.training.parallelize import check_fp8_policy
 from launch.training.trainer import RunOptions, Trainer, TrainingStopped
+from launch.training.watchdog import process_group_timeout
 from plugins.errors import ConfigError, ProjectError
 from plugins.parallel.dualpipe import SCHEDULES
 from plugins.precision.policy import FP8_BACKENDS, resolve_backend
@@ -35,8 +38,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--run-dir", type=Path, default=None, help="default: runs/<config name>")
     parser.add_argument("--steps", type=int, default=None, help="stop after this optimizer step (default: total_tokens)")
     parser.add_argument("--save-interval", type=int, default=None, help="checkpoint every N steps (and at the end)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the run dir's latest checkpoint (a damaged one falls back to the previous)")
+    parser.add_argument("--resume", nargs="?", const="strict", choices=("auto", "strict"), metavar="auto",
+                        help="continue from the run dir's latest checkpoint (a damaged one falls back to the previous); "
+                             "--resume auto: the same if the run dir holds a checkpoint, else start afresh (what a "
+                             "requeued job runs)")
     parser.add_argument("--resume-from", default=None, metavar="TAG",
                         help="continue from this checkpoint of the run dir (e.g. step00000400); implies --resume")
     parser.add_argument("--init-from", default=None, metavar="PATH",
@@ -93,13 +98,17 @@ def main(argv: list[str] | None = None) -> int:
     if on_gpu:
         torch.cuda.set_device(args.local_rank)
     device = torch.device("cuda", args.local_rank) if on_gpu else torch.device("cpu")
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    timeout = process_group_timeout(run.train.hang_timeout_s)
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", **({"timeout": timeout} if timeout else {}))
     ds_internals.release_shared_memory_names()
     options = RunOptions(run_dir=run_dir(args), steps=args.steps,
-                         resume=args.resume or args.resume_from is not None, resume_from=args.resume_from,
+                         resume="strict" if args.resume_from is not None else args.resume, resume_from=args.resume_from,
                          init_from=args.init_from)
     try:
-        Trainer(run, options, device).train()
+        trainer = Trainer(run, options, device)
+        stopped_by = trainer.train()
+        if stopped_by and trainer.rank0:
+            print(f"saved step {trainer.step} on {stopped_by}; rerun the same command with --resume auto", flush=True)
         return 0
     except TrainingStopped as error:
         print(f"error: {error}", file=sys.stderr)

@@ -20,13 +20,32 @@ def _pretrain(run_dir, args, data, config) -> list[str]:
     return ["launch/pretrain.py", "--config", config, "--run-dir", str(run_dir), *sets, *args]
 
 
-def launch(ranks: int, run_dir, *args, data=None, config="configs/tiny.yaml") -> subprocess.CompletedProcess:
+def launch(ranks: int, run_dir, *args, data=None, config="configs/tiny.yaml", **popen) -> subprocess.CompletedProcess:
     """``deepspeed --num_gpus RANKS launch/pretrain.py --config CONFIG --run-dir RUN_DIR ...``; ``data``
-    points the run at an existing tokenizer and packed dataset."""
+    points the run at an existing tokenizer and packed dataset; ``popen``: more of ``subprocess.run``'s
+    arguments (``preexec_fn``)."""
     launcher = [shutil.which("deepspeed")] if shutil.which("deepspeed") else [sys.executable, "-m", "deepspeed.launcher.runner"]
     command = [*launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()),
                *_pretrain(run_dir, args, data, config)]
-    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600, **popen)
+
+
+def start(ranks: int, run_dir, *args, data=None, config="configs/tiny.yaml") -> subprocess.Popen:
+    """``launch`` without waiting: the launcher in a session of its own (so ``os.killpg`` reaches it and
+    its ranks), stdout and stderr merged into one text pipe."""
+    launcher = [shutil.which("deepspeed")] if shutil.which("deepspeed") else [sys.executable, "-m", "deepspeed.launcher.runner"]
+    command = [*launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()),
+               *_pretrain(run_dir, args, data, config)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            start_new_session=True)
+
+
+def rank_process(launcher: subprocess.Popen, rank: int):
+    """The ``psutil.Process`` of one rank of a ``start``ed launch."""
+    import psutil
+
+    return next(p for p in psutil.Process(launcher.pid).children(recursive=True)
+                if f"--local_rank={rank}" in p.cmdline())
 
 
 def launch_nodes(nodes: int, per_node: int, run_dir, *args, data=None, config="configs/tiny.yaml"

@@ -13,7 +13,8 @@ from .launcher import assert_same_run, launch, metrics
 from .launcher import ok as _ok
 
 METRIC_KEYS = {"step", "tokens", "loss", "lm_loss", "mtp_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s",
-               "maxvio", "maxvio_global", "expert_load", "mtp_ce", "bias_min", "bias_max", "bias_std", "starved"}
+               "maxvio", "maxvio_global", "expert_load", "mtp_ce", "bias_min", "bias_max", "bias_std", "starved",
+               "rank_step_seconds_max", "rank_step_seconds_min", "slowest_rank"}
 
 
 def test_embedded_default_builds_data_and_the_loss_falls(embedded_run):
@@ -35,7 +36,8 @@ def test_wandb_offline_run_and_dashboard_plots(embedded_run):
     history = offline[0].read_bytes()
     for key in [b"train/loss", b"train/lm_loss", b"train/mtp_loss", b"train/aux_loss", b"train/lr",
                 b"train/grad_norm", b"perf/tokens_per_s", b"moe/maxvio_global", b"moe/expert_load_heatmap",
-                b"train/mtp_ce", b"moe/bias_std/block_2", b"moe/load_max/block_0", b"moe/expert_load_time"]:
+                b"train/mtp_ce", b"moe/bias_std/block_2", b"moe/load_max/block_0", b"moe/expert_load_time",
+                b"perf/rank_step_seconds_max", b"perf/slowest_rank"]:
         assert key in history, key
     assert dashboard([str(run_dir)]) == 0
     for name in ["loss.png", "maxvio.png", "expert_load.png", "expert_load_time.png", "router_bias.png",
@@ -104,6 +106,7 @@ def test_two_ranks_give_the_losses_of_one(data, straight, tmp_path):
 
 def test_resume_reproduces_the_uninterrupted_losses(data, straight, tmp_path, capsys):
     from launch.convert import main as convert
+    from launch.evaluate import main as evaluate
 
     _ok(launch(1, tmp_path / "split", "--steps", "4", "--save-interval", "2", data=data))
     checkpoints = tmp_path / "split" / "checkpoints"
@@ -111,15 +114,20 @@ def test_resume_reproduces_the_uninterrupted_losses(data, straight, tmp_path, ca
     partial = checkpoints / ".step00000006.partial"
     partial.mkdir()
     (partial / "__0_0.distcp").write_bytes(b"truncated")
-    # And the latest checkpoint damaged on disk: a truncated shard.
+    # And the latest checkpoint damaged on disk: garbage in the middle of a shard, its size unchanged.
     shard = checkpoints / "step00000004" / "__0_0.distcp"
-    shard.write_bytes(shard.read_bytes()[:1000])
+    content = bytearray(shard.read_bytes())
+    content[len(content) // 2:len(content) // 2 + 1000] = bytes(1000)
+    shard.write_bytes(content)
+    damaged = "step00000004/__0_0.distcp: its bytes differ from those saved (sha256 mismatch"
     assert convert([str(tmp_path / "split"), str(tmp_path / "hf")]) == 2
-    assert "__0_0.distcp: 1000 bytes" in capsys.readouterr().err and not (tmp_path / "hf").exists()
+    assert damaged in capsys.readouterr().err and not (tmp_path / "hf").exists()
+    assert evaluate(["--model", str(tmp_path / "split"), "--packed", f"code={data['dataset']}"]) == 2
+    assert damaged in capsys.readouterr().err
     refused = launch(1, tmp_path / "split", "--steps", "8", "--resume-from", "step00000004", data=data)
-    assert refused.returncode != 0 and "the checkpoint is damaged" in refused.stderr
+    assert refused.returncode != 0 and damaged in refused.stderr
     resumed = _ok(launch(1, tmp_path / "split", "--steps", "8", "--resume", data=data))
-    assert "step00000004/__0_0.distcp: 1000 bytes" in resumed.stdout and "passing over it" in resumed.stdout
+    assert damaged in resumed.stdout and "passing over it" in resumed.stdout
     assert "resumed" in resumed.stdout and "from step00000002" in resumed.stdout
     split = metrics(tmp_path / "split")
     assert [r["step"] for r in split] == list(range(1, 9))  # rows after the checkpoint's step replaced

@@ -25,6 +25,8 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import LoadPlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from .digests import hashing_writer
+
 
 @dataclass
 class Piece:
@@ -97,13 +99,23 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def save(directory: Path, pieces: list[Piece], state: dict | None = None) -> None:
-    """Collective over the world when distributed: every rank writes its pieces (and ``state``'s
-    plain tensors, deduplicated across ranks) into ``directory``."""
-    with warnings.catch_warnings():  # without a process group DCP warns it assumes one process: it is one
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(state or {}, storage_writer=dcp.FileSystemWriter(str(directory)), planner=_SavePlanner(pieces),
-                 no_dist=not _distributed())
+def save(directory: Path, pieces: list[Piece], state: dict | None = None, group=None) -> dict[str, dict]:
+    """Collective over ``group`` (default: the world) when distributed: every rank writes its pieces
+    (and ``state``'s plain tensors, deduplicated across ranks) into ``directory``. Returns the size
+    and checksum of each file this rank wrote, computed as it was written (``digests``). A write of
+    this rank that failed raises its OSError (a full disk, a file-size limit); another rank's, DCP's
+    ``CheckpointException``."""
+    writer, files = hashing_writer(directory)
+    try:
+        with warnings.catch_warnings():  # without a process group DCP warns it assumes one process: it is one
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save(state or {}, storage_writer=writer, planner=_SavePlanner(pieces), process_group=group,
+                     no_dist=not _distributed())
+    except dcp.CheckpointException:
+        if files.failure is not None:
+            raise files.failure from None
+        raise
+    return files.entries
 
 
 def _mismatch(stored: dict[str, list[int]], pieces: list[Piece], state: dict) -> str | None:

@@ -19,7 +19,7 @@ from plugins.model.deepseek_v3 import DeepSeekV3
 from plugins.model.init import materialize
 from tokenizer.load import TokenizerBundle, load_tokenizer_dir
 
-from .checkpointer import Checkpointer, is_checkpoint, read_model, verify
+from .checkpointer import Checkpointer, is_checkpoint, read_model, verify_agreed
 
 
 @dataclass
@@ -49,12 +49,12 @@ def find_checkpoint(path: str | Path, tag: str | None = None) -> CheckpointSourc
         run_dir = path
         tag = tag or Checkpointer(run_dir).latest_tag()
         if tag is None:
-            raise ConfigError(f"{run_dir}: no complete checkpoint (checkpoints/latest is missing)")
+            raise ConfigError(f"{run_dir}: no complete checkpoint (checkpoints/latest is missing or damaged)")
     else:
         raise ConfigError(f"{path}: not a run directory (config.yaml), a checkpoint directory "
                           "(files.json) or a HF directory (config.json)")
     directory = run_dir / "checkpoints" / tag
-    verify(directory)
+    verify_agreed(directory)  # sizes and checksums (split over the ranks when distributed: --init-from)
     run = load_run_config(run_dir / "config.yaml")
     return CheckpointSource(directory, run_dir, run.model, Path(run.data.tokenizer))
 

@@ -87,6 +87,17 @@ class EMAConfig:
 
 
 @dataclass
+class SpikeConfig:
+    """Loss spikes: a step whose loss or gradient norm exceeds ``factor`` x the median of the last
+    ``window`` steps is skipped (``action: skip``: no optimizer step, no router-bias update,
+    the batch consumed) or stops the run (``stop``)."""
+
+    window: int = 100
+    factor: float = 3.0
+    action: str = "skip"
+
+
+@dataclass
 class TrainConfig:
     total_tokens: float = 14.8e12
     micro_batch_size: int = 1
@@ -112,6 +123,11 @@ class TrainConfig:
     # up-projection outputs) or full (every block); plugins.model.recompute
     recompute: str = "none"
     optimizer_moments_dtype: str = "float32"  # AdamW's exp_avg/exp_avg_sq: float32 or bfloat16 (report 3.3.1)
+    # long runs on clusters (docs/training.md#long-runs-on-clusters)
+    hang_timeout_s: float = 1800.0  # a rank without progress this long ends the job (0: no watchdog)
+    preempt_grace_s: float = 25.0  # the save on SIGTERM/SIGUSR1/SIGINT must be done within this
+    async_save: bool = False  # checkpoints written from a host copy while training goes on
+    spike: SpikeConfig | None = None  # e.g. {window: 100, factor: 3.0, action: skip}
 
 
 @dataclass
@@ -266,4 +282,21 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
         source=source,
     )
     _validate(run)
+    _validate_long_run(run)
     return run
+
+
+def _validate_long_run(run: RunConfig) -> None:
+    t = run.train
+    if t.hang_timeout_s < 0:
+        raise ConfigError(f"{run.source}: train.hang_timeout_s: must be >= 0 (0: no watchdog), got {t.hang_timeout_s}")
+    if t.preempt_grace_s <= 0:
+        raise ConfigError(f"{run.source}: train.preempt_grace_s: must be positive, got {t.preempt_grace_s}")
+    if t.spike is not None:
+        if t.spike.window < 1:
+            raise ConfigError(f"{run.source}: train.spike.window: must be at least 1 step, got {t.spike.window}")
+        if not t.spike.factor > 1.0:
+            raise ConfigError(f"{run.source}: train.spike.factor: must be > 1 (a multiple of the median), got "
+                              f"{t.spike.factor}")
+        if t.spike.action not in ("skip", "stop"):
+            raise ConfigError(f"{run.source}: train.spike.action: expected skip or stop, got {t.spike.action!r}")

@@ -7,6 +7,9 @@ DeepSpeed upgrade is checked here (``pyproject.toml`` pins the tested range).
   own MoE layer class (report 3.2.2: EP inside ZeRO-1 data parallelism);
 - pipeline parallelism: the ``PipelineParallelGrid`` as ``mpu`` and the ``ds_pipe_replicated``
   mark, so the global gradient norm counts a replicated parameter once;
+- steps: a step skipped after the gradients were reduced (DeepSpeed's own skipped-step path, as on
+  an fp16 overflow) and the gradient reduction marked as waiting on other ranks
+  (``plugins.progress``);
 - checkpoints: ZeRO-1's per-parameter fragments of its FP32 partition and AdamW moments, its step
   counter, and the copy of loaded FP32 partitions back into the model's weights;
 - the CPU all-reduce's leaked ``/dev/shm`` buffers.
@@ -15,13 +18,17 @@ DeepSpeed upgrade is checked here (``pyproject.toml`` pins the tested range).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from deepspeed import DeepSpeedConfig, DeepSpeedEngine, set_optimizer_flags
 from deepspeed.moe.utils import is_moe_param
+from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
 from deepspeed.utils import groups as ds_groups
+
+from plugins.progress import waiting
 
 
 # ----------------------------------------------------------------------------------- groups
@@ -94,6 +101,55 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config:
     set_optimizer_flags(config_class, model)
     return ExpertParallelEngine(args=None, model=model, optimizer=optimizer, config=config, config_class=config_class,
                                 mpu=mpu)
+
+
+# ------------------------------------------------------------------------------------ steps
+def gated_step(engine, skip: Callable[[float], bool]) -> bool:
+    """``engine.step()`` at the accumulation boundary, asking ``skip(global gradient norm)`` once the
+    gradients are reduced and before they are applied. A skip takes ZeRO's own skipped-step path (the
+    one an fp16 overflow takes): the reduced gradients are dropped, the weights, AdamW's moments and
+    its step count stay as they were, the engine counts a skipped step. Returns whether the update
+    was applied. The norm is computed once (the step reuses it for clipping)."""
+    zero = engine.optimizer
+    applied = True
+
+    def step(closure=None) -> None:
+        nonlocal applied
+        norm = zero.scaled_global_norm()
+        if skip(float(norm)):
+            applied = False
+            zero.micro_step_id = INITIAL_MICRO_STEP_ID
+            zero.overflow = True  # what the engine reads: a skipped step, no scheduler step
+            zero.zero_grad(set_to_none=True)
+            zero._release_preflattened_grad_buffers()
+            for key in zero.averaged_gradients:
+                zero.averaged_gradients[key] = None
+                zero.all_grad_tensors[key] = None
+            return
+        zero.scaled_global_norm = lambda norm_type=2: norm
+        try:
+            type(zero).step(zero)
+        finally:
+            del zero.scaled_global_norm
+
+    zero.step = step
+    try:
+        engine.step()
+    finally:
+        del zero.step
+    return applied
+
+
+def mark_gradient_reduction(engine) -> None:
+    """DeepSpeed's data-parallel gradient reduction counts as waiting on other ranks (a phase for the
+    hang watchdog, time off the rank's busy time)."""
+    reduce = engine.allreduce_gradients
+
+    def marked(*args, **kwargs):
+        with waiting("gradient all-reduce"):
+            return reduce(*args, **kwargs)
+
+    engine.allreduce_gradients = marked
 
 
 # ------------------------------------------------------------------------- optimizer states

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch.distributed as dist
 
@@ -52,7 +53,9 @@ class ParallelGroups:
         return [p * self.dp + self.dp_rank for p in range(self.pp)]
 
 
-def build_groups(pp: int, ep: int, schedule: str, config: ModelConfig) -> ParallelGroups:
+def build_groups(pp: int, ep: int, schedule: str, config: ModelConfig, timeout: timedelta | None = None
+                 ) -> ParallelGroups:
+    """``timeout``: of the groups built here (DeepSpeed's expert groups keep the backend's default)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     dp = check_world(pp, ep, world)
     groups = ParallelGroups(rank=rank, pp=pp, dp=dp, ep=ep, dp_rank=rank % dp)
@@ -65,26 +68,27 @@ def build_groups(pp: int, ep: int, schedule: str, config: ModelConfig) -> Parall
         groups.ep_nodes = [r // per_node for r in dist.get_process_group_ranks(groups.ep_group)]
         if pp > 1:
             for start in range(0, world, ep):
-                backward = dist.new_group(list(range(start, start + ep)))
+                backward = dist.new_group(list(range(start, start + ep)), timeout=timeout)
                 if start <= rank < start + ep:
                     groups.ep_backward_group = backward
     if pp > 1:
-        groups.channels, groups.replicas = pipeline_groups(schedule, pp, dp, config)
+        groups.channels, groups.replicas = pipeline_groups(schedule, pp, dp, config, timeout)
     return groups
 
 
-def pipeline_groups(schedule: str, pp: int, dp: int, config: ModelConfig) -> tuple[dict, dict]:
+def pipeline_groups(schedule: str, pp: int, dp: int, config: ModelConfig, timeout: timedelta | None = None
+                    ) -> tuple[dict, dict]:
     """The point-to-point channels, one world group per (activation | gradient, chunk), and this
     rank's replica groups (pipeline-rank set -> group of this data-parallel replica's ranks).
     Collective: every rank calls it, in the same order."""
     rank, world = dist.get_rank(), dist.get_world_size()
     layout = Layout.placement(schedule, pp)
-    channels = {(kind, chunk): dist.new_group(list(range(world)))
+    channels = {(kind, chunk): dist.new_group(list(range(world)), timeout=timeout)
                 for kind in ("act", "grad") for chunk in range(layout.chunks)}
     replicas = {}
     for replica in range(dp):
         for ranks in replica_sets(layout, config):
-            group = dist.new_group([p * dp + replica for p in ranks])
+            group = dist.new_group([p * dp + replica for p in ranks], timeout=timeout)
             if replica == rank % dp and rank // dp in ranks:
                 replicas[ranks] = group
     return channels, replicas

@@ -40,6 +40,10 @@ def estimate(run: RunConfig, dp: int, device: str, device_memory_gb: float) -> d
         "largest_rank_total_bytes": largest["total_bytes"],
         "runtime_overhead_bytes": CPU_RUNTIME_OVERHEAD if device == "cpu" else 0,
         "ema_host_bytes_per_rank": largest["ema_host_bytes"],
+        # train.async_save: the host copy a checkpoint is written from (of the EMA too, when kept)
+        "save_staging_host_bytes_per_rank": (largest["save_staging_host_bytes"] +
+                                             (largest["ema_host_bytes"] if t.ema is not None else 0)
+                                             if t.async_save else 0),
         "flops_per_token": flops["total"], "flops": flops,
         "mfu_formula": f"MFU = {flops['total']:.4g} FLOPs/token x tokens/s / (world x peak FLOP/s; "
                        f"H800 BF16 {H800_BF16_PEAK:.4g})",
@@ -65,7 +69,8 @@ def table(plan: dict) -> str:
     verdict = "fits" if plan["fits"] else "does NOT fit"
     lines += [f"largest rank {plan['largest_rank']}: {plan['largest_rank_total_bytes'] / GB:.1f} GB {verdict} in "
               f"{plan['device_memory_bytes'] / GB:.0f} GB; EMA in host memory {plan['ema_host_bytes_per_rank'] / GB:.1f} GB "
-              "per rank",
+              "per rank" + (f", the asynchronous saves' staging copy {plan['save_staging_host_bytes_per_rank'] / GB:.1f} "
+                            "GB more" if plan["save_staging_host_bytes_per_rank"] else ""),
               f"FLOPs per token {plan['flops_per_token']:.4g} (6 x {plan['flops']['parameters'] / 1e9:.2f}B "
               f"activated parameters + attention {plan['flops']['attention']:.3g}); {plan['mfu_formula']}"]
     if plan["runtime_overhead_bytes"]:

@@ -19,7 +19,9 @@ Per pipeline rank (every expert-parallel rank of it holds as much):
   all-to-all send buffer under expert parallelism, the ZeRO reduce bucket (the gradients
   flattened for the data-parallel reduction, up to DeepSpeed's bucket size; on a GPU always), one
   bucket of the pipeline replicas' gradient sum;
-- EMA (report 3.2.3: kept in host memory) is reported apart: one FP32 copy of the rank's partition.
+- EMA (report 3.2.3: kept in host memory) is reported apart: one FP32 copy of the rank's partition;
+  so is the staging copy of asynchronous checkpoints (``train.async_save``): the partition's master
+  weights and moments once more in host memory.
 
 Report 3.2.3's selective recomputation (RMSNorm and the MLA up-projections, ``train.recompute:
 selective``) drops those outputs; ``full`` keeps each block's input and recomputes the rest.
@@ -202,6 +204,7 @@ def plan_ranks(config: ModelConfig, layout: Layout3D, p: Precision) -> list[dict
             "activation_micro_batches": held,
             "communication_bytes": communication,
             "ema_host_bytes": shard * 4,
+            "save_staging_host_bytes": shard * (4 + 2 * p.moments),
         }
         out["optimizer_bytes"] = out["master_weights_bytes"] + out["moments_bytes"]
         out["total_bytes"] = sum(out[k] for k in ("parameters_bytes", "gradients_bytes", "optimizer_bytes",

@@ -15,6 +15,7 @@ from plugins.parallel.pipeline_runtime import PipelineRuntime
 from plugins.parallel.pipeline_stages import PipelineShard
 from plugins.parallel.replicas import ReplicaSync
 from plugins.precision.policy import fp8_autocast
+from plugins.progress import phase
 
 
 class GradientAccumulation:
@@ -24,11 +25,12 @@ class GradientAccumulation:
     def forward_backward(self, batches: list[dict[str, torch.Tensor]], mtp_weight: float) -> torch.Tensor:
         values = torch.zeros(3, dtype=torch.float64, device=batches[0]["input_ids"].device)
         for micro_step, batch in enumerate(batches):
-            with fp8_autocast(self.fp8_backend):
+            with phase("forward"), fp8_autocast(self.fp8_backend):
                 out = self.engine(batch["input_ids"], labels=batch["labels"], document_ids=batch["document_ids"],
                                   mtp_weight=mtp_weight)
             values += torch.stack([out.lm_loss, out.mtp_loss, out.aux_loss]).detach().double()
-            self.engine.backward(out.loss)
+            with phase("backward"):
+                self.engine.backward(out.loss)
             if micro_step < len(batches) - 1:
                 self.engine.step()  # accumulates; the trainer's boundary step applies the update
         return values

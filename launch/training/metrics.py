@@ -87,8 +87,11 @@ class MetricsLogger:
         flat["train/step"], flat["train/tokens"] = step, record["tokens"]
         flat["perf/tokens_per_s"] = record["tokens_per_s"]
         flat["perf/step_seconds"] = record["step_seconds"]
-        if "peak_memory_mb" in record:
-            flat["perf/peak_memory_mb"] = record["peak_memory_mb"]
+        for key in ("peak_memory_mb", "rank_step_seconds_max", "rank_step_seconds_min", "slowest_rank"):
+            if key in record:  # the busy time of the slowest and fastest rank (launch.training.stragglers)
+                flat[f"perf/{key}"] = record[key]
+        if "skipped_steps" in record:  # train.spike
+            flat["train/skipped_steps"] = record["skipped_steps"]
         for key in ("ep_destinations_mean", "ep_destinations_max", "ep_destination_nodes_mean", "ep_destination_nodes_max"):
             if key in record:
                 flat[f"moe/{key}"] = record[key]

@@ -12,8 +12,10 @@ at ``train.eval_interval`` (``launch.training.validation``), and a checkpoint at
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -38,13 +40,21 @@ from plugins.model.balance import (
     update_router_biases,
 )
 from plugins.precision.moments import MOMENT_DTYPES, AdamW
+from plugins.progress import RECORD, phase, waiting
+from plugins.run_lock import DirectoryLock, LockedError
 
-from . import memory, moe_stats
+from . import memory, moe_stats, preemption
 from .data import check_fills_a_micro_batch, setup_data, validating, validation_sets
 from .ema import HostEMA
 from .forward_backward import GradientAccumulation, PipelineSchedule
 from .parallelize import parallelize
+from .preemption import Preemption
+from .spikes import SpikeGuard
+from .stragglers import step_end
 from .validation import Validator
+from .watchdog import Watchdog, process_group_timeout
+
+LOCK_FILE = "run.lock"
 
 
 class TrainingStopped(ProjectError):
@@ -53,11 +63,12 @@ class TrainingStopped(ProjectError):
 
 @dataclass
 class RunOptions:
-    """What the command line adds to the config: where the run lives and how it starts and stops."""
+    """What the command line adds to the config: where the run lives and how it starts and stops.
+    ``resume``: None (a fresh run), "strict" (``--resume``) or "auto" (resume if there is a checkpoint)."""
 
     run_dir: Path
     steps: int | None = None
-    resume: bool = False
+    resume: str | None = None
     resume_from: str | None = None  # a checkpoint tag; default: the newest that verifies
     init_from: str | None = None
 
@@ -87,10 +98,23 @@ def collate(dataset: PackedDataset, indices: list[int], device: torch.device) ->
 class Trainer:
     def __init__(self, run: RunConfig, options: RunOptions, device: torch.device):
         self.run, self.options, self.device = run, options, device
-        t, p = run.train, run.parallel
-        self.groups = groups = build_groups(p.pp, p.ep, p.pipeline_schedule, run.model)
+        p = run.parallel
+        timeout = process_group_timeout(run.train.hang_timeout_s)
+        self.groups = groups = build_groups(p.pp, p.ep, p.pipeline_schedule, run.model, timeout)
         self.rank0 = groups.rank == 0
         self.pipelined = groups.pp > 1
+        self.lock = self._lock_run_dir()
+        self.preemption = Preemption(groups.rank).install()
+        self.watchdog = Watchdog(options.run_dir, groups.rank, run.train.hang_timeout_s).start()
+        try:
+            self._build(timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, timeout: timedelta | None) -> None:
+        run, options, device, groups = self.run, self.options, self.device, self.groups
+        t, p = run.train, run.parallel
         self._check_run_dir()
         bundle, self.dataset = setup_data(run, groups.rank)
         held_out = validation_sets(run, bundle) if validating(run) else {}
@@ -100,12 +124,12 @@ class Trainer:
         if note:
             self._say(f"note: {note}")
         if self.rank0:
-            options.run_dir.mkdir(parents=True, exist_ok=True)
             write_text_atomic(options.run_dir / "config.yaml", yaml.safe_dump(run.to_dict(), sort_keys=False))
 
         torch.manual_seed(t.seed)
-        init_from = options.init_from if not options.resume else None
-        built = parallelize(run, groups, device, init_from)
+        init_from = options.init_from if not self.resuming else None
+        with phase("building the model"):
+            built = parallelize(run, groups, device, init_from)
         if init_from:
             self._say(f"initialised the weights from {init_from}")
         self.module, self.exchange = built.module, built.exchange
@@ -119,9 +143,10 @@ class Trainer:
         optimizer = AdamW(ds_internals.parameter_groups(self.module, t.weight_decay),
                           MOMENT_DTYPES[t.optimizer_moments_dtype], lr=learning_rate(t.lr, 0, 0), betas=t.betas,
                           eps=t.eps)
-        self.engine = ds_internals.initialize(
-            self.module, optimizer, deepspeed_config(run, groups.dp, self.pipelined, first_batch, device.type == "cuda"),
-            groups.mpu)
+        with phase("building the engine"):
+            self.engine = ds_internals.initialize(self.module, optimizer, deepspeed_config(
+                run, groups.dp, self.pipelined, first_batch, device.type == "cuda"), groups.mpu)
+        ds_internals.mark_gradient_reduction(self.engine)
         for moe in self.moe_layers:  # bf16 engines cast buffers too; the bias stays float32 (report 3.3.1)
             moe.gate.e_score_correction_bias.data = moe.gate.e_score_correction_bias.data.float()
         self.ema = HostEMA({name: states["model"] for name, _, _, states in ds_internals.zero_fragments(self.engine)},
@@ -131,42 +156,69 @@ class Trainer:
         self.checkpointer = Checkpointer(
             options.run_dir, groups.rank, dist.get_world_size(), run.model.n_routed_experts, built.expert_offset,
             t.keep_checkpoints, layout={"pp": groups.pp, "ep": groups.ep, "dp": groups.dp,
-                                        "pipeline_schedule": p.pipeline_schedule})
+                                        "pipeline_schedule": p.pipeline_schedule},
+            asynchronous=t.async_save, timeout_s=timeout.total_seconds() if timeout else 0.0)
         self.validator = Validator(held_out, bundle.token_bytes(), self.module, built.shard, groups,
                                    t.micro_batch_size, p.pipeline_schedule, p.fp8, run.source, t.eval_sequences,
                                    device) if held_out else None
         self.sampler = sampler_for(self.dataset, rank=groups.dp_rank, world_size=groups.dp, seed=t.seed)
+        self.spikes = SpikeGuard(t.spike) if t.spike is not None else None
         self.step, self.tokens = 0, 0
-        if options.resume:
-            self.restore()
-        self.last_good = self.resume_tag if options.resume else None
+        if self.resuming:
+            with phase("restore"):
+                self.restore()
         self.logger = None
         if self.rank0:
             from .metrics import MetricsLogger
 
             self.logger = MetricsLogger(options.run_dir, run.to_dict(), t.wandb_mode, t.wandb_project,
-                                        t.heatmap_interval, resume_step=self.step if options.resume else None)
+                                        t.heatmap_interval, resume_step=self.step if self.resuming else None)
 
     # ------------------------------------------------------------------------------ building
     def _say(self, message: str) -> None:
         if self.rank0:
             print(message, flush=True)
 
+    def _lock_run_dir(self) -> DirectoryLock | None:
+        """Rank 0 takes the run dir's lock before anything is written (creating the directory); every
+        rank learns the outcome. Collective."""
+        run_dir, lock, outcome = self.options.run_dir, None, [None, None]
+        if self.rank0:
+            self.created_run_dir = not run_dir.exists()
+            lock = DirectoryLock(run_dir / LOCK_FILE, f"--run-dir {run_dir}")
+            try:
+                outcome = [None, lock.acquire()]
+            except LockedError as error:
+                lock, outcome = None, [str(error), None]
+        dist.broadcast_object_list(outcome, src=0)
+        if outcome[0] is not None:
+            raise LockedError(outcome[0])
+        if outcome[1] is not None:
+            self._say(f"note: {outcome[1]}")
+        return lock
+
     def _check_run_dir(self) -> None:
         """Before any work: a resume has a checkpoint that verifies (damaged newer ones are named and
-        passed over); a fresh run does not overwrite one."""
+        passed over); ``--resume auto`` resumes if the run has a checkpoint; a fresh run does not
+        overwrite one. Collective (the ranks verify the files between them)."""
         checkpoints = Checkpointer(self.options.run_dir, self.groups.rank)
-        latest = checkpoints.latest_tag()
-        if self.options.resume:
-            if latest is None and self.options.resume_from is None:
+        mode, saved = self.options.resume, checkpoints.has_checkpoint()
+        if mode == "auto":
+            mode = "strict" if saved or self.options.resume_from else None
+            if mode is None:
+                self._say(f"--resume auto: {self.options.run_dir} holds no checkpoint; starting afresh")
+        self.resuming = mode is not None
+        self.resume_tag = None
+        if self.resuming:
+            if not saved and self.options.resume_from is None:
                 raise ConfigError(f"{self.options.run_dir}: --resume given but there is no complete checkpoint to "
                                   "resume from")
             self.resume_tag, skipped = checkpoints.choose(self.options.resume_from)
             for line in skipped:
                 self._say(f"warning: {line}; passing over it")
-        elif latest is not None:
-            raise ConfigError(f"{self.options.run_dir}: already holds checkpoints; pass --resume to continue it or "
-                              "pick another --run-dir")
+        elif saved:
+            raise ConfigError(f"{self.options.run_dir}: already holds checkpoints; pass --resume (or --resume auto) to "
+                              "continue it or pick another --run-dir")
 
     def _check_batch(self) -> None:
         t, dp = self.run.train, self.groups.dp
@@ -200,6 +252,7 @@ class Trainer:
     def train_step(self) -> tuple[dict, torch.Tensor]:
         t = self.run.train
         started = time.perf_counter()
+        RECORD.step, RECORD.waited = self.step + 1, 0.0
         global_batch = batch_size(t.batch, self.tokens, self.grid)
         if not self.pipelined and global_batch != self.engine.train_batch_size():
             self.engine.set_train_batch_size(global_batch)
@@ -210,12 +263,14 @@ class Trainer:
         lam = step_value(t.mtp_weight, self.tokens)
 
         reset_expert_loads(self.moe_layers)
-        values = self.forward_backward(global_batch, lam)
+        with phase("forward and backward"):
+            values = self.forward_backward(global_batch, lam)
         # every micro-batch's losses and loads live on exactly one rank: one sum over the world
         loads = collect_expert_loads(self.moe_layers, self.run.model.num_moe_layers, self.run.model.n_routed_experts,
                                      self.device)
         reduced = torch.cat([values, loads.double().flatten()])
-        dist.all_reduce(reduced)
+        with waiting("loss all-reduce"):
+            dist.all_reduce(reduced)
         values = reduced[:3] / (global_batch // t.micro_batch_size)
         loads = reduced[3:].float().view_as(loads)
         destinations = self._destinations()
@@ -226,16 +281,20 @@ class Trainer:
                 "(resume with --resume)")
         if self.ema is not None:
             self.ema.wait()  # the last update has read the weights this step overwrites
-        self.engine.step()
-        if self.ema is not None:
-            self.ema.update()
-        update_router_biases(self.moe_layers, loads, gamma)
+        with phase("optimizer step"):
+            spike, grad_norm = self._optimizer_step(sum(values.tolist()))
+        if spike is None:
+            if self.ema is not None:
+                self.ema.update()
+            update_router_biases(self.moe_layers, loads, gamma)
         biases = moe_stats.router_bias_stats(self.moe_layers, self.run.model.num_moe_layers, self.device)
-        grad_norm = float(self.engine.get_global_grad_norm())
         if not np.isfinite(grad_norm):
             raise TrainingStopped(f"step {self.step + 1}: non-finite gradient norm ({grad_norm}); MaxVio per MoE block: "
                                   f"{np.round(max_violation(loads).tolist(), 3).tolist()}; last good checkpoint: "
                                   f"{self._last_good()} (resume with --resume)")
+        if spike is not None and self.run.train.spike.action == "stop":
+            raise TrainingStopped(f"step {self.step + 1}: loss spike ({spike}); the step was not applied; last good "
+                                  f"checkpoint: {self._last_good()} (resume with --resume)")
         self.step += 1
         self.tokens += global_batch * self.run.data.seq_len
         seconds = time.perf_counter() - started
@@ -252,8 +311,34 @@ class Trainer:
         }
         record.update(destinations)
         record.update(self.sampler.statistics())  # source_tokens/source_epochs of a data.sources mixture
+        if self.spikes is not None:
+            record.update(skipped=spike is not None, skipped_steps=self.spikes.skipped,
+                          **({"spike": spike} if spike is not None else {}))
         record["peak_memory_mb"] = self._peak_memory_mb()
+        ranks, self.signal = step_end(time.perf_counter() - started - RECORD.waited,
+                                      self.preemption.signal, self.device)
+        record.update(ranks)
         return record, loads
+
+    def _optimizer_step(self, loss: float) -> tuple[str | None, float]:
+        """DeepSpeed reduces, clips and applies the gradients; under ``train.spike`` a spike (judged
+        on the loss and the reduced gradients' norm) is not applied. Returns (why the step was a
+        spike or None, the gradient norm)."""
+        if self.spikes is None:
+            self.engine.step()
+            return None, float(self.engine.get_global_grad_norm())
+        judged = {}
+
+        def skip(grad_norm: float) -> bool:
+            judged.update(norm=grad_norm, spike=self.spikes.judge(loss, grad_norm))
+            return judged["spike"] is not None
+
+        ds_internals.gated_step(self.engine, skip)
+        self.spikes.add(loss, judged["norm"])
+        if judged["spike"] is not None:
+            self.spikes.skipped += 1
+            self._say(f"step {self.step + 1}: skipped, a loss spike ({judged['spike']})")
+        return judged["spike"], judged["norm"]
 
     def _peak_memory_mb(self) -> float:
         """The largest rank's peak so far."""
@@ -265,8 +350,9 @@ class Trainer:
             return {}
         tokens, rank_sum, rank_max, node_sum, node_max = self.exchange.take_statistics(self.device)
         sums, maxima = torch.stack([tokens, rank_sum, node_sum]), torch.stack([rank_max, node_max])
-        dist.all_reduce(sums)
-        dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
+        with waiting("statistics all-reduce"):
+            dist.all_reduce(sums)
+            dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
         tokens = max(sums[0].item(), 1.0)
         return {"ep_destinations_mean": sums[1].item() / tokens, "ep_destinations_max": maxima[0].item(),
                 "ep_destination_nodes_mean": sums[2].item() / tokens, "ep_destination_nodes_max": maxima[1].item()}
@@ -277,15 +363,19 @@ class Trainer:
         return f"loss={lm + mtp + aux:.4g}, lm={lm:.4g}, mtp={mtp:.4g}, aux={aux:.4g}"
 
     def _last_good(self) -> str:
-        return str(self.checkpointer.directory / self.last_good) if self.last_good else "none"
+        last = self.checkpointer.last_good
+        return str(self.checkpointer.directory / last) if last else "none"
 
     # --------------------------------------------------------------------------- the loop
     def finished(self) -> bool:
         return (self.options.steps is not None and self.step >= self.options.steps) or \
             self.tokens >= self.run.train.total_tokens
 
-    def train(self) -> None:
+    def train(self) -> str | None:
+        """Train to the end, or to the step boundary after a preemption signal, whose checkpoint it
+        saves; returns that signal's name (None: the run finished)."""
         t = self.run.train
+        RECORD.owner = threading.get_ident()
         try:
             while not self.finished():
                 record, loads = self.train_step()
@@ -295,17 +385,43 @@ class Trainer:
                           f"(lm {record['lm_loss']:.4f} mtp {record['mtp_loss']:.4f} aux {record['aux_loss']:.2e}) | "
                           f"lr {record['lr']:.3e} | grad norm {record['grad_norm']:.3f} | "
                           f"MaxVio {record['maxvio_global']:.3f} | {record['tokens_per_s']:.0f} tokens/s", flush=True)
+                if self.signal:
+                    self.save(deadline=(time.monotonic() + t.preempt_grace_s,
+                                        f"train.preempt_grace_s = {t.preempt_grace_s:g} s"))
+                    self.checkpointer.wait()
+                    return preemption.name(self.signal)
                 if self.validator is not None and (self.step % t.eval_interval == 0 or self.finished()):
-                    self.validate()
+                    with phase("validation"):
+                        self.validate()
                 if self.step % t.save_interval == 0 or self.finished():
                     self.save()
+                self.checkpointer.poll()
+            self.checkpointer.wait()
         finally:
-            if self.ema is not None:
-                self.ema.close()
-            if self.logger is not None:
-                self.logger.close()
+            self.close()
         self._say(f"finished at step {self.step} ({self.tokens} tokens); run dir {self.options.run_dir} "
                   f"(metrics.jsonl, checkpoints/, wandb/; plots: python -m launch.dashboard {self.options.run_dir})")
+        return None
+
+    def close(self) -> None:
+        """Wait for a save in flight, stop the helpers, release the run dir (removing it if this run
+        created it and wrote nothing). Safe to call on a half-built trainer, and twice."""
+        try:
+            if getattr(self, "checkpointer", None) is not None:
+                self.checkpointer.close()
+        finally:
+            for part in ("ema", "logger"):
+                if getattr(self, part, None) is not None:
+                    getattr(self, part).close()
+                    setattr(self, part, None)
+            self.watchdog.close()
+            self.preemption.restore()
+            if self.lock is not None:
+                self.lock.release()
+                self.lock = None
+                run_dir = self.options.run_dir
+                if self.created_run_dir and run_dir.is_dir() and not any(run_dir.iterdir()):
+                    run_dir.rmdir()
 
     def validate(self) -> None:
         record = self.validator.run(self.step, self.tokens)
@@ -316,14 +432,21 @@ class Trainer:
                   f"specialization {record['specialization']:.4f}")
 
     # ------------------------------------------------------------------------ checkpoints
-    def save(self) -> None:
-        state = {"step": self.step, "tokens": self.tokens, "sampler": self.sampler.state_dict()}
+    def save(self, deadline: tuple[float, str] | None = None) -> None:
+        state = {"step": self.step, "tokens": self.tokens, "sampler": self.sampler.state_dict(),
+                 **({"spikes": self.spikes.state_dict()} if self.spikes is not None else {})}
         if self.ema is not None:
             self.ema.wait()
-        with memory.Increase(self.device) as phase:
-            self.last_good = self.checkpointer.save(self.engine, self.step, state,
-                                                    self.ema.shadow if self.ema is not None else None)
-        self._say(f"saved checkpoint {self.checkpointer.directory / self.last_good}{self._added(phase)}")
+        started = time.perf_counter()
+        with phase("save"), memory.Increase(self.device) as added:
+            tag = self.checkpointer.save(self.engine, self.step, state,
+                                         self.ema.shadow if self.ema is not None else None, deadline)
+        stalled = time.perf_counter() - started
+        if self.run.train.async_save:
+            self._say(f"staged checkpoint {tag} in host memory in {stalled:.2f} s, writing it in the background"
+                      f"{self._added(added)}")
+        else:
+            self._say(f"saved checkpoint {self.checkpointer.directory / tag} in {stalled:.2f} s{self._added(added)}")
 
     def _added(self, phase: memory.Increase) -> str:
         added = memory.largest(-1.0 if phase.mb is None else phase.mb, self.device)  # collective on every rank
@@ -338,6 +461,9 @@ class Trainer:
             self._say(f"{tag} holds no EMA: the EMA starts at its weights")
         self.step, self.tokens = state["step"], state["tokens"]
         self.sampler.load_state_dict(state["sampler"])
+        self.checkpointer.last_good = tag
+        if self.spikes is not None and "spikes" in state:
+            self.spikes.load_state_dict(state["spikes"])
         saved = state["layout"]
         layout = "" if saved == self.checkpointer.layout else \
             f", saved at pp {saved['pp']} ep {saved['ep']} dp {saved['dp']}, resharded on load"

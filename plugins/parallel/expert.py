@@ -22,6 +22,7 @@ from ..model.dispatch import Dispatched, TokenDispatcher, permutation, permute, 
 from ..model.moe import DeepSeekMoE
 from ..model.recompute_state import recomputing
 from ..model.router import Routing
+from ..progress import waiting
 
 
 class _AllToAll(torch.autograd.Function):
@@ -34,7 +35,8 @@ class _AllToAll(torch.autograd.Function):
                 backward_group) -> torch.Tensor:
         ctx.splits, ctx.groups = (send_splits, recv_splits), (group, backward_group)
         out = rows.new_empty(sum(recv_splits), *rows.shape[1:])
-        dist.all_to_all_single(out, rows.contiguous(), recv_splits, send_splits, group=group)
+        with waiting("expert all-to-all"):
+            dist.all_to_all_single(out, rows.contiguous(), recv_splits, send_splits, group=group)
         return out
 
     @staticmethod
@@ -105,7 +107,8 @@ class ExpertExchange:
         from every rank, sorted by local expert, and the plan that sends their outputs back."""
         by_rank = counts.view(self.size, self.local_experts)
         received_counts = torch.empty_like(by_rank)
-        dist.all_to_all_single(received_counts, by_rank.contiguous(), group=self.group)
+        with waiting("expert all-to-all"):
+            dist.all_to_all_single(received_counts, by_rank.contiguous(), group=self.group)
         send_splits, recv_splits = by_rank.sum(1).tolist(), received_counts.sum(1).tolist()
         received = _AllToAll.apply(rows, send_splits, recv_splits, self.group, self.backward_group)
         flat = received_counts.flatten()  # source-major blocks of local experts

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
 
+from ..progress import waiting
 from .dualpipe import Layout, Op, build_schedule
 from .pipeline_stages import PipelineShard, StageResult
 
@@ -86,8 +87,9 @@ class PipelineRuntime:
         self.deferred: deque[Callable[[], None]] = deque()
         for op in self.ops:
             self._run(op)
-        for work, _ in self.totals.sends:
-            work.wait()
+        with waiting("pipeline send"):
+            for work, _ in self.totals.sends:
+                work.wait()
         self.totals.sends.clear()
         return self.totals
 
@@ -117,7 +119,8 @@ class PipelineRuntime:
         if rank == self.rank:
             return self.local.pop((kind, stage, micro))
         buffer = torch.empty(self._hidden_shape(micro), dtype=self.weights[0].dtype, device=self.batches[0]["input_ids"].device)
-        dist.recv(buffer, src=self.peers[rank], group=self.channels[(kind, chunk)])
+        with waiting(f"pipeline receive from rank {self.peers[rank]}"):
+            dist.recv(buffer, src=self.peers[rank], group=self.channels[(kind, chunk)])
         return buffer
 
     def _send(self, kind: str, chunk: int, stage: int, micro: int, tensor: torch.Tensor) -> None:
