@@ -217,7 +217,9 @@ def test_pretrain_bad_config(kind, tmp_path, capfd):
 
 @pytest.mark.parametrize("flag,value,names", [
     ("--steps", "0", "--steps 0"), ("--save-interval", "0", "save_interval"), ("--pp", "0", "pp"),
-    ("--ep", "0", "ep"), ("--ep", "3", "ep"),
+    ("--ep", "0", "ep"), ("--ep", "3", "ep"), ("--set", "train.spike.factor=1.0", "train.spike.factor"),
+    ("--set", "train.spike.window=0", "train.spike.window"), ("--set", "train.spike.action=pause", "train.spike.action"),
+    ("--set", "train.hang_timeout_s=-1", "train.hang_timeout_s"), ("--set", "train.preempt_grace_s=0", "train.preempt_grace_s"),
 ])
 def test_pretrain_out_of_range_flag(flag, value, names, tmp_path, capfd):
     from launch.pretrain import main

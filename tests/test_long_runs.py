@@ -229,7 +229,7 @@ def _skip(rank: int, world: int, root: str, data: dict, results) -> None:
     os.environ.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1")
     run = load_run_config("configs/tiny.yaml", [f"data.dataset={data['dataset']}", f"data.tokenizer={data['tokenizer']}",
                                                 "data.builtin_corpus=false", "train.wandb_mode=disabled",
-                                                "data.validation={}"])
+                                                "data.validation={}", "train.async_save=true"])
     trainer = Trainer(run, RunOptions(Path(root) / "run", steps=3), torch.device("cpu"))
     trainer.train_step()
 
@@ -248,13 +248,19 @@ def _skip(rank: int, world: int, root: str, data: dict, results) -> None:
         results[decision] = {"applied": applied, "grads": [p.grad is None for p in trainer.module.parameters()],
                              "unchanged": [k for k in before if k != "adam_step" and torch.equal(before[k], after[k])],
                              "adam_steps": (before["adam_step"], after["adam_step"]), "keys": len(before) - 1}
+    trainer.save()  # asynchronous: from the host staging copy the planner counts
+    trainer.checkpointer.wait()
+    from launch.planning.estimate import estimate
+
+    results["staging"] = (sum(t.numel() * t.element_size() for t in trainer.checkpointer.staging.values()),
+                          estimate(run, 1, "cpu", 80)["save_staging_host_bytes_per_rank"])
     trainer.close()
 
 
 def test_a_skipped_step_leaves_weights_and_moments_as_they_were(embedded_run, tmp_path):
     """ZeRO's skipped-step path: after a skip every master weight, moment and model weight is
     bitwise what it was, Adam's step count too, and the reduced gradients are gone; the next step
-    applies normally."""
+    applies normally. And an asynchronous save's host staging copy is what launch.plan counts."""
     import torch.multiprocessing as mp
 
     results = mp.Manager().dict()
@@ -264,6 +270,8 @@ def test_a_skipped_step_leaves_weights_and_moments_as_they_were(embedded_run, tm
     assert len(skipped["unchanged"]) == skipped["keys"] and skipped["adam_steps"] == (1.0, 1.0)
     assert applied["applied"] and applied["adam_steps"] == (1.0, 2.0)
     assert not [k for k in applied["unchanged"] if k.startswith(("model/", "exp_avg"))]
+    staged, planned = results["staging"]
+    assert staged == planned > 0
 
 
 def _step_end(rank: int, world: int, results) -> None:
