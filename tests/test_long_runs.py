@@ -2,7 +2,7 @@
 kill -9 during an asynchronous save, a second launch into a locked run dir, SIGTERM on one rank,
 ``--resume auto`` twice -- and the losses (loss spikes skipped included) of the uninterrupted run,
 bit for bit; a rank frozen with SIGSTOP; a save that fails (file-size limit) or misses its grace.
-Also the pieces alone: a skipped optimizer step leaves weights and moments as they were, and the
+Everything that trains is slow (``embedded_run``). Also the pieces alone: a skipped optimizer step leaves weights and moments as they were, and the
 end-of-step all-reduce names the slowest rank and spreads a signal."""
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ from launch.training.spikes import SpikeGuard
 
 from .distributed import spawn
 from .launcher import launch, metrics, ok, rank_process, start
-
-pytestmark = pytest.mark.slow
 
 # The command a scheduler would requeue unchanged: asynchronous saves every step (the newest 3 kept),
 # loss spikes skipped (grad norm above 1.1 x the median of 3 steps: a few of the first 10 steps).
@@ -280,6 +278,7 @@ def _step_end(rank: int, world: int, results) -> None:
     results[rank] = step_end(0.5 if rank == 1 else 0.2, signal.SIGUSR1 if rank == 0 else 0, torch.device("cpu"))
 
 
+@pytest.mark.slow
 def test_the_end_of_step_all_reduce_names_the_slowest_rank_and_spreads_a_signal():
     import torch.multiprocessing as mp
 
