@@ -5,7 +5,8 @@ time), whose modification time a daemon thread refreshes every ``HEARTBEAT_S`` s
 drops a flock when its process dies, so a free flock beside a record of this host means the holder
 is gone: the record is taken over with a line naming it. A record of another host is trusted while
 its heartbeat is fresh (a file system may not share flocks between hosts), and taken over once it is
-older than ``STALE_S`` (hosts' clocks are assumed to agree within a minute). On release the file is removed; an acquirer checks that the file it locked is
+older than ``STALE_S`` (hosts' clocks are assumed to agree within a minute); on a file system
+without flock the record alone decides. On release the file is removed; an acquirer checks that the file it locked is
 still the one at the path, so a removal never lets two holders in.
 """
 
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from .errors import ProjectError
 
+UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP}  # file systems without flock (some NFS mounts)
 HEARTBEAT_S = 10.0
 STALE_S = 120.0
 _HELD: set[DirectoryLock] = set()
@@ -59,11 +61,13 @@ class DirectoryLock:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as error:
-                handle.close()
-                if error.errno not in (errno.EAGAIN, errno.EACCES):
+                if error.errno not in (errno.EAGAIN, errno.EACCES, *UNSUPPORTED):
+                    handle.close()
                     raise
-                raise LockedError(f"{self.what}: in use by {self._holder(self._record())}; "
-                                  "one job at a time writes it") from None
+                if error.errno not in UNSUPPORTED:  # held: else a file system without flock, the record decides
+                    handle.close()
+                    raise LockedError(f"{self.what}: in use by {self._holder(self._record())}; "
+                                      "one job at a time writes it") from None
             try:
                 same = os.fstat(handle.fileno()).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:
