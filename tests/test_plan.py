@@ -131,5 +131,5 @@ def test_rank_parameters_equal_the_built_rank():
     from launch.planning.rank_memory import Layout3D, Precision, plan_ranks
 
     ranks = plan_ranks(run.model, Layout3D(2, 1, 1, 1, 128, "dualpipe", 4, "none", "cpu"),
-                       Precision.of("cpu", "float32", "none"))
+                       Precision.of("cpu", "float32", "none"), run.train.memory)
     assert ranks[0]["parameters"] == sum(p.numel() for p in built.parameters())

@@ -24,7 +24,8 @@ def estimate(run: RunConfig, dp: int, device: str, device_memory_gb: float) -> d
     final = batch_size(t.batch, t.batch.ramp_tokens, grid)
     layout = Layout3D(p.pp, p.ep, dp, t.micro_batch_size, run.data.seq_len, p.pipeline_schedule,
                       final // (t.micro_batch_size * dp), t.recompute, device)
-    ranks = plan_ranks(run.model, layout, Precision.of(device, t.optimizer_moments_dtype, p.fp8))
+    ranks = plan_ranks(run.model, layout, Precision.of(device, t.optimizer_moments_dtype, p.fp8, p.fp8_modules),
+                       t.memory)
     flops = flops_per_token(run.model, run.data.seq_len)
     largest = max(ranks, key=lambda r: r["total_bytes"])
     return {

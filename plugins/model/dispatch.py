@@ -3,6 +3,10 @@ experts and come back. ``dispatch`` turns token rows and the router's choice int
 (local) expert; ``combine`` turns the experts' outputs back into per-token gate-weighted sums.
 Every token keeps all of its k experts: no capacity, no dropping.
 
+With ``weighted`` (``train.memory.weighted_combine``) ``dispatch`` also hands each row its routing
+weight, which the experts apply before their down-projection; ``combine`` then sums the rows as
+they are, so its backward keeps no expert output.
+
 ``LocalDispatcher`` permutes within the process (all experts are here). Expert parallelism
 swaps in ``plugins.parallel.expert.AllToAllDispatcher`` with the same two calls, chosen when the
 model is set up, never by a branch in the layer; the two calls are separate so a pipeline
@@ -42,27 +46,37 @@ def permute(x: torch.Tensor, perm: Permutation) -> torch.Tensor:
     return x.index_select(0, perm.token_index)
 
 
-def unpermute(y: torch.Tensor, weights: torch.Tensor, perm: Permutation, num_tokens: int) -> torch.Tensor:
-    """Expert-sorted outputs [N*k, D] -> per-token gate-weighted sums [N, D] (in ``y``'s dtype)."""
-    gate = weights.flatten()[perm.slot_order].unsqueeze(-1)
+def row_weights(weights: torch.Tensor, perm: Permutation) -> torch.Tensor:
+    """The routing weight [N, k] of each expert-sorted row: [N*k]."""
+    return weights.flatten().index_select(0, perm.slot_order)
+
+
+def unpermute(y: torch.Tensor, weights: torch.Tensor | None, perm: Permutation, num_tokens: int) -> torch.Tensor:
+    """Expert-sorted outputs [N*k, D] -> per-token gate-weighted sums [N, D] (in ``y``'s dtype);
+    ``weights`` None: rows the experts weighted already, summed as they are."""
     out = torch.zeros(num_tokens, y.shape[-1], dtype=y.dtype, device=y.device)
+    if weights is None:
+        return out.index_add(0, perm.token_index, y)
+    gate = weights.flatten()[perm.slot_order].unsqueeze(-1)
     return out.index_add(0, perm.token_index, (y.float() * gate).to(y.dtype))
 
 
 @dataclass
 class Dispatched:
     """What ``dispatch`` hands the experts (``rows`` sorted by local expert, ``counts`` per local
-    expert) and what ``combine`` needs to bring their outputs back (``state``)."""
+    expert, each row's routing weight when weighted) and what ``combine`` needs to bring their
+    outputs back (``state``)."""
 
     rows: torch.Tensor
     counts: torch.Tensor
     state: object
+    row_weights: torch.Tensor | None = None
 
 
 class TokenDispatcher:
     """The interface DeepSeekMoE calls."""
 
-    def dispatch(self, tokens: torch.Tensor, routing: Routing) -> Dispatched:
+    def dispatch(self, tokens: torch.Tensor, routing: Routing, weighted: bool = False) -> Dispatched:
         raise NotImplementedError
 
     def combine(self, expert_output: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
@@ -75,9 +89,10 @@ class LocalDispatcher(TokenDispatcher):
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
 
-    def dispatch(self, tokens: torch.Tensor, routing: Routing) -> Dispatched:
+    def dispatch(self, tokens: torch.Tensor, routing: Routing, weighted: bool = False) -> Dispatched:
         perm = permutation(routing.indices, self.num_experts)
-        return Dispatched(permute(tokens, perm), perm.counts, (perm, routing.weights, tokens.shape[0]))
+        state = (perm, None if weighted else routing.weights, tokens.shape[0])
+        return Dispatched(permute(tokens, perm), perm.counts, state, row_weights(routing.weights, perm) if weighted else None)
 
     def combine(self, expert_output: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
         perm, weights, num_tokens = dispatched.state

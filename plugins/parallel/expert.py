@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..model.dispatch import Dispatched, TokenDispatcher, permutation, permute, unpermute
+from ..model.dispatch import Dispatched, TokenDispatcher, permutation, permute, row_weights, unpermute
 from ..model.moe import DeepSeekMoE
 from ..model.recompute_state import recomputing
 from ..model.router import Routing
@@ -106,14 +106,19 @@ class ExpertExchange:
         by_rank = counts.view(self.size, self.local_experts)
         received_counts = torch.empty_like(by_rank)
         dist.all_to_all_single(received_counts, by_rank.contiguous(), group=self.group)
-        send_splits, recv_splits = by_rank.sum(1).tolist(), received_counts.sum(1).tolist()
-        received = _AllToAll.apply(rows, send_splits, recv_splits, self.group, self.backward_group)
         flat = received_counts.flatten()  # source-major blocks of local experts
         expert = torch.arange(self.local_experts, device=rows.device).repeat(self.size)
         source = torch.arange(self.size, device=rows.device).repeat_interleave(self.local_experts)
         key = torch.repeat_interleave(expert * self.size + source, flat)
-        order = key.argsort(stable=True)
-        return received[order], ExchangePlan(send_splits, recv_splits, order, received_counts.sum(0))
+        plan = ExchangePlan(by_rank.sum(1).tolist(), received_counts.sum(1).tolist(), key.argsort(stable=True),
+                            received_counts.sum(0))
+        return self.send_rows(rows, plan), plan
+
+    def send_rows(self, rows: torch.Tensor, plan: ExchangePlan) -> torch.Tensor:
+        """Rows [M, ...] in this rank's expert-sorted order -> the rows of this rank's experts, sorted by
+        local expert, along ``plan`` (the token rows, and their routing weights with them)."""
+        received = _AllToAll.apply(rows, plan.send_splits, plan.recv_splits, self.group, self.backward_group)
+        return received[plan.order]
 
     def combine(self, outputs: torch.Tensor, plan: ExchangePlan) -> torch.Tensor:
         """The local experts' outputs (local-expert-major) -> this rank's rows, in its original order."""
@@ -136,12 +141,14 @@ class AllToAllDispatcher(TokenDispatcher):
     def __init__(self, exchange: ExpertExchange, num_experts: int):
         self.exchange, self.num_experts = exchange, num_experts
 
-    def dispatch(self, tokens: torch.Tensor, routing: Routing) -> Dispatched:
+    def dispatch(self, tokens: torch.Tensor, routing: Routing, weighted: bool = False) -> Dispatched:
         perm = permutation(routing.indices, self.num_experts)
         if not recomputing():  # a checkpointed block's forward again (train.recompute: full) is not new traffic
             self.exchange.observe(routing.indices)
         local_rows, plan = self.exchange.dispatch(permute(tokens, perm), perm.counts)
-        return Dispatched(local_rows, plan.local_counts, (perm, plan, routing.weights, tokens.shape[0]))
+        weights = self.exchange.send_rows(row_weights(routing.weights, perm), plan) if weighted else None
+        state = (perm, plan, None if weighted else routing.weights, tokens.shape[0])
+        return Dispatched(local_rows, plan.local_counts, state, weights)
 
     def combine(self, expert_output: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
         perm, plan, weights, num_tokens = dispatched.state

@@ -3,7 +3,8 @@
 
 Activations and gradients travel on one process group per (kind, sending chunk), so the messages
 between two ranks on one group always come in micro-batch order and never cross. Sends are
-asynchronous; a rank blocks only on the receives of its next op, which the schedule orders so
+asynchronous, each tensor held until its send completes (``release_sends``: checked after every
+op; else at the end of the step); a rank blocks only on the receives of its next op, which the schedule orders so
 they always arrive (``plugins.pipeline_sim`` checks the same order for deadlocks). Backward is
 split into an input-gradient part (sent on at once) and a weight-gradient part that a later
 ``W`` op runs, with ``torch.distributed.pipelining``'s graph splitting.
@@ -59,6 +60,7 @@ class StepTotals:
     values: torch.Tensor
     sends: list = field(default_factory=list)
     peak_in_flight: int = 0  # most micro-batches whose activations this rank held at once
+    peak_sends: int = 0  # most sends (and their tensors) this rank held at once
 
 
 class PipelineRuntime:
@@ -67,9 +69,10 @@ class PipelineRuntime:
 
     def __init__(self, layout: Layout, rank: int, shard: PipelineShard, peers: list[int],
                  channels: dict[tuple[str, int], dist.ProcessGroup | None],
-                 overlap: Callable[[Callable[[], None], Callable[[], None]], None] = overlap_threads):
+                 overlap: Callable[[Callable[[], None], Callable[[], None]], None] = overlap_threads,
+                 release_sends: bool = True):
         self.layout, self.rank, self.shard, self.peers, self.channels = layout, rank, shard, peers, channels
-        self.overlap = overlap
+        self.overlap, self.release_sends = overlap, release_sends
         self.ops = build_schedule(layout, rank)
         self.weights = list(shard.model.parameters())
 
@@ -86,6 +89,8 @@ class PipelineRuntime:
         self.deferred: deque[Callable[[], None]] = deque()
         for op in self.ops:
             self._run(op)
+            if self.release_sends:  # drop the tensors of completed sends (their memory returns now)
+                self.totals.sends = [(work, tensor) for work, tensor in self.totals.sends if not work.is_completed()]
         for work, _ in self.totals.sends:
             work.wait()
         self.totals.sends.clear()
@@ -128,6 +133,7 @@ class PipelineRuntime:
             tensor = tensor.contiguous()  # kept with its request until the step's sends complete
             work = dist.isend(tensor, dst=self.peers[rank], group=self.channels[(kind, chunk)])
             self.totals.sends.append((work, tensor))
+            self.totals.peak_sends = max(self.totals.peak_sends, len(self.totals.sends))
 
     def _receive_forward(self, chunk: int, micro: int) -> torch.Tensor:
         stage = self.layout.stage(self.rank, chunk)
