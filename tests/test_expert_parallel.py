@@ -8,7 +8,7 @@ import torch.multiprocessing as mp
 
 from plugins.model.config import ModelConfig
 from plugins.model.init import init_weights
-from plugins.model.moe import DeepSeekMoE
+from plugins.model.moe import DeepSeekMoE, set_ffn_memory
 from plugins.parallel.expert import ExpertExchange, apply_expert_parallel, distinct_destinations
 
 from .conftest import ROOT
@@ -18,11 +18,14 @@ from .launcher import launch
 pytestmark = pytest.mark.slow
 
 
-def _layer(skew: str) -> DeepSeekMoE:
+def _layer(skew: str, weighted: bool = False) -> DeepSeekMoE:
+    """``weighted``: the routing weights travel with the rows and are applied before the experts'
+    down-projection, whose SwiGLU output is recomputed (``train.memory``)."""
     torch.manual_seed(0)
     config = ModelConfig.from_yaml(ROOT / "configs" / "tiny.yaml")
     moe = DeepSeekMoE(config)
     init_weights(moe, 0.1)
+    set_ffn_memory(moe, weighted, weighted)
     if skew == "one_rank":  # every token's experts on the first ranks: the others receive nothing
         moe.gate.e_score_correction_bias[:4] = 10.0
     return moe
@@ -36,13 +39,13 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
-def _worker(rank: int, world: int, skew: str, counts: list[int], results) -> None:
+def _worker(rank: int, world: int, skew: str, counts: list[int], weighted: bool, results) -> None:
     # reference: every rank's tokens through the whole layer in one process
-    reference = _layer(skew)
+    reference = _layer(skew, weighted)
     ref_out = [reference(_tokens(r, counts[r])) for r in range(world)]
     sum(o.square().sum() for o in ref_out).backward()
 
-    moe = _layer(skew)
+    moe = _layer(skew, weighted)
     exchange = ExpertExchange(None, moe.num_experts)
     apply_expert_parallel(moe, exchange)
     out = moe(_tokens(rank, counts[rank]))
@@ -66,11 +69,12 @@ def _worker(rank: int, world: int, skew: str, counts: list[int], results) -> Non
         results["reference_gate_grad"] = reference.gate.weight.grad.clone()
 
 
-@pytest.mark.parametrize("world,skew,counts", [(2, "none", [40, 24]), (4, "none", [16, 3, 33, 8]),
-                                               (2, "one_rank", [20, 20]), (4, "one_rank", [5, 9, 1, 30])])
-def test_expert_parallel_layer_equals_the_single_process_layer(world, skew, counts):
+@pytest.mark.parametrize("world,skew,counts,weighted", [
+    (2, "none", [40, 24], False), (4, "none", [16, 3, 33, 8], False), (2, "one_rank", [20, 20], False),
+    (4, "one_rank", [5, 9, 1, 30], False), (2, "none", [40, 24], True), (4, "one_rank", [5, 9, 1, 30], True)])
+def test_expert_parallel_layer_equals_the_single_process_layer(world, skew, counts, weighted):
     results = mp.Manager().dict()
-    spawn(_worker, world, skew, counts, results)
+    spawn(_worker, world, skew, counts, weighted, results)
     for rank in range(world):
         r = results[rank]
         assert r["local_shape"][0] == 16 // world

@@ -40,7 +40,12 @@ from plugins.parallel.replicas import BUCKET as REPLICA_BUCKET
 from plugins.precision.policy import fp8_targets
 
 REDUCE_BUCKET = 500_000_000  # DeepSpeed's default ZeRO reduce_bucket_size (elements)
-FP8_BYTES = 1 + 4 / 128  # an E4M3 value and its share of a 1x128 tile's FP32 scale
+SENDS_IN_FLIGHT = 4  # pipeline sends a rank holds at once when released as they complete (measured: 3 at most)
+
+
+def fp8_bytes(width: int) -> int:
+    """One row of ``width`` values in E4M3 1x128 tiles: zero-padded to whole tiles, one FP32 scale each."""
+    return -(-width // 128) * (128 + 4)
 
 
 @dataclass(frozen=True)
@@ -71,16 +76,16 @@ def _norm(width: int, p: Precision, fp8_readers: int = 0, other_readers: bool = 
     Transformer-Engine's; recomputation does not free those copies (``fp8_kind``: "ffn" where a
     recomputing SwiGLU keeps it, which ``offload_ffn`` moves to the host)."""
     casts = 0 if p.act == 4 else 2 * 4 * width
-    parts = [(casts + p.act * width, "norm")]
+    parts = [(casts + p.act * width + 4, "norm")]  # (and the float32 reciprocal RMS)
     if other_readers or not (p.fp8 and fp8_readers):
         parts.append((p.act * width, "norm_out"))
     if p.fp8 and fp8_readers:
-        parts.append((width * FP8_BYTES * (1 if p.fp8_experts else fp8_readers), fp8_kind))
+        parts.append((fp8_bytes(width) * (1 if p.fp8_experts else fp8_readers), fp8_kind))
     return parts
 
 
 def _linear_input(width: int, p: Precision) -> float:
-    return width * (FP8_BYTES if p.fp8 else p.act)
+    return fp8_bytes(width) if p.fp8 else width * p.act
 
 
 def block_activation_bytes(config: ModelConfig, moe: bool, p: Precision, m: MemoryConfig
@@ -103,33 +108,38 @@ def block_activation_bytes(config: ModelConfig, moe: bool, p: Precision, m: Memo
     parts += _norm(h, p, fp8_readers=2 if not moe or c.n_shared_experts else 0, other_readers=moe,
                    fp8_kind="ffn" if fused else "other")
     if c.q_lora_rank:
-        parts += [(a * c.q_lora_rank, "other")] + _norm(c.q_lora_rank, p, fp8_readers=1, other_readers=False)
-    parts += [(a * heads * qk, "up"),  # q_b output, kept by the rotary's view of q_pe
-              (4 * heads * c.qk_rope_head_dim, "up"),  # the rotary's float32 pairs
-              (a * heads * qk, "up"), (a * heads * qk, "up"), (a * heads * qk, "up")]  # q, k, padded v
+        # the latent norms and up-projections run inside selective's recomputed unit: their FP8 copies too
+        parts += [(a * c.q_lora_rank, "other")] + _norm(c.q_lora_rank, p, fp8_readers=1, other_readers=False,
+                                                       fp8_kind="up")
+    parts += [(a * heads * qk, "up"), (a * heads * qk, "up"), (a * heads * qk, "up")]  # q, k, padded v (RoPE keeps none)
     parts += [(a * (c.kv_lora_rank + c.qk_rope_head_dim), "other"), (4 * c.qk_rope_head_dim, "other")]
-    parts += _norm(c.kv_lora_rank, p, fp8_readers=1, other_readers=False)
+    parts += _norm(c.kv_lora_rank, p, fp8_readers=1, other_readers=False, fp8_kind="up")
     parts += [(a * heads * qk, "other"), (4 * heads, "other"),  # attention output (padded), log-sum-exp
               (_linear_input(heads * c.v_head_dim, p), "other")]  # o_proj input
     if moe:
         k, inner = c.num_experts_per_tok, c.moe_intermediate_size
-        parts += [(4 * c.n_routed_experts * 2, "other")]  # the gate's float32 scores (its input: the norm's output)
+        # the gate's float32 affinities and routing weights, the chosen experts and the permutation (int64)
+        # (its input: the norm's output)
+        parts += [(4 * c.n_routed_experts + 4 * k + 4 + 2 * 8 * k, "other")]
         # the dispatched rows (the gate/up GEMM's input) and, recomputing, the SwiGLU input (FP8 tiles under
         # fp8_activations) and the routing weights
         routed = "ffn" if m.swiglu_recompute else "other"
-        parts += [(k * h * (FP8_BYTES if p.fp8_experts else a), routed)]
+        parts += [(k * (fp8_bytes(h) if p.fp8_experts else h * a), routed)]
         if m.swiglu_recompute:
-            parts += [(k * 2 * inner * (FP8_BYTES if p.fp8 and m.fp8_activations else a), routed)]
+            parts += [(k * (fp8_bytes(2 * inner) if p.fp8 and m.fp8_activations else 2 * inner * a), routed)]
         else:  # silu's and the product's inputs, the down-projection's input (and the weighting's)
-            parts += [(k * a * 2 * inner + k * a * inner + k * inner * (FP8_BYTES if p.fp8_experts else a), "other")]
+            parts += [(k * a * 2 * inner + k * a * inner + k * (fp8_bytes(inner) if p.fp8_experts else inner * a),
+                       "other")]
             parts += [(k * max(a, 4) * inner if m.weighted_combine else 0, "other")]
         # combine: the routing weight per row, or (gate-weighted) every expert output, float32 on bf16
-        parts += [(4 * k, routed) if m.weighted_combine else (k * max(a, 4) * h, "other")]
+        # the weighted combine keeps each row's weight and its position (int64); the gate-weighted one the
+        # expert outputs (float32 on bf16) and their weighted copies
+        parts += [(12 * k, routed) if m.weighted_combine else (k * (max(a, 4) + a) * h + 12 * k, "other")]
         shared = inner * c.n_shared_experts
     else:
         shared = c.intermediate_size
     if shared and fused:  # the SwiGLU input only; its output recomputed
-        parts += [(2 * shared * (FP8_BYTES if p.fp8 and m.fp8_activations else a), "ffn")]
+        parts += [(fp8_bytes(2 * shared) if p.fp8 and m.fp8_activations else 2 * shared * a, "ffn")]
     elif shared:
         parts += [(3 * a * shared, "other"), (_linear_input(shared, p), "other")]  # gate, up, silu; down input
     out: dict[str, float] = {}
@@ -273,8 +283,8 @@ def plan_ranks(config: ModelConfig, layout: Layout3D, p: Precision, m: MemoryCon
             traffic = sum(per_stage_host[sched.stage(rank, op.forward[0])] for op in ops if op.forward is not None)
             sends = sum((op.forward is not None and sched.stage(rank, op.forward[0]) < stages - 1)
                         + (op.backward is not None and sched.stage(rank, op.backward[0]) > 0) for op in ops)
-            if m.release_sends:  # a send holds its tensor until it completes: one per direction in flight
-                sends = min(sends, 2)
+            if m.release_sends:  # a send holds its tensor until its receiver takes it
+                sends = min(sends, SENDS_IN_FLIGHT)
         else:
             activations, held, sends = per_stage[0], 1, 0
             host, traffic = per_stage_host[0], per_stage_host[0] * layout.micro_batches

@@ -51,12 +51,27 @@ def row_weights(weights: torch.Tensor, perm: Permutation) -> torch.Tensor:
     return weights.flatten().index_select(0, perm.slot_order)
 
 
+class _SumRows(torch.autograd.Function):
+    """``out[index[j]] += y[j]`` into ``num_tokens`` zero rows; its backward is ``grad[index]`` and keeps
+    only the index (autograd's ``index_add`` keeps its whole source for the gradient's shape)."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, index: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        return y.new_zeros(num_tokens, y.shape[-1]).index_add_(0, index, y)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        return grad.index_select(0, index), None, None
+
+
 def unpermute(y: torch.Tensor, weights: torch.Tensor | None, perm: Permutation, num_tokens: int) -> torch.Tensor:
     """Expert-sorted outputs [N*k, D] -> per-token gate-weighted sums [N, D] (in ``y``'s dtype);
-    ``weights`` None: rows the experts weighted already, summed as they are."""
-    out = torch.zeros(num_tokens, y.shape[-1], dtype=y.dtype, device=y.device)
+    ``weights`` None: rows the experts weighted already, summed as they are (keeping none of them)."""
     if weights is None:
-        return out.index_add(0, perm.token_index, y)
+        return _SumRows.apply(y, perm.token_index, num_tokens)
+    out = torch.zeros(num_tokens, y.shape[-1], dtype=y.dtype, device=y.device)
     gate = weights.flatten()[perm.slot_order].unsqueeze(-1)
     return out.index_add(0, perm.token_index, (y.float() * gate).to(y.dtype))
 

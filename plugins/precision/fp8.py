@@ -116,6 +116,14 @@ def dequantize(q: Quantized) -> torch.Tensor:
     return (q.data.float() * scale)[..., : q.rows, : q.cols]
 
 
+def _cropped(out: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """The product without its padding, in storage of its own (a view would keep the padded buffer
+    alive wherever the output is kept)."""
+    if out.shape[-2:] == (rows, cols):
+        return out
+    return out[..., :rows, :cols].contiguous()
+
+
 def scaled_mm(a: Quantized, b: Quantized, block_owner: torch.Tensor | None = None, groups: int = 0) -> torch.Tensor:
     """``a`` [M, K] times ``b`` [N, K] transposed, in FP32 [M, N], promoted every 128 of K.
 
@@ -136,7 +144,7 @@ def scaled_mm(a: Quantized, b: Quantized, block_owner: torch.Tensor | None = Non
             out += scaled
         else:
             out[owners[kb]] += scaled
-    return out[..., : a.rows, : b.rows]
+    return _cropped(out, a.rows, b.rows)
 
 
 def grouped_scaled_mm(a: Quantized, b: Quantized, counts: torch.Tensor) -> torch.Tensor:
@@ -150,7 +158,7 @@ def grouped_scaled_mm(a: Quantized, b: Quantized, counts: torch.Tensor) -> torch
         cols = slice(kb * TILE, (kb + 1) * TILE)
         partial = grouped_mm(a.data[:, cols].float(), b.data[..., cols].float().transpose(1, 2), counts)
         out += partial * a.row_scales(kb)[:, None] * b.row_scales(kb)[expert_of_row]
-    return out[: a.rows, : b.rows]
+    return _cropped(out, a.rows, b.rows)
 
 
 def _expert_padded_rows(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
