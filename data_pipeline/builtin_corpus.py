@@ -3,8 +3,10 @@ documentation topics (``pydoc_data``), written as JSONL. It lets the tiny recipe
 the benchmarks run end to end with no download.
 
 It has two domains, ``docs`` (the reST-derived help topics) and ``code`` (the library's modules).
-Every fifth ``docs`` and every tenth ``code`` document is held out of the training text, so a run can validate per
-domain (issue 17) on text it never trained on: ``write_heldout`` writes those."""
+One in five ``docs`` and one in ten ``code`` documents is held out of the training text, so a run can
+validate per domain (issue 17) on text it never trained on: ``write_heldout`` writes those. The
+choice is by content (the text's hash), not position, so a file and its identical twin elsewhere in
+the library (there are some, varying with the Python version) fall on the same side."""
 
 from __future__ import annotations
 
@@ -15,8 +17,10 @@ from pathlib import Path
 
 from plugins.atomic import write_atomic
 
+from .dedup import document_hashes
+
 DOMAINS = ("code", "docs")
-HELDOUT_EVERY = {"code": 10, "docs": 5}  # code documents 9, 19, 29, ... and docs 4, 9, 14, ... are held out
+HELDOUT_EVERY = {"code": 10, "docs": 5}  # a document is held out when its text's hash is -1 modulo these
 HELDOUT_CODE_BYTES = 1 << 20  # held-out code is capped: the library has far more than a validation set needs
 
 
@@ -33,10 +37,10 @@ def domain_documents(domain: str) -> list[str]:
 
 
 def _split(domain: str) -> tuple[list[str], list[str]]:
-    """(training, held-out) documents of a domain."""
+    """(training, held-out) documents of a domain; the held-out ones each once."""
     documents, every = domain_documents(domain), HELDOUT_EVERY[domain]
-    held = [i % every == every - 1 for i in range(len(documents))]
-    return [d for d, h in zip(documents, held) if not h], [d for d, h in zip(documents, held) if h]
+    held = (document_hashes(documents) % every == every - 1).tolist() if documents else []
+    return [d for d, h in zip(documents, held) if not h], list(dict.fromkeys(d for d, h in zip(documents, held) if h))
 
 
 def python_documents() -> list[str]:

@@ -1,7 +1,8 @@
 """Finding and checking prepared directories (issue 18): a source is a prepared directory, a
-directory of ``prepare --num-shards`` shard directories (all of them present), or a glob of
-either. Every directory of a run must share one tokenizer and one window length; a mismatch is
-one line naming both directories."""
+directory of ``prepare --num-shards`` shard directories (all of them present, all of one prepare
+command: one shard count, one ``preparation`` in their manifests), or a glob of either. Every
+directory of a run must share one tokenizer and one window length; a mismatch is one line naming
+both directories."""
 
 from __future__ import annotations
 
@@ -31,13 +32,30 @@ def prepared_dirs(path: str) -> list[Path]:
     if not shards:
         raise DatasetError(f"{directory}: no {MANIFEST} and no shard-*-of-* directories (build it with "
                            "`python -m data_pipeline.prepare`)")
-    count = int(SHARD_DIR.fullmatch(shards[0].name).group(2))
+    counts = sorted({int(SHARD_DIR.fullmatch(shard.name).group(2)) for shard in shards})
+    if len(counts) > 1:
+        names = " and ".join(f"shard-*-of-{count:05d}" for count in counts)
+        raise DatasetError(f"{directory}: holds the shards of {len(counts)} prepare runs ({names}); a directory "
+                           "holds one run's shards: move the others out")
+    count = counts[0]
     for index in range(count):
         shard = directory / shard_dir_name(index, count)
         if not (shard / MANIFEST).is_file():
             raise DatasetError(f"{shard}: shard {index} of {count} is missing or incomplete (prepare it with "
                                f"--num-shards {count} --shard-index {index})")
-    return [directory / shard_dir_name(index, count) for index in range(count)]
+    found = [directory / shard_dir_name(index, count) for index in range(count)]
+    _check_one_preparation(found)
+    return found
+
+
+def _check_one_preparation(shards: list[Path]) -> None:
+    """Every shard written by the same prepare command (inputs, seed and settings: ``preparation``)."""
+    first = read_manifest(shards[0]).get("preparation")
+    for shard in shards[1:]:
+        if read_manifest(shard).get("preparation") != first:
+            raise DatasetError(f"{shards[0].parent}: {shards[0].name} and {shard.name} come from different prepare "
+                               "runs (another input, seed or setting); prepare the odd shard again with the others' "
+                               "command and its --shard-index")
 
 
 def read_manifest(directory: Path) -> dict:

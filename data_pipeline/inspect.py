@@ -1,13 +1,15 @@
 """Summarise prepared directories and check that they can be read together (issue 18).
 
-    python -m data_pipeline.inspect DIR [DIR ...]
+    python -m data_pipeline.inspect DIR [DIR ...] [--validation DIR ...]
 
 Each DIR is a prepared directory, a directory of ``prepare --num-shards`` shards (all must be
 present) or a glob of either; every directory is opened and checked (manifest, token files,
 piece index). One row per DIR: documents, tokens, sequences, fill, truncated documents, FIM
 share, split tokens, seq_len and tokenizer fingerprint; a total row when there are several.
 Directories built with different tokenizers or window lengths, which one run cannot mix, are a
-one-line error naming both (exit 2).
+one-line error naming both (exit 2). ``--validation``: held-out sets, each reported with how many of
+its documents have their exact text in the training DIRs (``dedup``: the document hashes ``prepare``
+keeps), a warning when any do.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import sys
 from plugins.errors import run_cli
 
 from .catalog import check_compatible, open_prepared, prepared_dirs
+from .dedup import duplicates
 
 COLUMNS = ("documents", "tokens", "sequences", "truncated_documents", "fim_documents", "split_tokens")
 
@@ -43,6 +46,8 @@ def _line(row: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_pipeline.inspect", description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", metavar="DIR", help="prepared directories, shard parents or globs")
+    parser.add_argument("--validation", nargs="+", default=[], metavar="DIR",
+                        help="held-out sets to check for documents that are also in the DIRs")
     args = parser.parse_args(argv)
 
     def body() -> int:
@@ -55,6 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         if len(rows) > 1:
             total = {key: sum(r[key] for r in rows) for key in (*COLUMNS, "directories")}
             print(_line({**total, "path": "total", "seq_len": rows[0]["seq_len"], "tokenizer": rows[0]["tokenizer"]}))
+        training = [directory for row in rows for directory in row["dirs"]]
+        for path in args.validation:
+            found, total = duplicates(prepared_dirs(path), training)
+            print(f"warning: validation {path}: {found} of its {total} documents are also in the training data "
+                  "(the same text): their loss is not held out" if found else
+                  f"validation {path}: none of its {total} documents is in the training data")
         return 0
 
     return run_cli(body)

@@ -4,7 +4,8 @@ in by ``data_pipeline.prepare``, so this module does not import it back), with
 its tokenizer threads set to the cores divided among the jobs; one progress bar counts the
 documents of all of them. The first failing shard's one-line error stops the command once the
 running shards finish (none is left half written: each is complete or absent), so a rerun with
-``--shard-index`` fills the gaps.
+``--shard-index`` fills the gaps. A job process that dies (killed, out of memory) breaks the pool:
+the error names every shard that did not finish, to rerun with ``--shard-index``.
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ import multiprocessing
 import os
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 
 from tqdm import tqdm
+
+from plugins.errors import ProjectError
 
 _documents = None  # the shared counter, in each job process
 
@@ -51,8 +55,18 @@ def run_shards(prepare: Callable[..., dict], args: argparse.Namespace, indices: 
             bar.update(counter.value - bar.n)
             bar.set_postfix(shards=f"{len(futures) - len(pending)}/{len(futures)}")
             failed = [future for future in done if future.exception() is not None]
+            if any(isinstance(future.exception(), BrokenProcessPool) for future in failed):
+                wait(pending)  # a broken pool fails every shard it had not finished
+                raise _died(args, sorted(index for future, index in futures.items() if future.exception()))
             if failed:
                 for future in pending:
                     future.cancel()
                 raise failed[0].exception()
     return [future.result() for future in sorted(futures, key=futures.get)]
+
+
+def _died(args: argparse.Namespace, unfinished: list[int]) -> ProjectError:
+    shards = ", ".join(map(str, unfinished))
+    return ProjectError(f"--jobs {args.jobs}: a job process died (killed, or out of memory?); shard(s) {shards} of "
+                        f"{args.num_shards} did not finish (the others are complete): run the same command with "
+                        f"--shard-index I in place of --jobs for I in {shards}")

@@ -5,6 +5,7 @@ import numpy as np
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PIECES = "pieces.npy"  # rows: sequence, start, length, document, offset in the document
+DOCUMENT_HASHES = "document_hashes.npy"  # one uint64 per document: its text's hash (``dedup``)
 
 
 def shard_name(index: int) -> str:

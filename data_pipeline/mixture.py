@@ -13,11 +13,14 @@ equal the normalised weights to within 1/P.
 Everything is a closed function of the stream position: a step takes the next global batch and
 data-parallel rank r of D reads its contiguous r-th share, so the only state is the sequences
 consumed, and a checkpoint resumes exactly at any data-parallel size. The sequences and epochs
-each source has given are computed from it too (``statistics``).
+each source has given are computed from it too (``statistics``). A resume checks that the stream
+is the saved one: the sources' names, sizes, weights (normalised) and content (``fingerprint``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 import zlib
 from dataclasses import dataclass
 
@@ -25,7 +28,7 @@ import numpy as np
 import torch
 
 from .dataset import DatasetError, PackedDataset
-from .sampler import GlobalStream, PackedSampler
+from .sampler import GlobalStream, PackedSampler, check_content
 
 PERIOD = 1 << 16
 
@@ -35,6 +38,19 @@ class Source:
     name: str
     weight: float
     datasets: list[PackedDataset]
+
+
+def fingerprint(datasets: list[PackedDataset]) -> str | None:
+    """A source's content: its directories' ``content_sha256`` hashed in order (None when a directory
+    was prepared before manifests kept one)."""
+    contents = [d.manifest.get("content_sha256") for d in datasets]
+    if None in contents:
+        return None
+    return contents[0] if len(contents) == 1 else hashlib.sha256("".join(contents).encode()).hexdigest()
+
+
+def _normalised(weights: list[float]) -> list[float]:
+    return [w / sum(weights) for w in weights]
 
 
 class MixtureDataset(torch.utils.data.Dataset):
@@ -80,6 +96,7 @@ class MixtureSampler(GlobalStream):
         self.names = [source.name for source in dataset.sources]
         self.weights = [float(source.weight) for source in dataset.sources]
         self.sizes, self.starts, self.seq_len = dataset.sizes, dataset.starts, dataset.seq_len
+        self.fingerprints = [fingerprint(source.datasets) for source in dataset.sources]
         self.seed = seed
         self.pattern, self.quota = period_pattern(self.weights)
         counts = np.zeros(len(self.quota), dtype=np.int64)
@@ -121,15 +138,25 @@ class MixtureSampler(GlobalStream):
 
     def state_dict(self) -> dict:
         return {"consumed": self.consumed, "seed": self.seed,
-                "sources": [[n, w, s] for n, w, s in zip(self.names, self.weights, self.sizes)]}
+                "sources": [[n, w, s] for n, w, s in zip(self.names, self.weights, self.sizes)],
+                "fingerprints": self.fingerprints}
 
     def load_state_dict(self, state: dict) -> None:
+        """The saved stream's position, if the stream is this one: same seed, source names and sizes,
+        weights equal once normalised ([1, 1] is [0.5, 0.5]) and, where recorded, the same content."""
         mine = [[n, w, s] for n, w, s in zip(self.names, self.weights, self.sizes)]
-        if state.get("sources") != mine or state.get("seed") != self.seed:
-            saved = state.get("sources") or f"one dataset of {state.get('num_samples')} sequences"
+        saved = state.get("sources")
+        same = saved is not None and state.get("seed") == self.seed and \
+            [[n, s] for n, _, s in saved] == [[n, s] for n, _, s in mine] and \
+            all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(_normalised([w for _, w, _ in saved]),
+                                                                  _normalised(self.weights)))
+        if not same:
+            saved = saved or f"one dataset of {state.get('num_samples')} sequences"
             raise DatasetError(f"the checkpoint's data stream was {saved} with seed {state.get('seed')}, this run's "
                                f"is {mine} with seed {self.seed}: a run resumes with the sources, weights and data "
                                "it started with")
+        for name, before, now in zip(self.names, state.get("fingerprints") or [None] * len(mine), self.fingerprints):
+            check_content(f"data source {name}", before, now)
         self.consumed = state["consumed"]
 
 
@@ -137,4 +164,5 @@ def sampler_for(dataset, rank: int = 0, world_size: int = 1, seed: int = 0):
     """A ``MixtureSampler`` for a mixture of several sources, else the plain ``PackedSampler``."""
     if isinstance(dataset, MixtureDataset) and len(dataset.sources) > 1:
         return MixtureSampler(dataset, rank=rank, world_size=world_size, seed=seed)
-    return PackedSampler(len(dataset), rank=rank, world_size=world_size, seed=seed)
+    content = fingerprint(dataset.parts) if isinstance(dataset, MixtureDataset) else None
+    return PackedSampler(len(dataset), rank=rank, world_size=world_size, seed=seed, fingerprint=content)

@@ -13,12 +13,16 @@ windows (``encode``).
 Output (written under a temporary name, renamed into place when complete):
 ``tokens-NNNNN.npy`` shards of [sequences, L] token ids (uint16/uint32, memory-mappable, padded
 with the tokenizer's pad id), ``pieces.npy`` (one row per placed document piece: sequence, start,
-length, document, offset in the document) and ``manifest.json``.
+length, document, offset in the document), ``document_hashes.npy`` (each document's text hash,
+``dedup``) and ``manifest.json``. The manifest's ``content_sha256`` hashes the tokens and pieces (a
+resumed run checks that its data did not change) and ``preparation`` the command's inputs and
+settings (every shard of one run has the same: the reader refuses shards of other runs side by side).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -31,7 +35,8 @@ from tqdm import tqdm
 from plugins.atomic import check_output_dir, staged_directory
 from plugins.errors import ProjectError
 
-from .layout import FORMAT_VERSION, MANIFEST, PIECES, shard_dir_name, shard_name, token_dtype
+from .dedup import document_hashes
+from .layout import DOCUMENT_HASHES, FORMAT_VERSION, MANIFEST, PIECES, shard_dir_name, shard_name, token_dtype
 from .packing import PACKERS, Packing
 from .sources import SourceStats, iter_texts
 from .staging import remove_stale_temporaries
@@ -180,6 +185,8 @@ def prepare(args: argparse.Namespace, progress=None) -> dict:
 def _prepare_into(tmp, args, bundle, dtype, encoder, stats, texts, progress) -> dict:
     start_time = time.perf_counter()
     lengths: list[np.ndarray] = []  # one array per batch: memory per document is 8 bytes
+    hashes: list[np.ndarray] = []  # and 8 more for its text's hash
+    content = hashlib.sha256()  # of every document's tokens, then the pieces
     documents = fim_documents = split_tokens = 0
     documents_path = tmp / "documents.tmp"
     with documents_path.open("wb") as documents_file:
@@ -190,10 +197,13 @@ def _prepare_into(tmp, args, bundle, dtype, encoder, stats, texts, progress) -> 
             nonlocal documents, fim_documents, split_tokens, batch_chars
             encoded = encoder.encode(batch, first_index=documents)
             for doc in encoded:
-                doc.ids.astype(dtype).tofile(documents_file)
+                ids = doc.ids.astype(dtype)
+                ids.tofile(documents_file)
+                content.update(ids)
                 fim_documents += doc.fim
                 split_tokens += doc.split_tokens
             lengths.append(np.array([doc.ids.size for doc in encoded], dtype=np.int64))
+            hashes.append(document_hashes(batch))
             documents += len(batch)
             progress(len(batch))
             batch.clear()
@@ -222,7 +232,10 @@ def _prepare_into(tmp, args, bundle, dtype, encoder, stats, texts, progress) -> 
     del token_file
     documents_path.unlink()
     pieces = np.stack([packing.sequence, packing.start, packing.length, packing.document, packing.doc_offset], 1)
-    np.save(tmp / PIECES, pieces.astype(np.int64))
+    pieces = np.ascontiguousarray(pieces, dtype=np.int64)
+    np.save(tmp / PIECES, pieces)
+    content.update(pieces)
+    np.save(tmp / DOCUMENT_HASHES, np.concatenate(hashes))
 
     tokens = int(length_array.sum())
     manifest = {
@@ -250,6 +263,8 @@ def _prepare_into(tmp, args, bundle, dtype, encoder, stats, texts, progress) -> 
         "skipped_bad_rows": stats.skipped,
         "skipped_examples": stats.skipped_examples,
         "shards": shards,
+        "content_sha256": content.hexdigest(),
+        "preparation": _preparation(args, bundle.fingerprint),
         "seconds": {"tokenize": round(tokenize_seconds, 3), "pack": round(pack_seconds, 3),
                     "total": round(time.perf_counter() - start_time, 3)},
     }
@@ -263,6 +278,19 @@ def _inputs(args: argparse.Namespace) -> list[str]:
     from .sources import resolve_inputs
 
     return [part.describe() for part in partition(resolve_inputs(args.input), args.num_shards, args.shard_index or 0)]
+
+
+def _preparation(args: argparse.Namespace, tokenizer_fingerprint: str) -> str:
+    """What every shard of one prepare command shares, hashed: the inputs (absolute paths and sizes,
+    or the hub dataset) and every setting that shapes the output."""
+    from .sources import resolve_inputs
+
+    inputs = [args.dataset, args.dataset_config, args.split] if args.dataset else \
+        [[str(path.resolve()), path.stat().st_size] for path in resolve_inputs(args.input)]
+    settings = {key: getattr(args, key) for key in ("text_field", "seq_len", "fim_rate", "split_rate", "packing", "seed",
+                                                    "num_shards", "skip_bad")}
+    text = json.dumps({"inputs": inputs, "tokenizer": tokenizer_fingerprint, **settings}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _summary(manifest: dict) -> str:

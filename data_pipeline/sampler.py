@@ -6,11 +6,21 @@ data-parallel rank r of D reads the r-th contiguous G/D of them (its micro-batch
 only state is how many sequences the run has consumed, a property of the global batch: a
 checkpoint saved at one data-parallel size resumes at another with exactly the sequences the
 uninterrupted run would have read next (and, at a fixed micro-batch size, the same micro-batches).
+A resume refuses another dataset: another size, seed or, where recorded, content.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from .dataset import DatasetError
+
+
+def check_content(what: str, saved: str | None, now: str | None) -> None:
+    """The data a checkpoint read (its ``content_sha256``) is the data this run reads, where both are known."""
+    if saved is not None and now is not None and saved != now:
+        raise DatasetError(f"{what}: its data changed since the checkpoint was saved (content {saved[:12]}… then, "
+                           f"{now[:12]}… now, though of the same size): a run resumes with the data it started with")
 
 
 class GlobalStream:
@@ -37,11 +47,15 @@ class GlobalStream:
 
 
 class PackedSampler(GlobalStream):
-    def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True):
+    """The stream of one dataset; ``fingerprint``: its content hash (``manifest.json``'s
+    ``content_sha256``), kept in the state so that a resume can check it."""
+
+    def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True,
+                 fingerprint: str | None = None):
         super().__init__(rank, world_size)
         if num_samples < 1:
             raise ValueError("an empty dataset cannot feed a run")
-        self.num_samples, self.seed, self.shuffle = num_samples, seed, shuffle
+        self.num_samples, self.seed, self.shuffle, self.fingerprint = num_samples, seed, shuffle, fingerprint
         self._epoch, self._order = -1, np.empty(0, dtype=np.int64)
 
     def epoch_order(self, epoch: int) -> np.ndarray:
@@ -69,10 +83,15 @@ class PackedSampler(GlobalStream):
         return {}
 
     def state_dict(self) -> dict:
-        return {"consumed": self.consumed, "seed": self.seed, "num_samples": self.num_samples}
+        return {"consumed": self.consumed, "seed": self.seed, "num_samples": self.num_samples,
+                "fingerprint": self.fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
-        if (state["num_samples"], state["seed"]) != (self.num_samples, self.seed):
-            raise ValueError(f"sampler state is for {state['num_samples']} samples with seed {state['seed']}, "
-                             f"not {self.num_samples} with seed {self.seed}")
+        if (state.get("num_samples"), state.get("seed")) != (self.num_samples, self.seed):
+            saved = f"{state['num_samples']} sequences" if "num_samples" in state else \
+                f"the mixture {state.get('sources')}"
+            raise DatasetError(f"the checkpoint's data stream was {saved} with seed {state.get('seed')}, this run's is "
+                               f"{self.num_samples} sequences with seed {self.seed}: a run resumes with the data it "
+                               "started with")
+        check_content("the dataset", state.get("fingerprint"), self.fingerprint)
         self.consumed = state["consumed"]

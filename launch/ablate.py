@@ -16,8 +16,9 @@ A study file::
       - {name: seq_aux, set: [model.aux_loss_alpha=0.01]}
 
 Resumable: a variant whose run finished (``ablation_done.json`` at the study's steps) is not run
-again, one with a checkpoint resumes with ``--resume``. Writes ``RUN_ROOT/comparison.{md,json}``
-and ``RUN_ROOT/plots/*.png`` (``launch.ablation.comparison``).
+again, one with a checkpoint resumes with ``--resume``; Ctrl-C stops the running variant's launcher
+and exits 130 with one line naming the variant, and the same command again goes on. Writes
+``RUN_ROOT/comparison.{md,json}`` and ``RUN_ROOT/plots/*.png`` (``launch.ablation.comparison``).
 """
 
 from __future__ import annotations
@@ -35,18 +36,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("study", type=Path, help="the study YAML")
     args = parser.parse_args(argv)
 
+    running = None  # (name, run dir) of the variant under way
+
     def body() -> int:
+        nonlocal running
         from launch.ablation.comparison import write_comparison
 
         study = load_study(args.study)
         for variant in study.variants:
+            running = variant.name, study.run_dir(variant)
             print(f"variant {variant.name}: {state(study, variant)} -> {study.run_dir(variant)}", flush=True)
             print(f"variant {variant.name}: {run_variant(study, variant)}", flush=True)
+        running = None
         for path in write_comparison(Path(study.run_root), [(v.name, study.run_dir(v)) for v in study.variants]):
             print(f"wrote {path}")
         return 0
 
-    return run_cli(body)
+    try:
+        return run_cli(body)
+    except KeyboardInterrupt:
+        where = f" variant {running[0]} ({running[1]})" if running else ""
+        print(f"error: interrupted{where}; rerun the same command to go on (finished variants are skipped, an "
+              "interrupted one resumes from its last checkpoint)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -3,9 +3,11 @@
 the sharded checkpoint one parameter (or a bounded batch of routed experts) at a time
 (``launch.checkpointing.export``) and written shard by shard, so the host never holds the model.
 
-    python -m launch.convert RUN_DIR|CHECKPOINT_DIR OUT_DIR [--tag stepNNNNNNNN] [--ema]
+    python -m launch.convert RUN_DIR|CHECKPOINT_DIR OUT_DIR [--tag stepNNNNNNNN] [--ema] [--fp8]
 
 ``--ema`` exports the run's host-memory EMA of the weights (``train.ema``) in place of the weights.
+``--fp8`` writes DeepSeek's FP8 release format (``plugins.interop.fp8_release``): the linears of
+attention, FFNs and experts quantised from the FP32 master weights per 128x128 block, the rest BF16.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("output", type=Path, help="new directory for the HF checkpoint")
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: the latest complete one)")
     parser.add_argument("--ema", action="store_true", help="export the EMA of the weights (train.ema)")
+    parser.add_argument("--fp8", action="store_true",
+                        help="DeepSeek's FP8 release format (E4M3 linears with 128x128 block scales, the rest BF16)")
     args = parser.parse_args(argv)
 
     def body() -> int:
@@ -38,8 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.ema and not holds_ema(source.directory):
             raise CheckpointError(f"{source.directory}: holds no EMA (--ema needs a run with train.ema)")
         weights = "ema" if args.ema else "model"
-        write_hf_directory(source.config, torch.float32, checkpoint_tensors(source, weights), args.output)
-        print(f"wrote {args.output}/ (HF DeepseekV3, from {source.directory}{', EMA weights' if args.ema else ''})")
+        write_hf_directory(source.config, torch.float32, checkpoint_tensors(source, weights), args.output, fp8=args.fp8)
+        form = "HF DeepseekV3, FP8 release format" if args.fp8 else "HF DeepseekV3"
+        print(f"wrote {args.output}/ ({form}, from {source.directory}{', EMA weights' if args.ema else ''})")
         return 0
 
     return run_cli(body)

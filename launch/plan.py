@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from launch.config.run_config import RECOMPUTE_MODES, RunConfig, check_world, load_run_config
-from launch.planning.estimate import estimate, table, walk_report
+from launch.planning.estimate import estimate, table, walk_report, walked
 from plugins.errors import ConfigError, run_cli
 from plugins.parallel.dualpipe import SCHEDULES
 from plugins.precision.policy import FP8_BACKENDS
@@ -38,7 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="bf16 weights and FP32 masters (gpu) or fp32 throughout (cpu), as the trainer runs")
     parser.add_argument("--device-memory-gb", type=float, default=80.0, help="memory of one device (default 80)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (with --walk: the walked recipe)")
     parser.add_argument("--walk", action="store_true", help="step through the whole token schedule")
     return parser.parse_args(argv)
 
@@ -50,8 +51,8 @@ def read_config(args: argparse.Namespace) -> RunConfig:
     run = load_run_config(args.config, args.set + [f"{k}={v}" for k, v in flags.items() if v is not None])
     if args.dp < 1:
         raise ConfigError(f"--dp {args.dp}: expected a positive number of data-parallel ranks")
-    if args.device_memory_gb <= 0:
-        raise ConfigError(f"--device-memory-gb {args.device_memory_gb}: expected a positive size")
+    if not math.isfinite(args.device_memory_gb) or args.device_memory_gb <= 0:
+        raise ConfigError(f"--device-memory-gb {args.device_memory_gb}: expected a positive size in GB")
     check_world(run.parallel.pp, run.parallel.ep, run.parallel.pp * args.dp)
     return run
 
@@ -62,9 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         run = read_config(args)
         if args.walk:
-            text, clean = walk_report(run, args.dp)
-            print(text)
-            return 0 if clean else 1
+            answer = walked(run, args.dp)
+            print(json.dumps(answer) if args.json else walk_report(answer))
+            return 0 if answer["first_step_that_cannot_run"] is None else 1
         plan = estimate(run, args.dp, args.device, args.device_memory_gb)
         print(json.dumps(plan) if args.json else table(plan))
         return 0

@@ -4,8 +4,9 @@
         [--run-dir DIR] [--steps N] [--save-interval N] [--resume | --resume-from TAG | --init-from PATH] [--pp N] [--ep N] \
         [--pipeline-schedule dualpipe|dualpipev|1f1b] [--fp8 none|emulated|te|auto] [--set section.key=value ...]
 
-The loop itself is ``launch.training.trainer.Trainer``; this file reads the command line into the config
-tree and starts DeepSpeed.
+Without a launcher (``python launch/pretrain.py ...``) it runs as one process. The loop itself is
+``launch.training.trainer.Trainer``; this file reads the command line into the config tree and starts
+DeepSpeed.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from launch.config.run_config import RunConfig, load_run_config
+from launch.config.run_config import RunConfig, check_recompute, load_run_config
 from launch.distributed import ds_internals
-from launch.training.parallelize import check_fp8_policy, check_recompute
+from launch.distributed.rendezvous import single_process_rendezvous
+from launch.training.parallelize import check_fp8_policy
 from launch.training.trainer import RunOptions, Trainer, TrainingStopped
 from plugins.errors import ConfigError, ProjectError
 from plugins.parallel.dualpipe import SCHEDULES
@@ -61,10 +63,18 @@ def read_config(args: argparse.Namespace) -> RunConfig:
     run = load_run_config(args.config, overrides)
     run.parallel.fp8 = resolve_backend(run.parallel.fp8)
     check_fp8_policy(run)
-    check_recompute(run)
+    check_recompute(run)  # again: --fp8 auto may have become te
     if args.steps is not None and args.steps < 1:
         raise ConfigError(f"--steps {args.steps}: expected a positive number of optimizer steps")
+    path = run_dir(args)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"--run-dir {path}: {'it' if existing == path else existing} exists and is not a directory")
     return run
+
+
+def run_dir(args: argparse.Namespace) -> Path:
+    return args.run_dir or Path("runs") / Path(args.config).stem
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,13 +86,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import deepspeed
 
+    if single_process_rendezvous():
+        print("no launcher: running as one process (`deepspeed --num_gpus N launch/pretrain.py ...` runs N ranks)",
+              flush=True)
     on_gpu = torch.cuda.is_available()
     if on_gpu:
         torch.cuda.set_device(args.local_rank)
     device = torch.device("cuda", args.local_rank) if on_gpu else torch.device("cpu")
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     ds_internals.release_shared_memory_names()
-    options = RunOptions(run_dir=args.run_dir or Path("runs") / Path(args.config).stem, steps=args.steps,
+    options = RunOptions(run_dir=run_dir(args), steps=args.steps,
                          resume=args.resume or args.resume_from is not None, resume_from=args.resume_from,
                          init_from=args.init_from)
     try:

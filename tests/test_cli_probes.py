@@ -128,6 +128,20 @@ def test_tokenizer_train_out_of_range_flag(flag, value, tmp_path, capfd):
     probe(capfd, lambda: main([a for item in argv.items() for a in item]), f"{flag} {value}", tmp_path / "tok")
 
 
+@pytest.mark.parametrize("flags,names", [
+    (["--bos-token", ""], "--bos-token '': must be a non-empty string"),
+    (["--eos-token", "<｜begin▁of▁sentence｜>"], "--bos-token and --eos-token are both '<｜begin▁of▁sentence｜>'"),
+    (["--pad-token", "<x>", "--fim-end-token", "<x>"], "--pad-token and --fim-end-token are both '<x>'"),
+])
+def test_tokenizer_train_empty_or_equal_special_tokens(flags, names, tmp_path, capfd):
+    from tokenizer.train import main
+
+    path = tmp_path / "ok.jsonl"
+    path.write_text('{"text": "hello world"}\n')
+    out = tmp_path / "tok"
+    probe(capfd, lambda: main(["--input", str(path), "--vocab-size", "300", "--output", str(out), *flags]), names, out)
+
+
 # --------------------------------------------------------------------------- data_pipeline.prepare
 @pytest.mark.parametrize("kind", FILE_KINDS + list(BAD_TEXT_FORMATS))
 def test_prepare_bad_input(kind, tmp_path, capfd, tokenizer_dir):
@@ -163,6 +177,34 @@ def test_prepare_out_of_range_flag(flag, value, tmp_path, capfd, tokenizer_dir):
     probe(capfd, lambda: main([a for item in argv.items() for a in item]), f"{flag} {value}", tmp_path / "packed")
 
 
+def _dying_prepare(args, progress=None) -> dict:
+    """``prepare`` of a job process that is killed while on shard 1 (the others take a moment)."""
+    import os
+    import signal
+    import time
+
+    if args.shard_index == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(0.5)
+    return {}
+
+
+def test_prepare_jobs_a_killed_job_names_the_shards_to_rerun(tmp_path, capfd, tokenizer_dir, monkeypatch):
+    """Each job is ``data_pipeline.prepare.prepare`` run in a spawned process, pickled by name: here
+    one that kills its own process on shard 1."""
+    import data_pipeline.prepare as prepare
+
+    monkeypatch.setattr(prepare, "prepare", _dying_prepare)
+    corpus = tmp_path / "ok.jsonl"
+    corpus.write_text('{"text": "hello world"}\n')
+    line = probe(capfd, lambda: prepare.main(["--input", str(corpus), "--tokenizer", str(tokenizer_dir), "--seq-len",
+                                              "64", "--output", str(tmp_path / "packed"), "--num-shards", "3",
+                                              "--jobs", "2"]), "--jobs 2: a job process died")
+    unfinished = line.split("for I in ")[1].split(", ")
+    assert {"1", "2"} <= set(unfinished) <= {"0", "1", "2"}, line  # shard 0 may have finished first
+    assert "--shard-index I in place of --jobs" in line and "of 3 did not finish" in line
+
+
 # --------------------------------------------------------------------------- launch.pretrain
 @pytest.mark.parametrize("kind", list(BAD_YAML))
 def test_pretrain_bad_config(kind, tmp_path, capfd):
@@ -183,6 +225,18 @@ def test_pretrain_out_of_range_flag(flag, value, names, tmp_path, capfd):
     run_dir = tmp_path / "run"
     probe(capfd, lambda: main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--run-dir", str(run_dir),
                                flag, value]), names, run_dir)
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_pretrain_run_dir_that_is_a_file(inside, tmp_path, capfd):
+    from launch.pretrain import main
+
+    path = tmp_path / "run"
+    path.write_text("not a directory")
+    run_dir = path / "sub" if inside else path
+    line = probe(capfd, lambda: main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--run-dir", str(run_dir)]),
+                 f"--run-dir {run_dir}")
+    assert "is not a directory" in line and path.read_text() == "not a directory"
 
 
 # --------------------------------------------------------------------------- launch.evaluate
@@ -304,6 +358,24 @@ def test_lm_eval_cli_missing_tokenizer(tmp_path, capfd, monkeypatch, hf_dir):
     lines = capfd.readouterr().err.strip().splitlines()
     assert all(LM_EVAL_LOG.match(line) for line in lines[:-1]), lines
     assert lines[-1].startswith("error: ") and "missing_tok" in lines[-1], lines[-1]
+    assert not out.exists()
+
+
+def test_lm_eval_cli_unknown_task(tmp_path, capfd, monkeypatch, hf_dir, tokenizer_dir):
+    """A task lm-eval does not know: its INFO lines, then one error line naming the task (~5 s: lm-eval
+    indexes its whole task registry to look for it)."""
+    pytest.importorskip("lm_eval", reason="the eval extra")
+    from launch.lm_eval_model import main
+
+    out = tmp_path / "results"
+    monkeypatch.setattr(sys, "argv", ["deepseek-lm-eval", "--model", "deepseek-pretrain", "--model_args",
+                                      f"path={hf_dir},tokenizer={tokenizer_dir}", "--tasks", "local_choice,no_such_task",
+                                      "--include_path", "configs/eval", "--output_path", str(out)])
+    monkeypatch.chdir(ROOT)
+    assert main() == 2
+    lines = capfd.readouterr().err.strip().splitlines()
+    assert all(LM_EVAL_LOG.match(line) for line in lines[:-1]), lines
+    assert lines[-1].startswith("error: --tasks: unknown no_such_task (see `lm-eval ls tasks`"), lines[-1]
     assert not out.exists()
 
 

@@ -169,8 +169,11 @@ def test_sampler_global_batches_split_over_ranks_and_resume_at_any_data_parallel
     for world in (1, 2, 4, 8):
         resumed, _ = steps(world, batches[3:], state)
         assert first + resumed == uninterrupted
-    with pytest.raises(ValueError, match="sampler state is for"):
+    with pytest.raises(DatasetError, match="the checkpoint's data stream was 103 sequences with seed 3, this run's is 100"):
         PackedSampler(100, seed=3).load_state_dict(state)
+    same_size = PackedSampler(103, seed=3, fingerprint="b" * 64)
+    with pytest.raises(DatasetError, match="the dataset: its data changed since the checkpoint was saved"):
+        same_size.load_state_dict({**state, "fingerprint": "a" * 64})
 
 
 def _error(capsys, argv) -> str:

@@ -319,6 +319,28 @@ def test_inspect_summarises_and_refuses_mixing_window_lengths(sources, tokenizer
     assert f"{sources['prose']} and {tmp_path / 'short'}: different seq_len (128 vs 64)" in message
 
 
+def test_inspect_reports_validation_documents_that_are_in_the_training_data(sources, tokenizer_dir, tmp_path, capsys):
+    """By the text of each document (as hashed at prepare time, before FIM): two of the three held-out
+    documents are in the docs source, prepared there with FIM and here without."""
+    heldout = prose_documents(limit=4)[:2] + code_documents(limit=20)[-1:]
+    assert _prepare([write_jsonl(tmp_path / "val.jsonl", heldout)], tokenizer_dir, tmp_path / "val", "--fim-rate", "0",
+                    seq_len=128) == 0
+    assert _prepare([write_jsonl(tmp_path / "new.jsonl", heldout[2:])], tokenizer_dir, tmp_path / "new",
+                    seq_len=128) == 0
+    training = [str(sources[name]) for name in ("prose", "code", "docs")]
+    capsys.readouterr()
+    assert inspect_main([*training, "--validation", str(tmp_path / "val"), str(tmp_path / "new")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2] == (f"warning: validation {tmp_path / 'val'}: 2 of its 3 documents are also in the training "
+                         "data (the same text): their loss is not held out")
+    assert lines[-1] == f"validation {tmp_path / 'new'}: none of its 1 documents is in the training data"
+    old = tmp_path / "old"
+    shutil.copytree(sources["docs"], old)
+    (old / "document_hashes.npy").unlink()  # prepared before prepare kept the hashes
+    message = _one_line_error(capsys, inspect_main([str(old), "--validation", str(tmp_path / "val")]))
+    assert "old/document_hashes.npy: missing" in message and "prepare it again" in message
+
+
 @pytest.mark.slow
 def test_a_three_source_mixture_trains_in_its_proportions_and_resumes_exactly(sources, tokenizer_dir, tmp_path):
     """Through the launcher: 24 steps of a 0.5/0.3/0.2 mixture, each source's share of the consumed tokens within 1% of its weight; resumed from step 12, the
@@ -346,3 +368,132 @@ def test_a_three_source_mixture_trains_in_its_proportions_and_resumes_exactly(so
     for a, b in zip(straight, resumed):
         assert abs(a["loss"] - b["loss"]) <= 1e-5, (a["step"], a["loss"], b["loss"])
         assert (a["source_tokens"], a["source_epochs"]) == (b["source_tokens"], b["source_epochs"])
+
+
+# ------------------------------------------------------------------ the probes' data findings (issue 29)
+def _setup(tokenizer_dir, *sets):
+    from launch.config.run_config import load_run_config
+    from launch.training.data import setup_data
+
+    run = load_run_config(ROOT / "configs" / "tiny.yaml", [f"data.tokenizer={tokenizer_dir}", "data.seq_len=128",
+                                                           "data.validation={}", *sets])
+    return run, setup_data(run, rank=0)[1]
+
+
+def test_the_embedded_corpus_is_built_only_in_its_cache_with_its_tokenizer(tokenizer_dir, tmp_path):
+    """``data.builtin_corpus`` (on in the tiny config) fills a missing ``data.dataset`` only inside the
+    directory of its own tokenizer: a path elsewhere, or beside another tokenizer, is refused before
+    anything is written."""
+    elsewhere = tmp_path / "mine" / "packed"
+    with pytest.raises(ConfigError, match=r"data.dataset: .*/packd is missing; data.builtin_corpus builds the "
+                                          r"embedded corpus only with its own tokenizer"):
+        _setup(tokenizer_dir, f"data.dataset={tokenizer_dir.parent / 'packd'}")  # a typo beside your tokenizer
+    cache = tmp_path / "cache"
+    shutil.copytree(tokenizer_dir, cache / "tokenizer")
+    (cache / "python-corpus.jsonl").write_text("")  # the embedded tokenizer, built there before
+    with pytest.raises(ConfigError, match=r"data.dataset: .*mine/packed is missing; .* only inside its cache "
+                                          rf"directory {cache}/"):
+        _setup(cache / "tokenizer", f"data.dataset={elsewhere}")
+    with pytest.raises(ConfigError, match=r"only inside its cache directory"):  # nor with a tokenizer to build
+        _setup(tmp_path / "fresh" / "tokenizer", f"data.dataset={elsewhere}")
+    with pytest.raises(ConfigError, match=r"data.dataset: .*mine/packed is missing; build it with"):
+        _setup(cache / "tokenizer", f"data.dataset={elsewhere}", "data.builtin_corpus=false")
+    assert not (tmp_path / "mine").exists() and not (tmp_path / "fresh").exists()
+    assert sorted(p.name for p in cache.iterdir()) == ["python-corpus.jsonl", "tokenizer"]
+
+
+def test_the_embedded_corpus_replaces_only_what_it_built(sources, tokenizer_dir, tmp_path):
+    """A missing tokenizer makes the embedded corpus build a new one, and the data of the old one
+    again: only data it built itself (the corpus text its one input). Prepared data of your own is
+    never replaced: with a typo in ``data.tokenizer`` it is one line, and nothing is written."""
+    from launch.training.data import _built_by_embedded
+
+    mine = tmp_path / "data"
+    shutil.copytree(sources["docs"], mine / "packed")
+    before = sorted(p.name for p in mine.rglob("*"))
+    with pytest.raises(ConfigError, match=rf"data.tokenizer: {mine / 'tokenzier'} is missing, and data.dataset "
+                                          rf"{mine / 'packed'} was prepared with another tokenizer"):
+        _setup(mine / "tokenzier", f"data.dataset={mine / 'packed'}")
+    assert sorted(p.name for p in mine.rglob("*")) == before
+    assert not _built_by_embedded(str(mine / "packed"), mine)
+    manifest = json.loads((mine / "packed" / "manifest.json").read_text())
+    for name, built in (("python-corpus.jsonl", True), ("python-heldout-code.jsonl", True), ("corpus.jsonl", False)):
+        (mine / "packed" / "manifest.json").write_text(json.dumps({**manifest, "inputs": [str(mine / name)]}))
+        assert _built_by_embedded(str(mine / "packed"), mine) == built, name
+        assert not _built_by_embedded(str(mine / "packed"), tmp_path / "elsewhere"), name
+
+
+def test_data_smaller_than_a_micro_batch_per_rank_names_its_source(sources, tokenizer_dir):
+    from launch.training.data import check_fills_a_micro_batch
+
+    one = json.dumps([{"name": "docs", "path": str(sources["docs"]), "weight": 1}])
+    two = json.dumps([{"name": n, "path": str(sources[n]), "weight": 1} for n in ("docs", "code")])
+    for sets, names in [([f"data.dataset={sources['docs']}"], f"data.dataset: {sources['docs']}: its "),
+                        (["data.builtin_corpus=false", f"data.sources={one}"], f"data.sources[0] (docs): {sources['docs']}: its "),
+                        (["data.builtin_corpus=false", f"data.sources={two}"], "data.sources: the mixture's ")]:
+        run, dataset = _setup(tokenizer_dir, *sets)
+        check_fills_a_micro_batch(run, dataset, dp=len(dataset) // 4)  # micro-batch 4: exactly full
+        with pytest.raises(ConfigError) as error:
+            check_fills_a_micro_batch(run, dataset, dp=len(dataset) // 4 + 1)
+        assert names in str(error.value) and "cannot fill one micro-batch per rank" in str(error.value), error.value
+    assert f"(docs {dataset.sizes[0]}, code {dataset.sizes[1]})" in str(error.value)
+
+
+def test_shards_of_another_prepare_run_in_one_directory_are_refused(sources, tokenizer_dir, tmp_path):
+    """A shard set is one prepare command's: a shard of another seed, or shards of another count
+    beside a complete set, are one line; the same command's shard, however prepared, is accepted."""
+    code, corpus = sources["code"], sources["code"].parent / "code.jsonl"
+    assert _prepare([corpus], tokenizer_dir, tmp_path / "seed1", "--jobs", "2", "--seed", "1", seq_len=128) == 0
+    assert _prepare([corpus], tokenizer_dir, tmp_path / "task", "--num-shards", "2", "--shard-index", "1",
+                    seq_len=128) == 0
+
+    def with_shard_1_from(run: str):
+        mixed = tmp_path / f"mixed-{run}"
+        shutil.copytree(code, mixed)
+        shutil.rmtree(mixed / "shard-00001-of-00002")
+        shutil.copytree(tmp_path / run / "shard-00001-of-00002", mixed / "shard-00001-of-00002")
+        return str(mixed)
+
+    assert len(prepared_dirs(with_shard_1_from("task"))) == 2  # the array job's task of the same command
+    with pytest.raises(DatasetError, match=r"mixed-seed1: shard-00000-of-00002 and shard-00001-of-00002 come from "
+                                           r"different prepare runs \(another input, seed or setting\)"):
+        prepared_dirs(with_shard_1_from("seed1"))
+    extra = tmp_path / "extra"
+    shutil.copytree(code, extra)
+    shutil.copytree(code / "shard-00000-of-00002", extra / "shard-00000-of-00003")
+    with pytest.raises(DatasetError, match=r"extra: holds the shards of 2 prepare runs \(shard-\*-of-00002 and "
+                                           r"shard-\*-of-00003\)"):
+        prepared_dirs(str(extra))
+
+
+def test_a_resume_refuses_a_source_whose_content_changed_and_accepts_rescaled_weights(sources, tokenizer_dir,
+                                                                                       tmp_path):
+    """The checkpoint's stream names each source's content (``content_sha256``): a source replaced by
+    other data of the same size is refused, the same data prepared again is not; weights that
+    normalise to the same shares are the same stream."""
+    documents = prose_documents(limit=4)
+    for name, texts in (("docs", documents), ("again", documents), ("reversed", documents[::-1])):
+        corpus = write_jsonl(tmp_path / f"{name}.jsonl", texts)
+        assert _prepare([corpus], tokenizer_dir, tmp_path / name, "--fim-rate", "0", "--split-rate", "0",
+                        seq_len=128) == 0
+    fingerprint = load_tokenizer_dir(tokenizer_dir).fingerprint
+
+    def sampler(docs: str, weights=(0.5, 0.5)) -> MixtureSampler:
+        parts = [("prose", sources["prose"]), ("docs", tmp_path / docs)]
+        return MixtureSampler(MixtureDataset([Source(name, weight, open_prepared(prepared_dirs(str(path)), fingerprint))
+                                              for (name, path), weight in zip(parts, weights)]), seed=5)
+
+    saved = sampler("docs")
+    saved.take(16)
+    state = json.loads(json.dumps(saved.state_dict()))
+    following = saved.take(16)
+    for docs, weights in (("again", (0.5, 0.5)), ("docs", (1, 1)), ("again", (3, 3))):
+        resumed = sampler(docs, weights)
+        resumed.load_state_dict(state)
+        assert resumed.take(16) == following, (docs, weights)
+    replaced = sampler("reversed")
+    assert replaced.sizes == saved.sizes  # other data of the same size
+    with pytest.raises(DatasetError, match="data source docs: its data changed since the checkpoint was saved"):
+        replaced.load_state_dict(state)
+    with pytest.raises(DatasetError, match="resumes with the sources, weights"):
+        sampler("docs", (1, 2)).load_state_dict(state)

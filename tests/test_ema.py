@@ -80,6 +80,14 @@ def test_ema_exports_and_evaluates(ema_run, embedded_run, tmp_path):
     exported = dict(load_hf_checkpoint(tmp_path / "hf").named_parameters())
     ema = _weights(run_dir, "step00000004", True)
     assert exported.keys() == ema.keys() and all(torch.equal(exported[n], ema[n]) for n in ema)
+    # --fp8 with --ema: the release format of those same EMA weights
+    from .test_fp8_release import tensors_of, weight_quant
+
+    assert convert([str(run_dir), str(tmp_path / "fp8"), "--ema", "--fp8"]) == 0
+    plain, fp8 = tensors_of(tmp_path / "hf"), tensors_of(tmp_path / "fp8")
+    quantized = [k for k in fp8 if k + "_scale_inv" in fp8]
+    assert quantized and all(torch.equal(weight_quant(plain[k])[0].view(torch.uint8), fp8[k].view(torch.uint8))
+                             for k in quantized)
     packed = [f"{name}={path}" for name, path in embedded_run[1]["validation"].items()]
     losses = {}
     for flag in ([], ["--ema"]):
@@ -91,3 +99,36 @@ def test_ema_exports_and_evaluates(ema_run, embedded_run, tmp_path):
     result = subprocess.run([sys.executable, "-m", "launch.convert", str(embedded_run[0]), str(tmp_path / "none"),
                              "--ema"], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode != 0 and result.stderr.count("\n") == 1 and "holds no EMA" in result.stderr
+
+
+@pytest.mark.slow
+def test_lm_eval_ema_scores_the_ema_weights(ema_run):
+    """``model_args ema=true``: lm-eval's loglikelihood is the one of the weights ``load_model(path,
+    ema=True)`` reads (computed here from the model's logits), not the trained weights'."""
+    pytest.importorskip("lm_eval", reason="the eval extra")
+    from lm_eval.api.instance import Instance
+
+    from launch.checkpointing.model_source import load_model
+    from launch.evaluation.lm_eval import DeepSeekPretrainLM
+    from tokenizer.load import load_tokenizer_dir
+
+    run_dir, _ = ema_run
+    context, continuation = "import os", " and sys"  # a word boundary: the pair's tokens are the whole's
+
+    def by_hand(ema: bool) -> float:
+        loaded = load_model(run_dir, ema=ema)
+        bundle = load_tokenizer_dir(loaded.tokenizer_dir)
+        whole = [bundle.bos_id, *bundle.encode(context + continuation)]
+        start = 1 + len(bundle.encode(context))
+        assert whole[:start] == [bundle.bos_id, *bundle.encode(context)]
+        with torch.no_grad():
+            logprobs = loaded.model(torch.tensor([whole])).logits[0].double().log_softmax(-1)
+        return sum(logprobs[t - 1, whole[t]].item() for t in range(start, len(whole)))
+
+    request = Instance(request_type="loglikelihood", doc={}, arguments=(context, continuation), idx=0)
+    scored = {ema: DeepSeekPretrainLM.create_from_arg_string(f"path={run_dir},ema={str(ema).lower()}")
+              .loglikelihood([request], disable_tqdm=True)[0][0] for ema in (True, False)}
+    expected = {ema: by_hand(ema) for ema in (True, False)}
+    for ema in (True, False):
+        assert scored[ema] == pytest.approx(expected[ema], rel=1e-6), (ema, scored, expected)
+    assert abs(expected[True] - expected[False]) > 1e-4 * abs(expected[False]), expected  # the EMA is other weights

@@ -140,7 +140,8 @@ def test_batched_and_speculative_generation_equal_plain_greedy(hf_dir, tokenizer
 
 
 @pytest.mark.parametrize("args,message", [
-    ({"ema": True}, "model_args ema: this project keeps no EMA weights yet"),
+    ({"ema": "maybe"}, "model_args ema=maybe: expected true or false"),
+    ({"ema": True}, "--ema reads a run's checkpoint; a HF directory holds one set of weights"),
     ({"speculative": "beam"}, "model_args speculative=beam: expected mtp"),
     ({"batch_size": "auto"}, "batch_size auto: automatic batch sizes are not supported"),
     ({"max_length": 100000}, "model_args max_length=100000: expected 2 <= max_length <= 512"),
@@ -169,7 +170,7 @@ def test_console_script_runs_lm_evals_cli_with_the_model_registered(hf_dir, toke
     assert result.returncode == 0, result.stderr[-2000:]
     written = list((tmp_path / "out").rglob("results_*.json"))
     assert len(written) == 1 and "local_choice" in json.loads(written[0].read_text())["results"]
-    bad = subprocess.run([script, "--model", "deepseek-pretrain", "--model_args", f"path={hf_dir},ema=1",
+    bad = subprocess.run([script, "--model", "deepseek-pretrain", "--model_args", f"path={hf_dir},ema=maybe",
                           "--tasks", "local_choice", "--include_path", "configs/eval"],
                          capture_output=True, text=True, cwd=ROOT)
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: model_args ema:")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: model_args ema=maybe:")

@@ -52,6 +52,19 @@ def test_671b_recipe_walks_clean_under_dualpipe_pp16(capsys):
     assert code == 0 and "every step runs" in capsys.readouterr().out
 
 
+def test_walk_json_is_the_walked_recipe(capsys):
+    assert plan_main([str(TINY), "--walk", "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    run = load_run_config(TINY)
+    stretches = walk(run, 1, 1, check_schedule(run, 1, 1))
+    assert [(s["first"], s["last"], s["batch"], s["phase"]) for s in answer["stretches"]] == \
+        [(s.first, s.last, s.batch, s.phase) for s in stretches]
+    assert answer["first_step_that_cannot_run"] is None and answer["steps"] == stretches[-1].last
+    assert answer["tokens"] >= run.train.total_tokens
+    assert plan_main([str(TINY), "--walk"]) == 0
+    assert f"every step runs: {answer['steps']} steps" in capsys.readouterr().out
+
+
 def test_a_final_batch_dualpipe_cannot_run_is_one_line():
     run = load_run_config(V3, ["parallel.pp=8", "train.batch.final=15232"])  # 15232 / 128 = 119, odd
     with pytest.raises(ConfigError, match=r"train.batch.final = 15232 sequences = 119 micro-batches"):
@@ -114,6 +127,9 @@ def test_flops_per_token_by_hand():
     (["--set", "train.recompute=some"], "train.recompute: expected one of none, selective, full"),
     (["--pp", "4"], "train.batch.final = 16 sequences = 4 micro-batches of 4 per pipeline at --pp 4"),
     (["--dp", "0"], "--dp 0: expected a positive number"),
+    (["--device-memory-gb", "nan"], "--device-memory-gb nan: expected a positive size"),
+    (["--device-memory-gb", "inf"], "--device-memory-gb inf: expected a positive size"),
+    (["--fp8", "te", "--recompute", "selective"], "train.recompute: selective with --fp8 te cannot run"),  # as the trainer
 ])
 def test_a_bad_flag_is_one_line(capfd, argv, message):
     assert plan_main([str(TINY), *argv]) == 2

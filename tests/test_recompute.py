@@ -12,9 +12,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
 
-from launch.config.run_config import load_run_config
+from launch.config.run_config import check_recompute, load_run_config
 from launch.training.memory import SavedActivations
-from launch.training.parallelize import check_recompute
 from plugins.errors import ConfigError
 from plugins.model.config import ModelConfig
 from plugins.model.deepseek_v3 import DeepSeekV3
@@ -149,9 +148,11 @@ def test_recompute_config_is_validated_in_one_line(tmp_path):
         load_run_config(config, ["train.recompute=full", "parallel.pp=2", "parallel.ep=2"])
     with pytest.raises(ConfigError, match=r"tiny.yaml: train.recompute: full with model.balance: batch_aux cannot run"):
         load_run_config(config, ["train.recompute=full", "model.balance=batch_aux"])
-    run = load_run_config(config, ["train.recompute=selective", "parallel.pp=2"])
+    with pytest.raises(ConfigError, match=r"tiny.yaml: train.recompute: selective with --fp8 te cannot run"):
+        load_run_config(config, ["train.recompute=selective", "parallel.fp8=te"])  # launch.plan reads it so too
+    run = load_run_config(config, ["train.recompute=selective", "parallel.pp=2", "parallel.fp8=auto"])
     check_recompute(run)
-    run.parallel.fp8 = "te"
+    run.parallel.fp8 = "te"  # auto, resolved on a Hopper GPU
     with pytest.raises(ConfigError, match=r"train.recompute: selective with --fp8 te cannot run"):
         check_recompute(run)
 

@@ -53,6 +53,22 @@ def test_embedded_corpus_holds_out_documents_of_both_domains(tmp_path):
         assert heldout and not training & set(heldout), domain
 
 
+def test_embedded_corpus_holds_out_a_document_with_its_twins(monkeypatch, tmp_path):
+    """Held out by content: identical files at any positions (the standard library has some, which
+    ones depends on the Python version) are all held out or all trained on; about one in ten code
+    documents is held out."""
+    from data_pipeline import builtin_corpus
+
+    texts = [f"def f{i}():\n    return {i}\n" for i in range(200)]
+    library = texts + texts[::-1]  # every text twice: positions i and 399 - i (every tenth position would leak)
+    monkeypatch.setattr(builtin_corpus, "domain_documents", lambda domain: library if domain == "code" else ["doc"])
+    training, heldout = builtin_corpus._split("code")
+    assert not set(training) & set(heldout) and sorted(set(training) | set(heldout)) == sorted(texts)
+    assert len(training) == 400 - 2 * len(heldout) and 10 <= len(heldout) <= 30
+    assert builtin_corpus.write_heldout(tmp_path / "code.jsonl", "code") > 0
+    assert [json.loads(line)["text"] for line in (tmp_path / "code.jsonl").read_text().splitlines()] == heldout
+
+
 def test_validation_records_and_wandb_keys(embedded_run):
     run_dir, data, result = embedded_run
     records = eval_records(run_dir)

@@ -122,8 +122,22 @@ def _tokenizer_config(specials: SpecialTokens) -> dict:
     }
 
 
+def _special_tokens(args: argparse.Namespace) -> SpecialTokens:
+    """The ``--*-token`` flags: each non-empty, no two alike (an id stands for one token)."""
+    given = {name: getattr(args, f"{name}_token") for name in SpecialTokens().as_dict()}
+    flag = {name: f"--{name.replace('_', '-')}-token" for name in given}
+    for name, value in given.items():
+        if not value:
+            raise TrainError(f"{flag[name]} {value!r}: must be a non-empty string")
+    for name, value in given.items():
+        twin = next((other for other in given if other != name and given[other] == value), None)
+        if twin is not None:
+            raise TrainError(f"{flag[name]} and {flag[twin]} are both {value!r}: special tokens must be distinct")
+    return SpecialTokens(**given)
+
+
 def train(args: argparse.Namespace) -> dict:
-    specials = SpecialTokens(*(getattr(args, f"{name}_token") for name in SpecialTokens().as_dict()))
+    specials = _special_tokens(args)
     _check(args, specials)
     stats = SourceStats()
     texts = iter_texts(args.input, args.dataset, args.dataset_config, args.split, args.text_field, stats=stats)

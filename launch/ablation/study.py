@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PRETRAIN = ROOT / "launch" / "pretrain.py"
 DONE, VARIANT = "ablation_done.json", "ablation_variant.json"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+STOP_GRACE_S = 60  # an interrupted variant's launcher gets this long after SIGTERM before SIGKILL
 
 
 @dataclass
@@ -86,6 +87,8 @@ def load_study(path: str | Path) -> Study:
         raise ConfigError(f"{source}: study.steps: expected a positive number of steps, got {study.steps}")
     if not Path(study.config).is_file():
         raise ConfigError(f"{source}: study.config: {study.config}: no such config file")
+    if study.launch and shutil.which(study.launch[0]) is None:
+        raise ConfigError(f"{source}: study.launch: {study.launch[0]}: no such command (not an executable on PATH)")
     for index, variant in enumerate(study.variants):
         try:
             load_run_config(study.config, study.overrides(variant))
@@ -94,15 +97,9 @@ def load_study(path: str | Path) -> Study:
     return study
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def command(study: Study, variant: Variant, resume: bool) -> tuple[list[str], dict[str, str]]:
     """The launcher command line of a variant and the environment it adds: under ``launch`` that
-    launcher; without, one plain process given the rendezvous a launcher would set."""
+    launcher; without, one plain process (``launch/pretrain.py`` then runs as a world of one)."""
     args = [str(PRETRAIN), "--config", study.config, "--run-dir", str(study.run_dir(variant))]
     if study.steps is not None:
         args += ["--steps", str(study.steps)]
@@ -111,11 +108,7 @@ def command(study: Study, variant: Variant, resume: bool) -> tuple[list[str], di
     if resume:
         args.append("--resume")
     env = {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
-    if study.launch:
-        return [*study.launch, *args], env
-    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()))
-    return [sys.executable, *args], env
+    return [*(study.launch or [sys.executable]), *args], env
 
 
 def state(study: Study, variant: Variant) -> str:
@@ -141,7 +134,24 @@ def state(study: Study, variant: Variant) -> str:
     return "resume" if Checkpointer(run_dir).latest_tag() is not None else "fresh"
 
 
-def run_variant(study: Study, variant: Variant, runner: Callable = subprocess.run) -> str:
+def run_child(argv: list[str], stdout, stderr, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``subprocess.run`` that stops the child when interrupted (Ctrl-C): SIGTERM, which the
+    ``deepspeed`` launcher passes on to its ranks, then SIGKILL after ``STOP_GRACE_S`` or at a
+    second Ctrl-C; the interrupt then goes on."""
+    child = subprocess.Popen(argv, stdout=stdout, stderr=stderr, env=env)
+    try:
+        return subprocess.CompletedProcess(argv, child.wait())
+    except BaseException:
+        child.terminate()
+        try:
+            child.wait(STOP_GRACE_S)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            child.kill()
+            child.wait()
+        raise
+
+
+def run_variant(study: Study, variant: Variant, runner: Callable = run_child) -> str:
     """Runs (or resumes) one variant unless it finished; returns what it did."""
     what = state(study, variant)
     if what == "done":

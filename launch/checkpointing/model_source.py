@@ -1,7 +1,8 @@
 """Where the evaluation and inference entry points, ``--init-from`` and conversion take weights from:
 a run directory (its latest checkpoint), one checkpoint directory (``RUN_DIR/checkpoints/stepN``)
-or a HF DeepseekV3 directory (``config.json`` + safetensors). Every reader fills a model built on
-the ``meta`` device and allocated once, reading only the tensors that model holds."""
+or a HF DeepseekV3 directory (``config.json`` + safetensors; BF16/FP32 or DeepSeek's FP8 release
+format). Every reader fills a model built on the ``meta`` device and allocated once, reading only
+the tensors that model holds."""
 
 from __future__ import annotations
 

@@ -199,6 +199,7 @@ def _validate(run: RunConfig) -> None:
     if t.recompute == "full" and run.model.balance == "batch_aux":
         fail("train.recompute", "full with model.balance: batch_aux cannot run: the recomputed block would "
                                 "all-reduce its expert counts again in backward; use selective")
+    check_recompute(run)
     if d.seq_len < 2:
         fail("data.seq_len", "must be at least 2")
     if d.sources and d.builtin_corpus:
@@ -218,6 +219,17 @@ def _validate(run: RunConfig) -> None:
     if p.ep < 1 or run.model.n_routed_experts % p.ep:
         fail("parallel.ep", f"{p.ep}: must be a positive divisor of model.n_routed_experts = "
                             f"{run.model.n_routed_experts}")
+
+
+def check_recompute(run: RunConfig) -> None:
+    """Recomputation (report 3.2.3) with Transformer-Engine's FP8 linears is refused: backward, where
+    the recomputation runs, is outside ``te.autocast``, so the recomputed GEMMs would not be the FP8
+    ones the forward ran. Checked on every config (``launch.plan`` included) and again by the trainer
+    once ``parallel.fp8: auto`` is resolved."""
+    if run.train.recompute != "none" and run.parallel.fp8 == "te":
+        raise ConfigError(f"{run.source}: train.recompute: {run.train.recompute} with --fp8 te cannot run: the "
+                          "recomputation in backward runs outside te.autocast; use --fp8 emulated or "
+                          "train.recompute=none")
 
 
 def check_world(pp: int, ep: int, world: int) -> int:

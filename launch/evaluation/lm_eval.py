@@ -54,8 +54,9 @@ class DeepSeekPretrainLM(TemplateLM):
     """``path``: a run, checkpoint or HF DeepseekV3 directory (or a ``LoadedModel``, with
     ``tokenizer`` a ``TokenizerBundle``); ``tokenizer``: a tokenizer directory (default: the run's);
     ``max_length``: tokens per forward (default: the model's positions); ``speculative=mtp``;
-    ``ema``: rejected until the project keeps EMA weights. Sampling (``do_sample``) draws from
-    torch's global generator, which lm-eval seeds (``--seed``)."""
+    ``ema=true``: a run's or checkpoint's EMA of the weights (``train.ema``), as ``launch.evaluate
+    --ema``. Sampling (``do_sample``) draws from torch's global generator, which lm-eval seeds
+    (``--seed``)."""
 
     backend = "causal"
 
@@ -66,8 +67,8 @@ class DeepSeekPretrainLM(TemplateLM):
             raise ConfigError(f"model_args: unknown {', '.join(sorted(unknown))} (expected {', '.join(MODEL_ARGS)})")
         if path is None:
             raise ConfigError("model_args: path=RUN_DIR|CHECKPOINT_DIR|HF_DIR is required")
-        if ema:
-            raise ConfigError("model_args ema: this project keeps no EMA weights yet; drop ema=")
+        if ema not in (None, True, False):  # lm-eval reads ema=true / ema=false as booleans
+            raise ConfigError(f"model_args ema={ema}: expected true or false")
         if speculative not in (None, "mtp"):
             raise ConfigError(f"model_args speculative={speculative}: expected mtp")
         if str(batch_size).startswith("auto"):
@@ -76,7 +77,7 @@ class DeepSeekPretrainLM(TemplateLM):
         if isinstance(path, LoadedModel):
             loaded, bundle = path, tokenizer
         else:
-            loaded = load_model(path)
+            loaded = load_model(path, ema=bool(ema))
             if tokenizer is None and loaded.tokenizer_dir is None:
                 raise ConfigError(f"{path}: a HF directory needs model_args tokenizer=DIR")
             bundle = load_tokenizer_dir(tokenizer or loaded.tokenizer_dir)

@@ -1,8 +1,10 @@
 """The planner's answer for one config and layout: what each rank holds at its peak
 (``rank_memory``), FLOPs per token and MFU's formula, whether the largest rank fits the device, as
-JSON-ready data or a table; and the whole token schedule walked (``walk``) as text."""
+JSON-ready data or a table; and the whole token schedule walked (``walk``), as data or text."""
 
 from __future__ import annotations
+
+import dataclasses
 
 from launch.config.run_config import RunConfig
 from launch.config.schedules import batch_size, check_schedule, ramp_note
@@ -79,20 +81,30 @@ def table(plan: dict) -> str:
     return "\n".join(lines)
 
 
-def walk_report(run: RunConfig, dp: int) -> tuple[str, bool]:
-    """The walked recipe as text, and whether every step can run."""
+def walked(run: RunConfig, dp: int) -> dict:
+    """The walked recipe as JSON-ready data (``--walk --json``): its stretches of steps, the first
+    step that cannot run (or None) and the steps and tokens of the whole schedule."""
     grid = check_schedule(run, run.parallel.pp, dp)
     stretches = walk(run, run.parallel.pp, dp, grid)
-    lines = [f"{'steps':>17} {'tokens before':>15} {'batch':>6} {'micro':>5} {'lr phase':>8} {'lr':>21} "
-             f"{'gamma':>6} {'lambda':>6}"]
-    for s in stretches:
-        lines.append(f"{s.first:>8}-{s.last:<8} {s.tokens_before:>15.4g} {s.batch:>6} {s.micro_batches:>5} "
-                     f"{s.phase:>8} {s.lr_first:>9.3e}->{s.lr_last:<9.3e} {s.gamma:>6.3g} {s.lam:>6.3g}")
     bad = next((s for s in stretches if s.problem), None)
     last = stretches[-1]
-    lines.append(f"first step that cannot run: step {bad.first} ({bad.problem})" if bad else
-                 f"every step runs: {last.last} steps, {last.tokens_before + (last.last - last.first + 1) * last.batch * run.data.seq_len:.4g} tokens")
-    note = ramp_note(run, dp, grid)
-    if note:
-        lines.append(f"note: {note}")
-    return "\n".join(lines), bad is None
+    return {"config": run.source, "stretches": [dataclasses.asdict(s) for s in stretches],
+            "first_step_that_cannot_run": None if bad is None else {"step": bad.first, "problem": bad.problem},
+            "steps": last.last, "tokens": last.tokens_before + (last.last - last.first + 1) * last.batch * run.data.seq_len,
+            "note": ramp_note(run, dp, grid)}
+
+
+def walk_report(answer: dict) -> str:
+    """``walked``'s answer as text."""
+    lines = [f"{'steps':>17} {'tokens before':>15} {'batch':>6} {'micro':>5} {'lr phase':>8} {'lr':>21} "
+             f"{'gamma':>6} {'lambda':>6}"]
+    for s in answer["stretches"]:
+        lines.append(f"{s['first']:>8}-{s['last']:<8} {s['tokens_before']:>15.4g} {s['batch']:>6} "
+                     f"{s['micro_batches']:>5} {s['phase']:>8} {s['lr_first']:>9.3e}->{s['lr_last']:<9.3e} "
+                     f"{s['gamma']:>6.3g} {s['lam']:>6.3g}")
+    bad = answer["first_step_that_cannot_run"]
+    lines.append(f"first step that cannot run: step {bad['step']} ({bad['problem']})" if bad else
+                 f"every step runs: {answer['steps']} steps, {answer['tokens']:.4g} tokens")
+    if answer["note"]:
+        lines.append(f"note: {answer['note']}")
+    return "\n".join(lines)

@@ -50,16 +50,6 @@ def check_fp8_policy(run: RunConfig) -> None:
                           "of the model")
 
 
-def check_recompute(run: RunConfig) -> None:
-    """Recomputation (report 3.2.3) with Transformer-Engine's FP8 linears is refused: backward, where
-    the recomputation runs, is outside ``te.autocast``, so the recomputed GEMMs would not be the FP8
-    ones the forward ran (``parallel.fp8`` as resolved from ``auto``)."""
-    if run.train.recompute != "none" and run.parallel.fp8 == "te":
-        raise ConfigError(f"{run.source}: train.recompute: {run.train.recompute} with --fp8 te cannot run: the "
-                          "recomputation in backward runs outside te.autocast; use --fp8 emulated or "
-                          "train.recompute=none")
-
-
 def parallelize(run: RunConfig, groups: ParallelGroups, device: torch.device, init_from: str | None = None
                 ) -> Parallelized:
     """Build only this rank's part of the model: on the ``meta`` device, keep the rank's experts and

@@ -41,7 +41,7 @@ from plugins.precision.fp8 import release_copies
 from plugins.precision.moments import MOMENT_DTYPES, AdamW
 
 from . import memory, moe_stats
-from .data import setup_data, validating, validation_sets
+from .data import check_fills_a_micro_batch, setup_data, validating, validation_sets
 from .ema import HostEMA
 from .forward_backward import GradientAccumulation, PipelineSchedule
 from .parallelize import parallelize
@@ -179,9 +179,7 @@ class Trainer:
                 raise ConfigError(f"{self.run.source}: train.batch.{name}: {value} sequences is not a multiple of "
                                   f"micro_batch_size x data-parallel ranks = {t.micro_batch_size} x {dp}; fix: "
                                   f"--set train.batch.{name}={max(granularity, value // granularity * granularity)}")
-        if len(self.dataset) < granularity:
-            raise ConfigError(f"{self.run.data.dataset}: the dataset's {len(self.dataset)} sequences cannot fill one "
-                              "micro-batch per rank")
+        check_fills_a_micro_batch(self.run, self.dataset, dp)
 
     def _describe(self, built) -> None:
         p = self.run.parallel

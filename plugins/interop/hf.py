@@ -5,7 +5,8 @@ Key layout is DeepSeek's published one: ``model.layers.{i}.*`` with per-expert
 MTP module d lives at layer index ``num_hidden_layers + d`` with ``enorm``, ``hnorm``,
 ``eh_proj``, ``shared_head.norm`` and copies of the shared ``embed_tokens``/``shared_head.head``.
 Both directions stream one tensor (reading) or one shard (writing) at a time, so a host needs
-the model's memory plus a shard, never two copies of the model.
+the model's memory plus a shard, never two copies of the model. Either direction also speaks
+DeepSeek's FP8 release format (``fp8_release``), dequantised on reading, quantised on writing.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -28,6 +29,14 @@ from ..model.config import ModelConfig
 from ..model.deepseek_v3 import DeepSeekV3
 from ..model.init import init_weights
 from ..model.rope import RotaryEmbedding
+from .fp8_release import (
+    QUANTIZATION_CONFIG,
+    SCALE_SUFFIX,
+    check_quantization_config,
+    check_tensors,
+    dequantize,
+    release_tensors,
+)
 
 _CONFIG_FIELDS = [
     "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
@@ -41,13 +50,40 @@ _EXPERT_KEY = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_pr
 
 
 # ------------------------------------------------------------------ config
+ARCHITECTURE = "DeepseekV3ForCausalLM"
+# Fields a config.json may set that do not change the model: bookkeeping, inference switches
+# (``ep_size``: DeepSeek's inference expert parallelism) and the original run's balance loss choice.
+_IGNORED_FIELDS = {"architectures", "model_type", "auto_map", "torch_dtype", "dtype", "transformers_version",
+                   "use_cache", "_name_or_path", "output_router_logits", "ep_size", "seq_aux", "quantization_config"}
+# Fields this model implements with one value only.
+_FIXED_FIELDS = {"hidden_act": "silu", "scoring_func": "sigmoid", "topk_method": "noaux_tc", "attention_bias": False,
+                 "mlp_bias": False, "attention_dropout": 0.0, "moe_layer_freq": 1, "pretraining_tp": 1,
+                 "rope_interleave": True}
+_ROPE_FIELDS = {"rope_scaling", "rope_parameters", "rope_theta", "num_mtp_layers"}
+# Fields transformers writes that follow from the others: this model has one key-value head per head.
+_DERIVED_FIELDS = {
+    "num_key_value_heads": lambda c: c.num_attention_heads,
+    "head_dim": lambda c: c.qk_rope_head_dim,
+    "qk_head_dim": lambda c: c.qk_nope_head_dim + c.qk_rope_head_dim,
+}
+_KNOWN_FIELDS = _IGNORED_FIELDS | _FIXED_FIELDS.keys() | _ROPE_FIELDS | set(_CONFIG_FIELDS) | _DERIVED_FIELDS.keys()
+
+
 def config_from_hf(raw: dict, source: str) -> ModelConfig:
-    """ModelConfig from a HF/DeepSeek config.json (``rope_scaling``+``rope_theta`` or ``rope_parameters``)."""
-    if raw.get("model_type", "deepseek_v3") != "deepseek_v3":
-        raise ConfigError(f"{source}: model_type: expected 'deepseek_v3', got {raw.get('model_type')!r}")
-    for key, expected in [("hidden_act", "silu"), ("scoring_func", "sigmoid"), ("topk_method", "noaux_tc")]:
-        if key in raw and raw[key] != expected:
-            raise ConfigError(f"{source}: {key}: expected {expected!r}, got {raw[key]!r}")
+    """ModelConfig from a HF/DeepSeek config.json (``rope_scaling``+``rope_theta`` or ``rope_parameters``):
+    model_type ``deepseek_v3``, or any model_type whose ``architectures`` is DeepseekV3ForCausalLM
+    (Kimi-K2's ``kimi_k2``) as long as every field it sets is one this model implements."""
+    if raw.get("model_type", "deepseek_v3") != "deepseek_v3" and ARCHITECTURE not in (raw.get("architectures") or []):
+        raise ConfigError(f"{source}: model_type {raw.get('model_type')!r} with architectures "
+                          f"{raw.get('architectures')!r}: expected model_type 'deepseek_v3' or architectures "
+                          f"[{ARCHITECTURE!r}]")
+    check_quantization_config(raw, source)
+    for key, value in raw.items():
+        if key not in _KNOWN_FIELDS:
+            raise ConfigError(f"{source}: {key}: not a field this model implements ({ARCHITECTURE} as built here)")
+        if key in _FIXED_FIELDS and value != _FIXED_FIELDS[key]:
+            raise ConfigError(f"{source}: {key}: expected {_FIXED_FIELDS[key]!r} (what this model implements), "
+                              f"got {value!r}")
     values = {k: raw[k] for k in _CONFIG_FIELDS if k in raw}
     if "num_nextn_predict_layers" not in values and "num_mtp_layers" in raw:
         values["num_nextn_predict_layers"] = raw["num_mtp_layers"]
@@ -59,12 +95,17 @@ def config_from_hf(raw: dict, source: str) -> ModelConfig:
     else:
         keep = {"type", "rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"}
         values["rope_scaling"] = {k: v for k, v in rope.items() if k in keep}
-    return ModelConfig.from_dict(values, source=source)
+    config = ModelConfig.from_dict(values, source=source)
+    for key, derive in _DERIVED_FIELDS.items():
+        if key in raw and raw[key] != derive(config):
+            raise ConfigError(f"{source}: {key}: expected {derive(config)} (what this model implements), got {raw[key]!r}")
+    return config
 
 
-def config_to_hf(config: ModelConfig, dtype: torch.dtype) -> dict:
-    """config.json contents that transformers' DeepseekV3Config and DeepSeek's own code both read."""
-    out = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3"}
+def config_to_hf(config: ModelConfig, dtype: torch.dtype, fp8: bool = False) -> dict:
+    """config.json contents that transformers' DeepseekV3Config and DeepSeek's own code both read;
+    ``fp8``: with the FP8 release format's ``quantization_config``."""
+    out = {"architectures": [ARCHITECTURE], "model_type": "deepseek_v3"}
     out.update({k: getattr(config, k) for k in _CONFIG_FIELDS})
     out.update(
         num_key_value_heads=config.num_attention_heads,
@@ -79,6 +120,8 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype) -> dict:
     )
     if config.rope_scaling is not None:
         out["rope_scaling"] = {"type": "yarn", **vars(config.rope_scaling)}
+    if fp8:
+        out["quantization_config"] = dict(QUANTIZATION_CONFIG)
     return out
 
 
@@ -158,27 +201,74 @@ def _checkpoint_files(directory: Path) -> list[Path]:
     return files
 
 
-def read_hf_config(directory: str | Path) -> ModelConfig:
-    directory = Path(directory)
+def _raw_config(directory: Path) -> dict:
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise ConfigError(f"{directory}: no config.json (expected a HF DeepseekV3 checkpoint directory)")
-    return config_from_hf(json.loads(config_path.read_text()), source=str(config_path))
+    try:
+        return json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{config_path}: not JSON ({error})") from None
+
+
+def read_hf_config(directory: str | Path) -> ModelConfig:
+    directory = Path(directory)
+    return config_from_hf(_raw_config(directory), source=str(directory / "config.json"))
+
+
+def _headers(files: list[Path]) -> dict[str, tuple[Path, str, tuple[int, ...]]]:
+    """Every tensor's file, safetensors dtype and shape, from the files' headers (no tensor read)."""
+    out = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as shard:
+                for key in shard.keys():
+                    piece = shard.get_slice(key)
+                    out[key] = (path, piece.get_dtype(), tuple(piece.get_shape()))
+        except (SafetensorError, OSError) as error:
+            raise ConfigError(f"{path}: unreadable safetensors file ({error})") from None
+    return out
+
+
+def _reader(shard, path: Path, scales: dict[str, str], headers: dict) -> Callable[[str, torch.device], torch.Tensor]:
+    """Reads a tensor of the open ``shard``; an FP8 weight comes dequantised with its block scales
+    (from whichever file holds them) on the device of the tensor it fills."""
+
+    def read(key: str, device: torch.device) -> torch.Tensor:
+        if key not in scales:
+            return shard.get_tensor(key)
+        scale_path = headers[scales[key]][0]
+        if scale_path == path:
+            scale = shard.get_tensor(scales[key])
+        else:
+            with safe_open(str(scale_path), framework="pt", device="cpu") as other:
+                scale = other.get_tensor(scales[key])
+        return dequantize(shard.get_tensor(key).to(device), scale.to(device))
+
+    return read
 
 
 def load_hf_weights(directory: str | Path, model: DeepSeekV3, expert_offset: int = 0) -> set[str]:
     """Fill ``model`` (the whole model, or the stages and routed experts ``expert_offset ..`` one rank
-    holds) from a HF checkpoint dir, reading only the tensors it holds, one at a time. Returns the
-    names of the held tensors the checkpoint lacks."""
+    holds) from a HF checkpoint dir, BF16/FP32 or DeepSeek's FP8 release format (``fp8_release``:
+    dequantised into the model's dtype), reading only the tensors it holds, one at a time. Returns
+    the names of the held tensors the checkpoint lacks."""
     directory = Path(directory)
+    config_path = directory / "config.json"
+    fp8 = check_quantization_config(_raw_config(directory), str(config_path))
     with torch.device("meta"):
         known = set(DeepSeekV3(model.config).state_dict())
+    files = _checkpoint_files(directory)
+    headers = _headers(files)
+    scales = check_tensors(headers, fp8, config_path)
     loader = _ShardLoader(model.state_dict(), model.config, known, expert_offset)
-    for path in tqdm(_checkpoint_files(directory), desc="loading shards", unit="shard", disable=None):
+    for path in tqdm(files, desc="loading shards", unit="shard", disable=None):
         try:
             with safe_open(str(path), framework="pt", device="cpu") as shard:
+                read = _reader(shard, path, scales, headers)
                 for key in shard.keys():
-                    loader.load(key, shard, path)
+                    if not key.endswith(SCALE_SUFFIX):  # read with its weight
+                        loader.load(key, read, path)
         except (SafetensorError, OSError) as error:
             raise ConfigError(f"{path}: unreadable safetensors file ({error})") from None
     missing = loader.missing()
@@ -229,7 +319,7 @@ class _ShardLoader:
         }
         return set(self.targets) - self.filled - complete
 
-    def load(self, key: str, shard, path: Path) -> None:
+    def load(self, key: str, read: Callable[[str, torch.device], torch.Tensor], path: Path) -> None:
         expert = _EXPERT_KEY.match(key)
         if expert:
             base, e, proj = expert.group(1), int(expert.group(2)), expert.group(3)
@@ -241,7 +331,7 @@ class _ShardLoader:
                 return
             rows = target.shape[1] // 2
             view = {"gate_proj": target[e, :rows], "up_proj": target[e, rows:], "down_proj": target[e]}[proj]
-            _copy(view, shard.get_tensor(key), key, path)
+            _copy(view, read(key, view.device), key, path)
             self.expert_parts.setdefault(name, set()).add((e, proj))
             return
         name = _our_name(key, self.config)
@@ -251,7 +341,7 @@ class _ShardLoader:
             raise ConfigError(f"{path}: {key}: unexpected tensor for this config")
         if name not in self.targets:
             return
-        _copy(self.targets[name], shard.get_tensor(key), key, path)
+        _copy(self.targets[name], read(key, self.targets[name].device), key, path)
         self.filled.add(name)
 
 
@@ -263,18 +353,23 @@ def _copy(target: torch.Tensor, source: torch.Tensor, key: str, path: Path) -> N
 
 
 # ------------------------------------------------------------------ saving
-def save_hf_checkpoint(model, directory: str | Path, max_shard_bytes: int = 5 * 2**30) -> Path:
-    """Write the whole ``model`` to ``directory`` (must not exist or be empty); it appears only once complete."""
+def save_hf_checkpoint(model, directory: str | Path, max_shard_bytes: int = 5 * 2**30, fp8: bool = False) -> Path:
+    """Write the whole ``model`` to ``directory`` (must not exist or be empty); it appears only once
+    complete. ``fp8``: in DeepSeek's FP8 release format."""
     return write_hf_directory(model.config, model.embed_tokens.weight.dtype, iter_hf_tensors(model), directory,
-                              max_shard_bytes)
+                              max_shard_bytes, fp8)
 
 
 def write_hf_directory(config: ModelConfig, dtype: torch.dtype, tensors: Iterable[tuple[str, torch.Tensor]],
-                       directory: str | Path, max_shard_bytes: int = 5 * 2**30) -> Path:
+                       directory: str | Path, max_shard_bytes: int = 5 * 2**30, fp8: bool = False) -> Path:
     """Write (HF key, tensor) pairs as safetensors shards + index + config.json, holding at most one
-    shard's tensors at a time, so ``tensors`` may be produced on the fly (streamed conversion)."""
+    shard's tensors at a time, so ``tensors`` may be produced on the fly (streamed conversion).
+    ``fp8``: DeepSeek's FP8 release format (``fp8_release``), each weight quantised as it arrives and
+    kept in one shard with its block scales; ``dtype`` is then the BF16 of the other tensors."""
     directory = Path(directory)
     check_output_dir(directory, overwrite=False, option="HF output directory")
+    if fp8:
+        dtype = torch.bfloat16
     with staged_directory(directory) as tmp:
         shards: list[list[str]] = []
         pending: dict[str, torch.Tensor] = {}
@@ -287,10 +382,12 @@ def write_hf_directory(config: ModelConfig, dtype: torch.dtype, tensors: Iterabl
             pending, pending_bytes = {}, 0
 
         for key, tensor in tqdm(tensors, desc="writing HF checkpoint", unit="tensor", disable=None):
-            size = tensor.numel() * tensor.element_size()
+            group = list(release_tensors(key, tensor.detach())) if fp8 else [(key, tensor.detach())]
+            size = sum(t.numel() * t.element_size() for _, t in group)
             if pending and pending_bytes + size > max_shard_bytes:
                 flush()
-            pending[key] = tensor.detach().to("cpu", copy=True).contiguous()
+            for name, value in group:
+                pending[name] = value.to("cpu", copy=True).contiguous()
             pending_bytes += size
             total_bytes += size
         if pending:
@@ -302,5 +399,5 @@ def write_hf_directory(config: ModelConfig, dtype: torch.dtype, tensors: Iterabl
             weight_map.update({k: name for k in keys})
         index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        (tmp / "config.json").write_text(json.dumps(config_to_hf(config, dtype), indent=2))
+        (tmp / "config.json").write_text(json.dumps(config_to_hf(config, dtype, fp8), indent=2))
     return directory

@@ -148,8 +148,8 @@ class ModelConfig:
                 self._fail("rope_scaling.factor", f"expected >= 1, got {s.factor}")
             if s.original_max_position_embeddings <= 0:
                 self._fail("rope_scaling.original_max_position_embeddings", "expected a positive integer")
-            if not s.beta_fast > s.beta_slow > 0:
-                self._fail("rope_scaling.beta_fast", f"expected beta_fast > beta_slow > 0, got {s.beta_fast}, {s.beta_slow}")
+            if not s.beta_fast >= s.beta_slow > 0:  # equal: Kimi-K2's; the ramp then spans one dimension
+                self._fail("rope_scaling.beta_fast", f"expected beta_fast >= beta_slow > 0, got {s.beta_fast}, {s.beta_slow}")
 
     # ------------------------------------------------------------------- input
     @classmethod
