@@ -49,12 +49,12 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
     return padded_grouped_mm(x, w, counts)
 
 
-def grouped_wgrad(x: torch.Tensor, dy: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Per expert e, x_e^T dy_e over its rows: [E, K, N], the weight gradient of ``grouped_mm`` (the
-    call its autograd makes)."""
-    if _grouped_mm_supported(x, dy) and (x.shape[0] * x.element_size()) % 16 == 0:
-        return F.grouped_mm(x.T, dy, offs=torch.cumsum(counts, 0).to(torch.int32))
-    return torch.bmm(_padded(x, counts)[0].transpose(1, 2), _padded(dy, counts)[0])
+def grouped_wgrad(dy: torch.Tensor, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Per expert e, dy_e^T x_e over its rows: [E, N, K], the weight gradient of an expert bank
+    [E, N, K] (the values ``grouped_mm``'s autograd computes, in the bank's own layout)."""
+    if _grouped_mm_supported(dy, x) and (dy.shape[0] * dy.element_size()) % 16 == 0:
+        return F.grouped_mm(dy.T, x, offs=torch.cumsum(counts, 0).to(torch.int32))
+    return torch.bmm(_padded(dy, counts)[0].transpose(1, 2), _padded(x, counts)[0])
 
 
 class Gemm:
@@ -92,4 +92,4 @@ class GroupedGemm(Gemm):
         return grouped_mm(dy, weight, counts)
 
     def wgrad(self, dy: torch.Tensor, kept, counts, cols: int) -> torch.Tensor:
-        return grouped_wgrad(kept[0], dy, counts).transpose(1, 2)
+        return grouped_wgrad(dy, kept[0], counts)
