@@ -27,10 +27,11 @@ from launch.planning.rank_memory import Precision, block_activation_bytes, kept 
 GB = 1e9
 LAYOUT = ["parallel.pp=16", "parallel.ep=64", "parallel.pipeline_schedule=dualpipe", "train.micro_batch_size=1",
           "data.seq_len=4096", "train.recompute=selective", "train.optimizer_moments_dtype=bfloat16"]
-OFF = MemoryConfig(weighted_combine=False, swiglu_recompute=False, fp8_activations=False, release_sends=False,
-                   loss_chunk_tokens=0, offload_ffn=False)
+OFF = MemoryConfig(weighted_combine=False, swiglu_recompute=False, fp8_activations=False, fp8_dispatch=False,
+                   release_sends=False, loss_chunk_tokens=0, offload_ffn=False)
 STEPS = [("none of the switches", {}), ("+ weighted combine", {"weighted_combine": True}),
          ("+ recomputed SwiGLU", {"swiglu_recompute": True}), ("+ FP8 SwiGLU input", {"fp8_activations": True}),
+         ("+ FP8 dispatch", {"fp8_dispatch": True}),
          ("+ sends released", {"release_sends": True}), ("+ chunked cross-entropy", {"loss_chunk_tokens": 1024}),
          ("+ FFN offload to host", {"offload_ffn": True})]
 TERMS = ["parameters_bytes", "fp8_weights_bytes", "gradients_bytes", "master_weights_bytes", "moments_bytes",

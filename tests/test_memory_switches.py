@@ -20,7 +20,7 @@ from plugins.model.deepseek_v3 import DeepSeekV3
 from plugins.model.moe import set_ffn_memory
 from plugins.model.recompute import set_recompute
 from plugins.model.router import _Float32Linear
-from plugins.precision.policy import DEFAULT_FP8_MODULES, convert_to_fp8, keep_fp8_activations
+from plugins.precision.policy import DEFAULT_FP8_MODULES, convert_to_fp8, dispatch_in_fp8, keep_fp8_activations
 
 from .conftest import ROOT
 
@@ -159,3 +159,27 @@ def test_the_planner_counts_what_autograd_keeps_per_block(fp8, switches, mode):
         measured = sum(s.nbytes() for key, (owner, s) in saved.storages.items() if owner == index and key not in copies)
         planned = kept(block_activation_bytes(CONFIG, CONFIG.is_moe_layer(int(index)), precision, memory), mode)
         assert abs(planned * ids.numel() / measured - 1) <= 0.02, (index, planned * ids.numel(), measured)
+
+
+def test_fp8_dispatch_gives_the_same_numbers_bit_for_bit():
+    """Quantizing the tokens before the dispatch (1x128 tiles of a row do not depend on where the row
+    goes) gives the expert GEMMs the very E4M3 values they quantized after it; the gradient comes
+    back through the same rows. Expert parallelism: ``tests/test_expert_parallel.py``."""
+    def run(dispatch: bool):
+        torch.manual_seed(0)
+        model = DeepSeekV3(CONFIG)
+        convert_to_fp8(model, "emulated")
+        set_ffn_memory(model, True, True)
+        keep_fp8_activations(model)
+        if dispatch:
+            dispatch_in_fp8(model)
+        ids = torch.randint(0, CONFIG.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
+        out = model(ids, labels=torch.roll(ids, -1, 1))
+        out.loss.backward()
+        with torch.no_grad():
+            logits = model(ids).logits  # the no-autograd path reads the tiles back
+        return out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, logits
+
+    plain, dispatched = run(False), run(True)
+    assert torch.equal(plain[0], dispatched[0]) and torch.equal(plain[2], dispatched[2])
+    assert all(torch.equal(plain[1][n], dispatched[1][n]) for n in plain[1])

@@ -3,7 +3,8 @@ estimator behind ``python -m launch.plan``.
 
 Per pipeline rank (every expert-parallel rank of it holds as much):
 - parameters: the rank's stages and 1/ep of each routed-expert bank (``plugins.parallel.rank_share``,
-  built on ``meta`` as the trainer builds it), bf16 on a GPU, fp32 on a CPU (the trainer's engine);
+  built on ``meta`` as the trainer builds it), bf16 on a GPU, fp32 on a CPU (the trainer's engine),
+  and under FP8 one E4M3 copy of each FP8 weight, shared by the step's micro-batches;
 - gradients: one per parameter in the weights' dtype (ZeRO-1 keeps them whole until the step),
   plus the rank's flat FP32 partition of them that DeepSpeed's ZeRO-1 builds at the accumulation
   boundary, while the whole ones are still held (measured: a one-rank launch peaks at weights +
@@ -14,9 +15,14 @@ Per pipeline rank (every expert-parallel rank of it holds as much):
 - activations: what autograd keeps per token of each block (``block_activation_bytes``) for every
   micro-batch the schedule holds at once, found by walking the rank's own op list
   (``plugins.parallel.dualpipe.build_schedule``: F adds a micro-batch's chunk, B drops it, I keeps it
-  until its deferred W), plus one block's working set for the backward;
-- communication: point-to-point sends the pipeline runtime keeps until the step ends, one
-  all-to-all send buffer under expert parallelism, the ZeRO reduce bucket (the gradients
+  until its deferred W), plus one block's working set for the backward (or one chunk of the
+  chunked cross-entropy); what ``train.memory`` changes in a block is in ``block_activation_bytes``,
+  checked against autograd's saved tensors per block (``tests/test_memory_switches.py``); with
+  ``offload_ffn`` on a GPU, the FFNs' kept tensors are in host memory, reported apart with the bytes
+  copied per step;
+- communication: point-to-point sends in flight (every send of the step, or ``SENDS_IN_FLIGHT``
+  when released as they complete), one all-to-all send buffer under expert parallelism (E4M3
+  under FP8 dispatch), the ZeRO reduce bucket (the gradients
   flattened for the data-parallel reduction, up to DeepSpeed's bucket size; on a GPU always), one
   bucket of the pipeline replicas' gradient sum;
 - EMA (report 3.2.3: kept in host memory) is reported apart: one FP32 copy of the rank's partition.
@@ -288,7 +294,9 @@ def plan_ranks(config: ModelConfig, layout: Layout3D, p: Precision, m: MemoryCon
         else:
             activations, held, sends = per_stage[0], 1, 0
             host, traffic = per_stage_host[0], per_stage_host[0] * layout.micro_batches
-        communication = sends * hidden_message + (config.num_experts_per_tok * hidden_message if layout.ep > 1 else 0)
+        # the dispatch's send buffer: every token's k rows, E4M3 tiles under FP8 dispatch
+        row = fp8_bytes(config.hidden_size) if p.fp8_experts and m.fp8_dispatch else config.hidden_size * p.act
+        communication = sends * hidden_message + (config.num_experts_per_tok * tokens * row if layout.ep > 1 else 0)
         if layout.dp > 1 or layout.device == "gpu":  # ZeRO's flat reduce bucket (a CPU engine skips it at dp 1)
             communication += min(REDUCE_BUCKET, params) * p.act
         if sched:  # one bucket of the replicas' gradient sum

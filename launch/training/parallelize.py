@@ -25,7 +25,7 @@ from plugins.parallel.dualpipe import Layout
 from plugins.parallel.expert import ExpertExchange, apply_expert_parallel
 from plugins.parallel.pipeline_stages import PipelineShard
 from plugins.parallel.replicas import stages_of
-from plugins.precision.policy import convert_to_fp8, fp8_targets, keep_fp8_activations
+from plugins.precision.policy import convert_to_fp8, dispatch_in_fp8, fp8_targets, keep_fp8_activations
 
 
 @dataclass
@@ -81,6 +81,8 @@ def parallelize(run: RunConfig, groups: ParallelGroups, device: torch.device, in
     model.loss_chunk = memory.loss_chunk_tokens
     if p.fp8 != "none" and memory.fp8_activations:
         keep_fp8_activations(model, p.fp8_power_of_two_scales)
+    if p.fp8 != "none" and memory.fp8_dispatch:
+        dispatch_in_fp8(model, p.fp8_power_of_two_scales)
     if exchange is not None:
         ds_internals.mark_expert_parameters([param for moe in model.moe_layers() for param in moe.experts.parameters()],
                                             groups.expert_group_name)

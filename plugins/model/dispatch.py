@@ -5,7 +5,10 @@ Every token keeps all of its k experts: no capacity, no dropping.
 
 With ``weighted`` (``train.memory.weighted_combine``) ``dispatch`` also hands each row its routing
 weight, which the experts apply before their down-projection; ``combine`` then sums the rows as
-they are, so its backward keeps no expert output.
+they are, so its backward keeps no expert output. With a ``quantize`` set (``train.memory.
+fp8_dispatch``, report 3.3.3) the tokens are quantized once, before they are permuted and sent,
+and the experts take the E4M3 rows as their GEMM's input (``Dispatched.quantized``); the rows'
+gradient comes back in the activations' dtype (``to_tokens``), the combine stays in it too.
 
 ``LocalDispatcher`` permutes within the process (all experts are here). Expert parallelism
 swaps in ``plugins.parallel.expert.AllToAllDispatcher`` with the same two calls, chosen when the
@@ -15,6 +18,7 @@ schedule can overlap one micro-batch's exchange with another's computation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +47,13 @@ def permute(x: torch.Tensor, perm: Permutation) -> torch.Tensor:
     """Token rows [N, D] -> expert-sorted rows [N*k, D]. ``index_select``, not ``x[index]``: its
     backward (``index_add``) sums a token's k gradient rows in a fixed order, where the advanced
     index's (``index_put_`` with accumulate) varies run to run on a multi-threaded CPU."""
+    return x.index_select(0, perm.token_index)
+
+
+def permute_rows(x: torch.Tensor, perm: Permutation) -> torch.Tensor:
+    """``permute`` of a tensor without autograd, float8 included (moved as bytes)."""
+    if x.element_size() == 1 and x.is_floating_point():
+        return x.view(torch.uint8).index_select(0, perm.token_index).view(x.dtype)
     return x.index_select(0, perm.token_index)
 
 
@@ -80,16 +91,23 @@ def unpermute(y: torch.Tensor, weights: torch.Tensor | None, perm: Permutation, 
 class Dispatched:
     """What ``dispatch`` hands the experts (``rows`` sorted by local expert, ``counts`` per local
     expert, each row's routing weight when weighted) and what ``combine`` needs to bring their
-    outputs back (``state``)."""
+    outputs back (``state``). Under FP8 dispatch ``quantized`` holds the rows as E4M3 tiles
+    (data, scales), ``rows`` is the tokens they came from and ``to_tokens`` maps the rows' gradient
+    to the tokens'."""
 
     rows: torch.Tensor
     counts: torch.Tensor
     state: object
     row_weights: torch.Tensor | None = None
+    quantized: tuple[torch.Tensor, torch.Tensor] | None = None
+    to_tokens: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 class TokenDispatcher:
-    """The interface DeepSeekMoE calls."""
+    """The interface DeepSeekMoE calls. ``quantize``: tokens [N, D] -> their E4M3 1x128 tiles (data,
+    scales), set for FP8 dispatch (``plugins.precision.policy.dispatch_in_fp8``)."""
+
+    quantize: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def dispatch(self, tokens: torch.Tensor, routing: Routing, weighted: bool = False) -> Dispatched:
         raise NotImplementedError
@@ -107,7 +125,15 @@ class LocalDispatcher(TokenDispatcher):
     def dispatch(self, tokens: torch.Tensor, routing: Routing, weighted: bool = False) -> Dispatched:
         perm = permutation(routing.indices, self.num_experts)
         state = (perm, None if weighted else routing.weights, tokens.shape[0])
-        return Dispatched(permute(tokens, perm), perm.counts, state, row_weights(routing.weights, perm) if weighted else None)
+        weights = row_weights(routing.weights, perm) if weighted else None
+        if self.quantize is None:
+            return Dispatched(permute(tokens, perm), perm.counts, state, weights)
+        quantized = tuple(permute_rows(t, perm) for t in self.quantize(tokens.detach()))
+
+        def to_tokens(grad: torch.Tensor) -> torch.Tensor:
+            return grad.new_zeros(tokens.shape).index_add_(0, perm.token_index, grad)
+
+        return Dispatched(tokens, perm.counts, state, weights, quantized, to_tokens)
 
     def combine(self, expert_output: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
         perm, weights, num_tokens = dispatched.state

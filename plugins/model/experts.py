@@ -33,13 +33,21 @@ class RoutedExperts(nn.Module):
         self.store: Gemm = GroupedGemm()  # how the kept SwiGLU input is stored (FP8 tiles: fp8_activations)
         self.offload: HostOffload | None = None  # what the recomputing path keeps, in host memory (offload_ffn)
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor, row_weights: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, row_weights: torch.Tensor | None = None,
+                quantized: tuple[torch.Tensor, torch.Tensor] | None = None, to_tokens=None) -> torch.Tensor:
         """``x`` [M, D] expert-sorted rows, ``counts`` [E], ``row_weights`` [M] (each row's routing weight,
-        applied before the down-projection; None: the combine applies it) -> [M, D]."""
+        applied before the down-projection; None: the combine applies it) -> [M, D]. FP8-dispatched
+        rows come as ``quantized`` (their E4M3 tiles), ``x`` being the tokens they came from and
+        ``to_tokens`` the map of the rows' gradient to the tokens' (``plugins.model.dispatch``)."""
         if self.recompute and torch.is_grad_enabled():
             with self.offload.hooks() if self.offload is not None else contextlib.nullcontext():
                 return recomputed_swiglu(x, (self.gate_up_proj,), self.down_proj, self.gemm, self.store, counts,
-                                         row_weights)
+                                         row_weights, quantized, to_tokens)
+        if quantized is not None:  # a forward without autograd: the rows' values, from their tiles
+            if torch.is_grad_enabled():
+                raise RuntimeError("FP8-dispatched rows train through the recomputing SwiGLU "
+                                   "(train.memory.swiglu_recompute)")
+            x = self.gemm.load(quantized, torch.Size((quantized[0].shape[0], x.shape[-1])), x.dtype)
         gate, up = self.linear(x, self.gate_up_proj, counts).chunk(2, dim=-1)
         h = F.silu(gate) * up
         return self.linear(h if row_weights is None else weighted(h, row_weights), self.down_proj, counts)

@@ -58,8 +58,8 @@ class DeepSeekMoE(nn.Module):
         tokens = x.reshape(-1, dim)
         routing = self.gate(tokens)
         dispatched = self.dispatcher.dispatch(tokens, routing, self.weighted_combine)
-        routed = self.dispatcher.combine(self.experts(dispatched.rows, dispatched.counts, dispatched.row_weights),
-                                         dispatched)
+        routed = self.dispatcher.combine(self.experts(dispatched.rows, dispatched.counts, dispatched.row_weights,
+                                                      dispatched.quantized, dispatched.to_tokens), dispatched)
         out = routed.view(batch, seq_len, dim)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)

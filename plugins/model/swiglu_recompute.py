@@ -29,10 +29,11 @@ def weighted(h: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
 
 class _RecomputedSwiGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, down, counts, row_weights, gemm: Gemm, store: Gemm, *up_weights):
+    def forward(ctx, x, down, counts, row_weights, gemm: Gemm, store: Gemm, kept, to_input, *up_weights):
         prepared = [gemm.prepare(w) for w in up_weights]
         prepared_down = gemm.prepare(down)
-        kept_x = gemm.keep(x)
+        kept_x = gemm.keep(x) if kept is None else kept
+        ctx.to_input = to_input
         parts = [gemm.fprop(kept_x, w, counts).to(x.dtype) for w in prepared]
         gu = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         gate, up = gu.chunk(2, dim=-1)
@@ -74,12 +75,16 @@ class _RecomputedSwiGLU(torch.autograd.Function):
             term = gemm.dgrad(d_part.contiguous(), weight, counts).to(dtype)
             dx = term if dx is None else dx + term
         d_up = [gemm.wgrad(d_part.contiguous(), kept_x, counts, x_cols).to(dt) for d_part, dt in zip(d_parts, up_dtypes)]
-        return (dx, d_down, None, d_row_weights, None, None, *d_up)
+        if ctx.to_input is not None:
+            dx = ctx.to_input(dx)
+        return (dx, d_down, None, d_row_weights, None, None, None, None, *d_up)
 
 
 def recomputed_swiglu(x: torch.Tensor, up_weights: tuple[torch.Tensor, ...], down: torch.Tensor, gemm: Gemm,
-                      store: Gemm, counts: torch.Tensor | None = None,
-                      row_weights: torch.Tensor | None = None) -> torch.Tensor:
+                      store: Gemm, counts: torch.Tensor | None = None, row_weights: torch.Tensor | None = None,
+                      kept: tuple[torch.Tensor, ...] | None = None, to_input=None) -> torch.Tensor:
     """``W_down((silu(g) * u) [* row_weights])``, ``[g, u]`` the concatenated outputs of ``up_weights``
-    on ``x``; backward keeps ``gemm.keep(x)``, ``store.store([g, u])`` and the row weights only."""
-    return _RecomputedSwiGLU.apply(x, down, counts, row_weights, gemm, store, *up_weights)
+    on ``x``; backward keeps ``gemm.keep(x)``, ``store.store([g, u])`` and the row weights only.
+    ``kept``: the GEMM input already in ``gemm.keep``'s form (FP8-dispatched rows), ``x`` then the
+    tensor they came from and ``to_input`` the map of the rows' gradient to ``x``'s."""
+    return _RecomputedSwiGLU.apply(x, down, counts, row_weights, gemm, store, kept, to_input, *up_weights)

@@ -21,8 +21,9 @@ from torch import nn
 from ..errors import ConfigError
 from ..model.experts import RoutedExperts
 from ..model.mlp import SwiGLU
+from ..model.moe import DeepSeekMoE
 from . import te as fp8_te
-from .fp8 import FP8Gemm, FP8GroupedGemm, fp8_grouped_linear, fp8_linear
+from .fp8 import FP8Gemm, FP8GroupedGemm, fp8_grouped_linear, fp8_linear, quantize
 
 FP8_BACKENDS = ("none", "emulated", "te", "auto")
 DEFAULT_FP8_MODULES = ("*.self_attn.*", "*.mlp.*")
@@ -122,6 +123,20 @@ def keep_fp8_activations(model: nn.Module, power_of_two: bool = True) -> None:
     for module in model.modules():
         if isinstance(module, (RoutedExperts, SwiGLU)):
             module.store = FP8Gemm(power_of_two)
+
+
+def dispatch_in_fp8(model: nn.Module, power_of_two: bool = True) -> None:
+    """Report 3.3.3: the tokens of every MoE block whose experts run the FP8 GEMMs are quantized before
+    the dispatch (1x128 tiles, the scales sent with them), so the exchange and the rows the experts
+    keep are E4M3; their gradient and the combine stay in the activations' dtype."""
+    for module in model.modules():
+        if isinstance(module, DeepSeekMoE) and isinstance(module.experts, FP8RoutedExperts):
+            module.dispatcher.quantize = lambda x, p2=power_of_two: _tiles(x, p2)
+
+
+def _tiles(x: torch.Tensor, power_of_two: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    q = quantize(x, 1, power_of_two)
+    return q.data, q.scale
 
 
 def fp8_autocast(backend: str) -> contextlib.AbstractContextManager:
