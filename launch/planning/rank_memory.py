@@ -20,8 +20,9 @@ Per pipeline rank (every expert-parallel rank of it holds as much):
   checked against autograd's saved tensors per block (``tests/test_memory_switches.py``); with
   ``offload_ffn`` on a GPU, the FFNs' kept tensors are in host memory, reported apart with the bytes
   copied per step;
-- communication: point-to-point sends in flight (every send of the step, or ``SENDS_IN_FLIGHT``
-  when released as they complete), one all-to-all send buffer under expert parallelism (E4M3
+- communication: point-to-point sends in flight (every send of the step, or, released as they
+  complete, the most the schedule lets a rank hold under any op durations:
+  ``plugins.parallel.pipeline_sim.sends_in_flight``), one all-to-all send buffer under expert parallelism (E4M3
   under FP8 dispatch), the ZeRO reduce bucket (the gradients
   flattened for the data-parallel reduction, up to DeepSpeed's bucket size; on a GPU always), one
   bucket of the pipeline replicas' gradient sum;
@@ -40,15 +41,13 @@ from launch.config.run_config import MemoryConfig
 from plugins.model.config import ModelConfig
 from plugins.model.experts import RoutedExperts
 from plugins.parallel.dualpipe import Layout, build_schedule, check
+from plugins.parallel.pipeline_sim import sends_in_flight
 from plugins.parallel.pipeline_stages import layer_spans
 from plugins.parallel.rank_share import rank_model
 from plugins.parallel.replicas import BUCKET as REPLICA_BUCKET
 from plugins.precision.policy import fp8_targets
 
 REDUCE_BUCKET = 500_000_000  # DeepSpeed's default ZeRO reduce_bucket_size (elements)
-SENDS_IN_FLIGHT = 4  # pipeline sends a rank holds at once when released as they complete (measured: 3 at most)
-
-
 def fp8_bytes(width: int) -> int:
     """One row of ``width`` values in E4M3 1x128 tiles: zero-padded to whole tiles, one FP32 scale each."""
     return -(-width // 128) * (128 + 4)
@@ -269,6 +268,7 @@ def plan_ranks(config: ModelConfig, layout: Layout3D, p: Precision, m: MemoryCon
     tokens = layout.micro_batch * layout.seq_len
     pipelined = layout.pp > 1
     sched = check(layout.schedule, layout.pp, layout.micro_batches) if pipelined else None
+    in_flight_sends = sends_in_flight(sched) if sched else []
     stages = sched.stages if sched else 1
     per_stage = [stage_activation_bytes(config, s, stages, p, layout.recompute, m) * tokens for s in range(stages)]
     per_stage_host = [stage_offload_bytes(config, s, stages, p, layout.recompute, m) * tokens for s in range(stages)]
@@ -290,7 +290,7 @@ def plan_ranks(config: ModelConfig, layout: Layout3D, p: Precision, m: MemoryCon
             sends = sum((op.forward is not None and sched.stage(rank, op.forward[0]) < stages - 1)
                         + (op.backward is not None and sched.stage(rank, op.backward[0]) > 0) for op in ops)
             if m.release_sends:  # a send holds its tensor until its receiver takes it
-                sends = min(sends, SENDS_IN_FLIGHT)
+                sends = min(sends, in_flight_sends[rank])
         else:
             activations, held, sends = per_stage[0], 1, 0
             host, traffic = per_stage_host[0], per_stage_host[0] * layout.micro_batches
