@@ -58,7 +58,7 @@ class DeepSeekV3(nn.Module):
         self.mtp = nn.ModuleList(
             MTPModule(config, config.num_hidden_layers + d) for d in range(config.num_nextn_predict_layers)
         )
-        self.loss_chunk = 0  # tokens per chunk of a training cross-entropy (0: whole; train.memory.chunked_loss)
+        self.loss_chunk = 0  # tokens per chunk of a training cross-entropy (0: whole; train.memory.loss_chunk_tokens)
         self.reset_parameters()
 
     def reset_parameters(self, seed: int | None = None) -> None:
@@ -85,7 +85,7 @@ class DeepSeekV3(nn.Module):
                 with_mtp: bool = True) -> ModelOutput:
         """The last stage: final norm and head on the trunk's output ``h`` (before the final norm),
         the MTP modules from it, and the cross-entropy terms when ``labels`` are given. With
-        ``loss_chunk`` set (``train.memory.chunked_loss``) a training forward computes each
+        ``loss_chunk`` set (``train.memory.loss_chunk_tokens``) a training forward computes each
         cross-entropy ``loss_chunk`` tokens at a time and returns no logits."""
         chunked = labels is not None and self.loss_chunk > 0 and torch.is_grad_enabled()
         normed = self.norm(h)

@@ -50,7 +50,7 @@ class DeepSeekMoE(nn.Module):
         self.register_buffer("tokens_per_expert", torch.zeros(config.n_routed_experts, dtype=torch.int64),
                              persistent=False)
         self.balance_loss: torch.Tensor | None = None
-        self.weighted_combine = False  # routing weights applied before the down-projection (set_moe_memory)
+        self.weighted_combine = False  # routing weights applied before the down-projection (set_ffn_memory)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` [B, T, D] -> [B, T, D]."""

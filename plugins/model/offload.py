@@ -1,6 +1,6 @@
-"""Host offload of what a computation keeps for backward (``train.memory.offload_ffn``: the recomputing
-SwiGLUs'; Megatron's
-fine-grained activation offloading): inside ``hooks()`` every tensor autograd saves is copied to
+"""Host offload of what a computation keeps for backward (``train.memory.offload_ffn``: what the
+recomputing SwiGLUs keep; Megatron's fine-grained activation offloading): inside ``hooks()`` every
+tensor autograd saves is copied to
 pinned host memory on a side stream as it is saved, and its device memory returns to the caching
 allocator once the copy is done; backward copies it back to the device when it needs it (on the
 compute stream, after the side stream's copy). Where tensors already live in host memory (CPU

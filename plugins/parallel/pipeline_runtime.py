@@ -5,8 +5,9 @@ Activations and gradients travel on one process group per (kind, sending chunk),
 between two ranks on one group always come in micro-batch order and never cross. Sends are
 asynchronous, each tensor held until its send completes (``release_sends``: checked after every
 op — NCCL's work reports it; a gloo send completes only in ``wait``, which a waiter thread calls
-for it — else at the end of the step); a rank blocks only on the receives of its next op, which the schedule orders so
-they always arrive (``plugins.pipeline_sim`` checks the same order for deadlocks). Backward is
+for it — else at the end of the step; ``pipeline_sim.sends_in_flight`` bounds how many); a rank
+blocks only on the receives of its next op, which the schedule orders so they always arrive
+(``plugins.pipeline_sim`` checks the same order for deadlocks). Backward is
 split into an input-gradient part (sent on at once) and a weight-gradient part that a later
 ``W`` op runs, with ``torch.distributed.pipelining``'s graph splitting.
 
