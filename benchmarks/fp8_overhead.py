@@ -21,7 +21,7 @@ from common import time_interleaved, write_result  # benchmarks/ is the script d
 
 from plugins.model.config import ModelConfig
 from plugins.model.deepseek_v3 import DeepSeekV3
-from plugins.model.experts import grouped_mm
+from plugins.model.gemm import grouped_mm
 from plugins.precision import te as fp8_te
 from plugins.precision.fp8 import fp8_grouped_linear, fp8_linear
 from plugins.precision.policy import convert_to_fp8, fp8_autocast

@@ -8,8 +8,9 @@ import torch.multiprocessing as mp
 
 from plugins.model.config import ModelConfig
 from plugins.model.init import init_weights
-from plugins.model.moe import DeepSeekMoE
+from plugins.model.moe import DeepSeekMoE, set_ffn_memory
 from plugins.parallel.expert import ExpertExchange, apply_expert_parallel, distinct_destinations
+from plugins.precision.policy import convert_to_fp8, dispatch_in_fp8
 
 from .conftest import ROOT
 from .distributed import STEP_RTOL, spawn
@@ -18,11 +19,18 @@ from .launcher import launch
 pytestmark = pytest.mark.slow
 
 
-def _layer(skew: str) -> DeepSeekMoE:
+def _layer(skew: str, mode: str = "plain") -> DeepSeekMoE:
+    """``weighted``: the routing weights travel with the rows and are applied before the experts'
+    down-projection, whose SwiGLU output is recomputed (``train.memory``); ``fp8``: the same with
+    the experts' GEMMs in (emulated) FP8 and, under expert parallelism, the tokens dispatched as
+    E4M3 tiles."""
     torch.manual_seed(0)
     config = ModelConfig.from_yaml(ROOT / "configs" / "tiny.yaml")
     moe = DeepSeekMoE(config)
     init_weights(moe, 0.1)
+    if mode == "fp8":
+        convert_to_fp8(moe, "emulated", ["experts"])
+    set_ffn_memory(moe, mode != "plain", mode != "plain")
     if skew == "one_rank":  # every token's experts on the first ranks: the others receive nothing
         moe.gate.e_score_correction_bias[:4] = 10.0
     return moe
@@ -36,15 +44,17 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
-def _worker(rank: int, world: int, skew: str, counts: list[int], results) -> None:
+def _worker(rank: int, world: int, skew: str, counts: list[int], mode: str, results) -> None:
     # reference: every rank's tokens through the whole layer in one process
-    reference = _layer(skew)
+    reference = _layer(skew, mode)
     ref_out = [reference(_tokens(r, counts[r])) for r in range(world)]
     sum(o.square().sum() for o in ref_out).backward()
 
-    moe = _layer(skew)
+    moe = _layer(skew, mode)
     exchange = ExpertExchange(None, moe.num_experts)
     apply_expert_parallel(moe, exchange)
+    if mode == "fp8":
+        dispatch_in_fp8(moe)
     out = moe(_tokens(rank, counts[rank]))
     out.square().sum().backward()
     load = moe.tokens_per_expert.clone()
@@ -66,11 +76,12 @@ def _worker(rank: int, world: int, skew: str, counts: list[int], results) -> Non
         results["reference_gate_grad"] = reference.gate.weight.grad.clone()
 
 
-@pytest.mark.parametrize("world,skew,counts", [(2, "none", [40, 24]), (4, "none", [16, 3, 33, 8]),
-                                               (2, "one_rank", [20, 20]), (4, "one_rank", [5, 9, 1, 30])])
-def test_expert_parallel_layer_equals_the_single_process_layer(world, skew, counts):
+@pytest.mark.parametrize("world,skew,counts,mode", [
+    (2, "none", [40, 24], "plain"), (4, "none", [16, 3, 33, 8], "plain"), (2, "one_rank", [20, 20], "plain"),
+    (4, "one_rank", [5, 9, 1, 30], "plain"), (2, "none", [40, 24], "weighted"), (4, "one_rank", [5, 9, 1, 30], "fp8")])
+def test_expert_parallel_layer_equals_the_single_process_layer(world, skew, counts, mode):
     results = mp.Manager().dict()
-    spawn(_worker, world, skew, counts, results)
+    spawn(_worker, world, skew, counts, mode, results)
     for rank in range(world):
         r = results[rank]
         assert r["local_shape"][0] == 16 // world

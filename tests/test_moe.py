@@ -6,7 +6,8 @@ import torch
 from plugins.model.balance import expert_load, max_violation, sequence_balance_loss, update_router_bias
 from plugins.model.config import ModelConfig
 from plugins.model.dispatch import permutation, permute, unpermute
-from plugins.model.experts import RoutedExperts, grouped_mm, padded_grouped_mm
+from plugins.model.experts import RoutedExperts
+from plugins.model.gemm import grouped_mm, padded_grouped_mm
 from plugins.model.moe import DeepSeekMoE
 from plugins.model.router import Router, select_experts
 

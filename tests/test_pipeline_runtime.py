@@ -1,5 +1,7 @@
 """The pipeline runtime on 2 and 4 gloo ranks against one process running the whole model on the
-same micro-batches: the losses and every parameter's gradient after one step."""
+same micro-batches: the losses and every parameter's gradient after one step, with the memory
+switches on (``train.memory``: the weighted combine and the recomputed SwiGLU in the split
+backward), and the sends' tensors released as they complete."""
 
 import dataclasses
 
@@ -11,9 +13,11 @@ import torch.multiprocessing as mp
 from launch.distributed.groups import pipeline_groups
 from plugins.model.config import ModelConfig
 from plugins.model.deepseek_v3 import DeepSeekV3
+from plugins.model.moe import set_ffn_memory
 from plugins.parallel import replicas as replica_sync
-from plugins.parallel.dualpipe import check
+from plugins.parallel.dualpipe import build_schedule, check
 from plugins.parallel.pipeline_runtime import PipelineRuntime
+from plugins.parallel.pipeline_sim import sends_in_flight
 from plugins.parallel.pipeline_stages import PipelineShard
 from plugins.parallel.replicas import ReplicaSync, stages_of
 
@@ -27,7 +31,9 @@ def _model() -> DeepSeekV3:
     torch.manual_seed(0)
     config = ModelConfig.from_yaml(ROOT / "configs" / "tiny.yaml")
     config = dataclasses.replace(config, num_hidden_layers=4)
-    return DeepSeekV3(config)
+    model = DeepSeekV3(config)
+    set_ffn_memory(model, weighted_combine=True, swiglu_recompute=True)
+    return model
 
 
 def _batches(count: int) -> list[dict[str, torch.Tensor]]:
@@ -60,7 +66,11 @@ def _worker(rank: int, world: int, schedule: str, micro: int, bucket: int, resul
     reference_grads = dict(reference.named_parameters())
     worst = max(((p.grad - reference_grads[n].grad).abs().max() / reference_grads[n].grad.abs().max().clamp_min(1e-8)).item()
                 for n, p in shard.model.named_parameters())
-    results[rank] = (((values / micro).float() - expected).abs() / expected.abs()).max().item(), worst
+    stages = layout.stages
+    issued = sum((op.forward is not None and layout.stage(rank, op.forward[0]) < stages - 1)
+                 + (op.backward is not None and layout.stage(rank, op.backward[0]) > 0) for op in build_schedule(layout, rank))
+    results[rank] = ((((values / micro).float() - expected).abs() / expected.abs()).max().item(), worst,
+                     totals.peak_sends, sends_in_flight(layout)[rank], issued)
 
 
 @pytest.mark.parametrize("schedule,world,micro,bucket", [
@@ -71,6 +81,8 @@ def test_pipeline_step_equals_one_process(schedule, world, micro, bucket):
     results = mp.Manager().dict()
     spawn(_worker, world, schedule, micro, bucket, results)
     for rank in range(world):
-        loss_error, grad_error = results[rank]  # relative
+        loss_error, grad_error, peak_sends, bound, issued = results[rank]  # relative
         assert loss_error <= STEP_RTOL, (rank, loss_error)
         assert grad_error <= STEP_RTOL, (rank, grad_error)
+        # completed sends let go: never more held than the schedule allows under any timing
+        assert peak_sends <= bound <= issued, (rank, peak_sends, bound, issued)

@@ -147,5 +147,24 @@ def test_rank_parameters_equal_the_built_rank():
     from launch.planning.rank_memory import Layout3D, Precision, plan_ranks
 
     ranks = plan_ranks(run.model, Layout3D(2, 1, 1, 1, 128, "dualpipe", 4, "none", "cpu"),
-                       Precision.of("cpu", "float32", "none"))
+                       Precision.of("cpu", "float32", "none"), run.train.memory)
     assert ranks[0]["parameters"] == sum(p.numel() for p in built.parameters())
+
+
+def test_the_reports_layout_fits_80_gb_with_every_term_counted(capsys):
+    """Issue 27's check: PP16 DualPipe x EP64 x DP128, micro-batch 1 x 4096, selective recompute, FP8,
+    BF16 moments, on 80 GB: the largest rank fits with the config's memory switches (what the FFNs keep
+    offloaded to host memory), and does not without the offload; every term stays in the total."""
+    argv = [str(V3), "--pp", "16", "--ep", "64", "--dp", "128", "--micro-batch", "1", "--seq-len", "4096",
+            "--pipeline-schedule", "dualpipe", "--recompute", "selective", "--fp8", "emulated",
+            "--set", "train.optimizer_moments_dtype=bfloat16", "--device", "gpu", "--device-memory-gb", "80", "--json"]
+    assert plan_main(argv) == 0
+    plan = json.loads(capsys.readouterr().out)
+    largest = plan["ranks"][plan["largest_rank"]]
+    terms = ("parameters_bytes", "fp8_weights_bytes", "gradients_bytes", "optimizer_bytes", "activations_bytes",
+             "communication_bytes")
+    assert plan["fits"] and plan["largest_rank_total_bytes"] <= 80e9
+    assert largest["total_bytes"] == pytest.approx(sum(largest[t] for t in terms))
+    assert all(largest[t] > 0 for t in terms) and largest["offload_host_bytes"] > 0
+    assert plan_main([*argv, "--set", "train.memory.offload_ffn=false"]) == 0
+    assert not json.loads(capsys.readouterr().out)["fits"]

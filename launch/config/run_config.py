@@ -98,6 +98,20 @@ class SpikeConfig:
 
 
 @dataclass
+class MemoryConfig:
+    """What backward keeps (report 3.3.3, docs/memory.md); the trainer and ``launch.plan`` read the same
+    switches."""
+
+    weighted_combine: bool = True  # routing weights applied before the down-projection: no expert output kept
+    swiglu_recompute: bool = True  # the routed experts' SwiGLU output recomputed in backward from its input
+    fp8_activations: bool = True  # under parallel.fp8: that SwiGLU input kept in FP8 (1x128 tiles)
+    fp8_dispatch: bool = True  # under parallel.fp8 with FP8 experts: tokens quantized before the dispatch
+    release_sends: bool = True  # a pipeline send's tensor released when the send completes, not at the step's end
+    loss_chunk_tokens: int = 1024  # cross-entropies computed this many tokens at a time, logits recomputed (0: whole)
+    offload_ffn: bool = False  # with swiglu_recompute: what every SwiGLU (experts, dense FFNs) keeps, in pinned host memory
+
+
+@dataclass
 class TrainConfig:
     total_tokens: float = 14.8e12
     micro_batch_size: int = 1
@@ -128,6 +142,7 @@ class TrainConfig:
     preempt_grace_s: float = 25.0  # the save on SIGTERM/SIGUSR1/SIGINT must be done within this
     async_save: bool = False  # checkpoints written from a host copy while training goes on
     spike: SpikeConfig | None = None  # e.g. {window: 100, factor: 3.0, action: skip}
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
 
 
 @dataclass
@@ -173,6 +188,15 @@ def _validate(run: RunConfig) -> None:
         fail("train.eval_interval", f"must be >= 0 (0: no validation), got {t.eval_interval}")
     if t.eval_sequences <= 0:
         fail("train.eval_sequences", f"must be positive, got {t.eval_sequences}")
+    if p.fp8 not in ("none", "te") and t.memory.fp8_dispatch and not t.memory.swiglu_recompute:
+        fail("train.memory.fp8_dispatch", "FP8-dispatched rows train through the recomputing SwiGLU; set "
+                                          "train.memory.swiglu_recompute: true or fp8_dispatch: false")
+    if t.memory.offload_ffn and not t.memory.swiglu_recompute:
+        fail("train.memory.offload_ffn", "offloads what the recomputing SwiGLU keeps; it needs "
+                                             "train.memory.swiglu_recompute: true")
+    if t.memory.loss_chunk_tokens < 0:
+        fail("train.memory.loss_chunk_tokens", f"must be >= 0 (0: one cross-entropy over the micro-batch), "
+                                               f"got {t.memory.loss_chunk_tokens}")
     if t.keep_checkpoints < 0:
         fail("train.keep_checkpoints", f"must be >= 0 (0 keeps all), got {t.keep_checkpoints}")
     if t.total_tokens <= 0:

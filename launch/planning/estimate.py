@@ -26,7 +26,8 @@ def estimate(run: RunConfig, dp: int, device: str, device_memory_gb: float) -> d
     final = batch_size(t.batch, t.batch.ramp_tokens, grid)
     layout = Layout3D(p.pp, p.ep, dp, t.micro_batch_size, run.data.seq_len, p.pipeline_schedule,
                       final // (t.micro_batch_size * dp), t.recompute, device)
-    ranks = plan_ranks(run.model, layout, Precision.of(device, t.optimizer_moments_dtype, p.fp8))
+    ranks = plan_ranks(run.model, layout, Precision.of(device, t.optimizer_moments_dtype, p.fp8, p.fp8_modules),
+                       t.memory)
     flops = flops_per_token(run.model, run.data.seq_len)
     largest = max(ranks, key=lambda r: r["total_bytes"])
     return {
@@ -59,11 +60,11 @@ def table(plan: dict) -> str:
              f"micro-batch {L['micro_batch']} x {L['seq_len']} tokens, {L['micro_batches_per_step']} micro-batches "
              f"per step, {L['pipeline_schedule'] or 'no pipeline'}, recompute {L['recompute']}, fp8 {L['fp8']}, "
              f"moments {L['optimizer_moments_dtype']}",
-             f"{'rank':>4} {'params':>8} {'weights':>9} {'grads':>9} {'master':>9} {'moments':>9} "
+             f"{'rank':>4} {'params':>8} {'weights':>9} {'fp8 copy':>9} {'grads':>9} {'master':>9} {'moments':>9} "
              f"{'activations':>17} {'comm':>8} {'total':>9}"]
     for r in plan["ranks"]:
         lines.append(f"{r['pipeline_rank']:>4} {r['parameters'] / 1e9:>7.2f}B {r['parameters_bytes'] / GB:>7.1f}GB "
-                     f"{r['gradients_bytes'] / GB:>7.1f}GB {r['master_weights_bytes'] / GB:>7.1f}GB "
+                     f"{r['fp8_weights_bytes'] / GB:>7.1f}GB {r['gradients_bytes'] / GB:>7.1f}GB {r['master_weights_bytes'] / GB:>7.1f}GB "
                      f"{r['moments_bytes'] / GB:>7.1f}GB {r['activations_bytes'] / GB:>7.1f}GB ({r['activation_micro_batches']:>2} mb) "
                      f"{r['communication_bytes'] / GB:>6.1f}GB {r['total_bytes'] / GB:>7.1f}GB")
     verdict = "fits" if plan["fits"] else "does NOT fit"
@@ -73,6 +74,11 @@ def table(plan: dict) -> str:
                             "GB more" if plan["save_staging_host_bytes_per_rank"] else ""),
               f"FLOPs per token {plan['flops_per_token']:.4g} (6 x {plan['flops']['parameters'] / 1e9:.2f}B "
               f"activated parameters + attention {plan['flops']['attention']:.3g}); {plan['mfu_formula']}"]
+    offload = max(plan["ranks"], key=lambda r: r["offload_host_bytes"])
+    if offload["offload_host_bytes"]:
+        lines.append(f"train.memory.offload_ffn: up to {offload['offload_host_bytes'] / GB:.1f} GB of pinned host memory "
+                     f"per rank (rank {offload['pipeline_rank']}), {offload['offload_bytes_per_step'] / GB:.0f} GB "
+                     "per step copied each way over the GPU's host link")
     if plan["runtime_overhead_bytes"]:
         lines.append(f"plus the process runtime, {plan['runtime_overhead_bytes'] / 2**20:.0f} MB on a CPU (not in the totals)")
     if plan["note"]:

@@ -40,8 +40,10 @@ class PipelineSchedule:
     """DualPipe, DualPipeV or 1F1B over this rank's stages; a runtime per micro-batch count (the
     batch-size ramp changes it)."""
 
-    def __init__(self, shard: PipelineShard, groups: ParallelGroups, schedule: str, fp8_backend: str):
+    def __init__(self, shard: PipelineShard, groups: ParallelGroups, schedule: str, fp8_backend: str,
+                 release_sends: bool = True):
         self.shard, self.groups, self.schedule, self.fp8_backend = shard, groups, schedule, fp8_backend
+        self.release_sends = release_sends
         self.replicas = ReplicaSync(Layout.placement(schedule, groups.pp), shard.model, groups.pipeline_rank, groups.replicas)
         ds_internals.mark_pipe_replicated(self.replicas.secondary)
         self.runtimes: dict[int, PipelineRuntime] = {}
@@ -51,7 +53,8 @@ class PipelineSchedule:
         if count not in self.runtimes:
             self.runtimes[count] = PipelineRuntime(check(self.schedule, self.groups.pp, count),
                                                    self.groups.pipeline_rank, self.shard,
-                                                   self.groups.pipeline_peers, self.groups.channels)
+                                                   self.groups.pipeline_peers, self.groups.channels,
+                                                   release_sends=self.release_sends)
         with fp8_autocast(self.fp8_backend):
             totals = self.runtimes[count].step(batches, mtp_weight)
         self.replicas.sum_gradients()

@@ -1,6 +1,6 @@
 """Build the rank's part of the model under the run's layout (TorchTitan's ``parallelize``): expert
-parallelism (report 3.2.2), this rank's pipeline stages (3.2.1), FP8 linears (3.3) and activation
-recomputation (3.2.3). The model's math is untouched; what changes is which parameters a rank
+parallelism (report 3.2.2), this rank's pipeline stages (3.2.1), FP8 linears (3.3), activation
+recomputation (3.2.3) and what the routed experts keep for backward (3.3.3). The model's math is untouched; what changes is which parameters a rank
 holds, how tokens reach the experts, what backward recomputes and, under ``model.balance:
 batch_aux``, over which ranks the balance loss counts its tokens (4.5.3). Nothing outside the
 rank's part is ever allocated."""
@@ -18,13 +18,14 @@ from launch.distributed.groups import ParallelGroups
 from plugins.errors import ConfigError
 from plugins.model.deepseek_v3 import DeepSeekV3
 from plugins.model.init import materialize
+from plugins.model.moe import set_ffn_memory
 from plugins.model.recompute import set_recompute
 from plugins.parallel.balance_counts import install_count_reduction
 from plugins.parallel.dualpipe import Layout
 from plugins.parallel.expert import ExpertExchange, apply_expert_parallel
 from plugins.parallel.pipeline_stages import PipelineShard
 from plugins.parallel.replicas import stages_of
-from plugins.precision.policy import convert_to_fp8, fp8_targets
+from plugins.precision.policy import convert_to_fp8, dispatch_in_fp8, fp8_targets, keep_fp8_activations
 
 
 @dataclass
@@ -75,6 +76,13 @@ def parallelize(run: RunConfig, groups: ParallelGroups, device: torch.device, in
         read_weights(init_from, model, expert_offset)
     fp8_modules = convert_to_fp8(model, p.fp8, p.fp8_modules, p.fp8_power_of_two_scales)
     set_recompute(model, run.train.recompute)
+    memory = run.train.memory
+    set_ffn_memory(model, memory.weighted_combine, memory.swiglu_recompute, memory.offload_ffn)
+    model.loss_chunk = memory.loss_chunk_tokens
+    if p.fp8 != "none" and memory.fp8_activations:
+        keep_fp8_activations(model, p.fp8_power_of_two_scales)
+    if p.fp8 != "none" and memory.fp8_dispatch:
+        dispatch_in_fp8(model, p.fp8_power_of_two_scales)
     if exchange is not None:
         ds_internals.mark_expert_parameters([param for moe in model.moe_layers() for param in moe.experts.parameters()],
                                             groups.expert_group_name)

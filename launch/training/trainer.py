@@ -39,6 +39,7 @@ from plugins.model.balance import (
     reset_expert_loads,
     update_router_biases,
 )
+from plugins.precision.fp8 import release_copies
 from plugins.precision.moments import MOMENT_DTYPES, AdamW
 from plugins.progress import RECORD, phase, waiting
 from plugins.run_lock import DirectoryLock, LockedError
@@ -151,7 +152,8 @@ class Trainer:
             moe.gate.e_score_correction_bias.data = moe.gate.e_score_correction_bias.data.float()
         self.ema = HostEMA({name: states["model"] for name, _, _, states in ds_internals.zero_fragments(self.engine)},
                            t.ema.decay) if t.ema is not None else None
-        self.steps = (PipelineSchedule(built.shard, groups, p.pipeline_schedule, p.fp8) if self.pipelined
+        self.steps = (PipelineSchedule(built.shard, groups, p.pipeline_schedule, p.fp8, t.memory.release_sends)
+                      if self.pipelined
                       else GradientAccumulation(self.engine, p.fp8))
         self.checkpointer = Checkpointer(
             options.run_dir, groups.rank, dist.get_world_size(), run.model.n_routed_experts, built.expert_offset,
@@ -265,6 +267,7 @@ class Trainer:
         reset_expert_loads(self.moe_layers)
         with phase("forward and backward"):
             values = self.forward_backward(global_batch, lam)
+        release_copies(self.module)  # FP8 weight copies: the step changes the weights
         # every micro-batch's losses and loads live on exactly one rank: one sum over the world
         loads = collect_expert_loads(self.moe_layers, self.run.model.num_moe_layers, self.run.model.n_routed_experts,
                                      self.device)

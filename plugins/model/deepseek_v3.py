@@ -19,7 +19,7 @@ from torch import nn
 from .block import DecoderLayer
 from .config import ModelConfig
 from .init import init_weights
-from .losses import Losses, cross_entropy, mtp_objective, take_balance_losses
+from .losses import Losses, chunked_cross_entropy, cross_entropy, mtp_objective, take_balance_losses
 from .mla import LatentCache
 from .moe import DeepSeekMoE
 from .mtp import MTPModule, mtp_targets, shift_left
@@ -35,7 +35,7 @@ class ModelOutput:
     ``mtp_losses`` are the unweighted per-depth cross-entropies.
     """
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # None when the loss was computed in chunks (``loss_chunk``)
     mtp_logits: list[torch.Tensor] = field(default_factory=list)
     loss: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
@@ -58,6 +58,7 @@ class DeepSeekV3(nn.Module):
         self.mtp = nn.ModuleList(
             MTPModule(config, config.num_hidden_layers + d) for d in range(config.num_nextn_predict_layers)
         )
+        self.loss_chunk = 0  # tokens per chunk of a training cross-entropy (0: whole; train.memory.loss_chunk_tokens)
         self.reset_parameters()
 
     def reset_parameters(self, seed: int | None = None) -> None:
@@ -83,17 +84,28 @@ class DeepSeekV3(nn.Module):
                 document_ids: torch.Tensor | None = None, mtp_weight: float | None = None,
                 with_mtp: bool = True) -> ModelOutput:
         """The last stage: final norm and head on the trunk's output ``h`` (before the final norm),
-        the MTP modules from it, and the cross-entropy terms when ``labels`` are given."""
-        logits = self.lm_head(self.norm(h))
-        out = ModelOutput(logits=logits)
+        the MTP modules from it, and the cross-entropy terms when ``labels`` are given. With
+        ``loss_chunk`` set (``train.memory.loss_chunk_tokens``) a training forward computes each
+        cross-entropy ``loss_chunk`` tokens at a time and returns no logits."""
+        chunked = labels is not None and self.loss_chunk > 0 and torch.is_grad_enabled()
+        normed = self.norm(h)
+        out = ModelOutput(logits=None if chunked else self.lm_head(normed))
+        mtp_normed = []
         if with_mtp:
             for k, module in enumerate(self.mtp, start=1):
                 h = module(h, self.embed_tokens(shift_left(input_ids, k, fill=0)), rope)
-                out.mtp_logits.append(self.lm_head(module.norm(h)))
+                mtp_normed.append(module.norm(h))
+                if not chunked:
+                    out.mtp_logits.append(self.lm_head(mtp_normed[-1]))
         if labels is not None:
-            out.lm_loss = cross_entropy(logits, labels)
-            out.mtp_losses = [cross_entropy(mtp_logits, mtp_targets(labels, k, document_ids))
-                              for k, mtp_logits in enumerate(out.mtp_logits, start=1)]
+            def loss(normed_h: torch.Tensor, logits: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor:
+                if chunked:
+                    return chunked_cross_entropy(normed_h, self.lm_head.weight, targets, self.loss_chunk)
+                return cross_entropy(logits, targets)
+
+            out.lm_loss = loss(normed, out.logits, labels)
+            out.mtp_losses = [loss(mtp_normed[k - 1], out.mtp_logits[k - 1] if not chunked else None,
+                                   mtp_targets(labels, k, document_ids)) for k in range(1, len(mtp_normed) + 1)]
             weight = self.config.mtp_loss_weight if mtp_weight is None else mtp_weight
             out.mtp_loss = mtp_objective(out.mtp_losses, weight)
         return out
@@ -116,7 +128,7 @@ class DeepSeekV3(nn.Module):
         ran = [layer.mlp for layer in self.layers.values()] + ([m.block.mlp for m in self.mtp] if cache is None else [])
         balance = take_balance_losses(m for m in ran if isinstance(m, DeepSeekMoE))  # taken even when unused
         if labels is not None:
-            zero = out.logits.new_zeros((), dtype=torch.float32)
+            zero = h.new_zeros((), dtype=torch.float32)
             losses = Losses(out.lm_loss, out.mtp_loss, balance)
             out.mtp_loss = zero if out.mtp_loss is None else out.mtp_loss
             out.aux_loss = zero if losses.balance is None else losses.balance

@@ -1,45 +1,23 @@
 """Routed experts as one grouped computation over tokens sorted by expert (report 2.1.2, eq. 12).
 
 A dispatcher (``plugins.model.dispatch``) sorts the rows by expert; the experts run as grouped
-GEMMs (``torch.nn.functional.grouped_mm``) over the contiguous per-expert segments.
+GEMMs (``plugins.model.gemm.grouped_mm``) over the contiguous per-expert segments. With
+``recompute`` (``train.memory.swiglu_recompute``) the SwiGLU output is recomputed in backward
+(``plugins.model.swiglu_recompute``); ``row_weights`` (``train.memory.weighted_combine``) are
+applied before the down-projection.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def _grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """grouped_mm needs 16-byte aligned rows; it runs on CPU in any float dtype and on CUDA on
-    Hopper-class GPUs in bf16."""
-    if (x.shape[-1] * x.element_size()) % 16 or (w.shape[-1] * w.element_size()) % 16:
-        return False
-    if x.device.type == "cpu":
-        return True
-    if x.device.type == "cuda":
-        return torch.cuda.get_device_capability(x.device) >= (9, 0) and x.dtype == torch.bfloat16
-    return False
-
-
-def padded_grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """The same product as ``grouped_mm`` through one batched matmul over per-expert padded rows,
-    for devices without a grouped GEMM. Padding rows are zeros and are dropped again; no token is."""
-    num_experts, capacity = w.shape[0], int(counts.max()) if counts.numel() else 0
-    starts = torch.cumsum(counts, 0) - counts
-    expert_of_row = torch.repeat_interleave(torch.arange(num_experts, device=x.device), counts)
-    slot = torch.arange(x.shape[0], device=x.device) - starts[expert_of_row]
-    padded = x.new_zeros(num_experts, capacity, x.shape[-1])
-    padded[expert_of_row, slot] = x
-    return torch.bmm(padded, w)[expert_of_row, slot]
-
-
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Rows of ``x`` [M, K] sorted by expert, ``counts`` [E] rows each, times ``w`` [E, K, N]."""
-    if _grouped_mm_supported(x, w):
-        return F.grouped_mm(x, w, offs=torch.cumsum(counts, 0).to(torch.int32))
-    return padded_grouped_mm(x, w, counts)
+from .gemm import Gemm, GroupedGemm, grouped_mm
+from .offload import HostOffload
+from .swiglu_recompute import recomputed_swiglu, weighted
 
 
 class RoutedExperts(nn.Module):
@@ -50,8 +28,30 @@ class RoutedExperts(nn.Module):
         self.num_experts = num_experts
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.recompute = False  # the SwiGLU output recomputed in backward
+        self.gemm: Gemm = GroupedGemm()  # how the GEMMs run (FP8 under the FP8 policy)
+        self.store: Gemm = GroupedGemm()  # how the kept SwiGLU input is stored (FP8 tiles: fp8_activations)
+        self.offload: HostOffload | None = None  # what the recomputing path keeps, in host memory (offload_ffn)
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """``x`` [M, D] expert-sorted rows, ``counts`` [E] -> [M, D]."""
-        gate, up = grouped_mm(x, self.gate_up_proj.transpose(1, 2), counts).chunk(2, dim=-1)
-        return grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), counts)
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, row_weights: torch.Tensor | None = None,
+                quantized: tuple[torch.Tensor, torch.Tensor] | None = None, to_tokens=None) -> torch.Tensor:
+        """``x`` [M, D] expert-sorted rows, ``counts`` [E], ``row_weights`` [M] (each row's routing weight,
+        applied before the down-projection; None: the combine applies it) -> [M, D]. FP8-dispatched
+        rows come as ``quantized`` (their E4M3 tiles), ``x`` being the tokens they came from and
+        ``to_tokens`` the map of the rows' gradient to the tokens' (``plugins.model.dispatch``)."""
+        if self.recompute and torch.is_grad_enabled():
+            with self.offload.hooks() if self.offload is not None else contextlib.nullcontext():
+                return recomputed_swiglu(x, (self.gate_up_proj,), self.down_proj, self.gemm, self.store, counts,
+                                         row_weights, quantized, to_tokens)
+        if quantized is not None:  # a forward without autograd: the rows' values, from their tiles
+            if torch.is_grad_enabled():
+                raise RuntimeError("FP8-dispatched rows train through the recomputing SwiGLU "
+                                   "(train.memory.swiglu_recompute)")
+            x = self.gemm.load(quantized, torch.Size((quantized[0].shape[0], x.shape[-1])), x.dtype)
+        gate, up = self.linear(x, self.gate_up_proj, counts).chunk(2, dim=-1)
+        h = F.silu(gate) * up
+        return self.linear(h if row_weights is None else weighted(h, row_weights), self.down_proj, counts)
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """One grouped linear through autograd: ``x`` [M, K] times ``weight`` [E, N, K]^T."""
+        return grouped_mm(x, weight.transpose(1, 2), counts)

@@ -24,6 +24,46 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), flat, ignore_index=IGNORE_INDEX)
 
 
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the logits ``h W^T`` over targets != -100, ``chunk`` tokens at a time:
+    backward recomputes each chunk's logits from ``h``, so no [tokens, vocab] tensor outlives its
+    chunk (the float32 log-softmax of the whole output head would be 4 x vocab bytes per token).
+    The logits are rounded to ``h``'s dtype before the float32 softmax, as ``lm_head`` then
+    ``cross_entropy`` do; the weight gradient is summed over chunks in float32."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        count = (targets != IGNORE_INDEX).sum().clamp_min(1)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, h.shape[0], chunk):
+            logits = F.linear(h[start:start + chunk], weight).float()
+            total += F.cross_entropy(logits, targets[start:start + chunk], ignore_index=IGNORE_INDEX, reduction="sum")
+        ctx.save_for_backward(h, weight, targets, count)
+        ctx.chunk = chunk
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        h, weight, targets, count = ctx.saved_tensors
+        scale = grad / count
+        dh = torch.empty_like(h)
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for start in range(0, h.shape[0], ctx.chunk):
+            piece, target = h[start:start + ctx.chunk], targets[start:start + ctx.chunk]
+            dlogits = F.linear(piece, weight).float().softmax(-1)
+            valid = target != IGNORE_INDEX
+            dlogits[valid, target[valid]] -= 1.0
+            dlogits = (dlogits * (scale * valid)[:, None]).to(h.dtype)
+            dh[start:start + ctx.chunk] = dlogits @ weight
+            dw += (dlogits.t() @ piece).float()
+        return dh, dw.to(weight.dtype), None, None
+
+
+def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``cross_entropy(h @ weight.T, targets)`` without keeping the logits (``_ChunkedLinearCrossEntropy``)."""
+    return _ChunkedLinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), chunk)
+
+
 def mtp_objective(depth_losses: list[torch.Tensor], weight: float) -> torch.Tensor | None:
     """``lambda / D * sum_k L_MTP^k`` (eq. 25); None without MTP modules."""
     if not depth_losses:

@@ -20,6 +20,7 @@ from .config import ModelConfig
 from .dispatch import LocalDispatcher, TokenDispatcher
 from .experts import RoutedExperts
 from .mlp import SwiGLU
+from .offload import HostOffload
 from .recompute_state import recomputing
 from .router import Router
 
@@ -49,14 +50,16 @@ class DeepSeekMoE(nn.Module):
         self.register_buffer("tokens_per_expert", torch.zeros(config.n_routed_experts, dtype=torch.int64),
                              persistent=False)
         self.balance_loss: torch.Tensor | None = None
+        self.weighted_combine = False  # routing weights applied before the down-projection (set_ffn_memory)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` [B, T, D] -> [B, T, D]."""
         batch, seq_len, dim = x.shape
         tokens = x.reshape(-1, dim)
         routing = self.gate(tokens)
-        dispatched = self.dispatcher.dispatch(tokens, routing)
-        routed = self.dispatcher.combine(self.experts(dispatched.rows, dispatched.counts), dispatched)
+        dispatched = self.dispatcher.dispatch(tokens, routing, self.weighted_combine)
+        routed = self.dispatcher.combine(self.experts(dispatched.rows, dispatched.counts, dispatched.row_weights,
+                                                      dispatched.quantized, dispatched.to_tokens), dispatched)
         out = routed.view(batch, seq_len, dim)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
@@ -71,3 +74,23 @@ class DeepSeekMoE(nn.Module):
             with torch.no_grad():
                 self.tokens_per_expert += expert_load(routing.indices, self.num_experts)
         return out
+
+
+def set_ffn_memory(model: nn.Module, weighted_combine: bool, swiglu_recompute: bool,
+                   offload: bool = False) -> None:
+    """The feed-forward layers' memory switches (``train.memory``): routing weights applied before the
+    routed experts' down-projection, and every SwiGLU's output (routed, shared, dense) recomputed in
+    backward (``plugins.model.swiglu_recompute``) — a dense one only where its three linears are
+    plain ``nn.Linear`` modules of one kind (another backend's modules run their own autograd).
+    With ``offload`` what a recomputing SwiGLU keeps goes to host memory (``plugins.model.offload``).
+    Only what backward keeps, and where, changes: the values are equal up to float rounding."""
+    for module in model.modules():
+        if isinstance(module, DeepSeekMoE):
+            module.weighted_combine = weighted_combine
+            module.experts.recompute = swiglu_recompute
+            module.experts.offload = HostOffload() if offload and swiglu_recompute else None
+        elif isinstance(module, SwiGLU):
+            linears = (module.gate_proj, module.up_proj, module.down_proj)
+            same = all(isinstance(m, nn.Linear) and type(m) is type(linears[0]) for m in linears)
+            module.recompute = swiglu_recompute and same
+            module.offload = HostOffload() if offload and module.recompute else None

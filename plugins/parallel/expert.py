@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..model.dispatch import Dispatched, TokenDispatcher, permutation, permute, unpermute
+from ..model.dispatch import Dispatched, TokenDispatcher, permutation, permute, permute_rows, row_weights, unpermute
 from ..model.moe import DeepSeekMoE
 from ..model.recompute_state import recomputing
 from ..model.router import Routing
@@ -102,21 +102,48 @@ class ExpertExchange:
         """The global experts this rank holds."""
         return slice(self.rank * self.local_experts, (self.rank + 1) * self.local_experts)
 
-    def dispatch(self, rows: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, ExchangePlan]:
-        """``rows`` [M, D] sorted by global expert with ``counts`` [E] -> this rank's experts' rows
-        from every rank, sorted by local expert, and the plan that sends their outputs back."""
+    def plan(self, counts: torch.Tensor) -> ExchangePlan:
+        """From this rank's rows per global expert [E]: rows sent to / received from each rank and the
+        order that turns received rows local-expert-major (exchanges the counts first)."""
         by_rank = counts.view(self.size, self.local_experts)
         received_counts = torch.empty_like(by_rank)
         with waiting("expert all-to-all"):
             dist.all_to_all_single(received_counts, by_rank.contiguous(), group=self.group)
-        send_splits, recv_splits = by_rank.sum(1).tolist(), received_counts.sum(1).tolist()
-        received = _AllToAll.apply(rows, send_splits, recv_splits, self.group, self.backward_group)
         flat = received_counts.flatten()  # source-major blocks of local experts
-        expert = torch.arange(self.local_experts, device=rows.device).repeat(self.size)
-        source = torch.arange(self.size, device=rows.device).repeat_interleave(self.local_experts)
+        expert = torch.arange(self.local_experts, device=counts.device).repeat(self.size)
+        source = torch.arange(self.size, device=counts.device).repeat_interleave(self.local_experts)
         key = torch.repeat_interleave(expert * self.size + source, flat)
-        order = key.argsort(stable=True)
-        return received[order], ExchangePlan(send_splits, recv_splits, order, received_counts.sum(0))
+        return ExchangePlan(by_rank.sum(1).tolist(), received_counts.sum(1).tolist(), key.argsort(stable=True),
+                            received_counts.sum(0))
+
+    def dispatch(self, rows: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, ExchangePlan]:
+        """``rows`` [M, D] sorted by global expert with ``counts`` [E] -> this rank's experts' rows
+        from every rank, sorted by local expert, and the plan that sends their outputs back."""
+        plan = self.plan(counts)
+        return self.send_rows(rows, plan), plan
+
+    def send_quantized(self, tiles: torch.Tensor, plan: ExchangePlan) -> torch.Tensor:
+        """``send_rows`` without autograd for E4M3 data (sent as bytes) or their scales."""
+        payload = tiles.view(torch.uint8) if tiles.element_size() == 1 else tiles
+        out = payload.new_empty(sum(plan.recv_splits), *payload.shape[1:])
+        with waiting("expert all-to-all"):
+            dist.all_to_all_single(out, payload.contiguous(), plan.recv_splits, plan.send_splits, group=self.group)
+        return out[plan.order].view(tiles.dtype)
+
+    def return_gradient(self, grad: torch.Tensor, plan: ExchangePlan) -> torch.Tensor:
+        """The gradient of rows sent with ``send_quantized`` back to the ranks that sent them, in
+        their expert-sorted order (the backward exchange's group)."""
+        source_major = grad[plan.order.argsort()].contiguous()
+        out = grad.new_empty(sum(plan.send_splits), *grad.shape[1:])
+        with waiting("expert all-to-all"):
+            dist.all_to_all_single(out, source_major, plan.send_splits, plan.recv_splits, group=self.backward_group)
+        return out
+
+    def send_rows(self, rows: torch.Tensor, plan: ExchangePlan) -> torch.Tensor:
+        """Rows [M, ...] in this rank's expert-sorted order -> the rows of this rank's experts, sorted by
+        local expert, along ``plan`` (the token rows, and their routing weights with them)."""
+        received = _AllToAll.apply(rows, plan.send_splits, plan.recv_splits, self.group, self.backward_group)
+        return received[plan.order]
 
     def combine(self, outputs: torch.Tensor, plan: ExchangePlan) -> torch.Tensor:
         """The local experts' outputs (local-expert-major) -> this rank's rows, in its original order."""
@@ -139,12 +166,27 @@ class AllToAllDispatcher(TokenDispatcher):
     def __init__(self, exchange: ExpertExchange, num_experts: int):
         self.exchange, self.num_experts = exchange, num_experts
 
-    def dispatch(self, tokens: torch.Tensor, routing: Routing) -> Dispatched:
+    def dispatch(self, tokens: torch.Tensor, routing: Routing, weighted: bool = False) -> Dispatched:
         perm = permutation(routing.indices, self.num_experts)
         if not recomputing():  # a checkpointed block's forward again (train.recompute: full) is not new traffic
             self.exchange.observe(routing.indices)
-        local_rows, plan = self.exchange.dispatch(permute(tokens, perm), perm.counts)
-        return Dispatched(local_rows, plan.local_counts, (perm, plan, routing.weights, tokens.shape[0]))
+        state_weights = None if weighted else routing.weights
+        if self.quantize is None:
+            local_rows, plan = self.exchange.dispatch(permute(tokens, perm), perm.counts)
+        else:  # E4M3 tiles over the wire (report 3.3.3), the gradient back in the activations' dtype
+            plan = self.exchange.plan(perm.counts)
+            quantized = tuple(self.exchange.send_quantized(permute_rows(t, perm), plan)
+                              for t in self.quantize(tokens.detach()))
+        weights = self.exchange.send_rows(row_weights(routing.weights, perm), plan) if weighted else None
+        state = (perm, plan, state_weights, tokens.shape[0])
+        if self.quantize is None:
+            return Dispatched(local_rows, plan.local_counts, state, weights)
+
+        def to_tokens(grad: torch.Tensor) -> torch.Tensor:
+            rows = self.exchange.return_gradient(grad, plan)
+            return rows.new_zeros(tokens.shape).index_add_(0, perm.token_index, rows)
+
+        return Dispatched(tokens, plan.local_counts, state, weights, quantized, to_tokens)
 
     def combine(self, expert_output: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
         perm, plan, weights, num_tokens = dispatched.state

@@ -3,8 +3,11 @@
 
 Activations and gradients travel on one process group per (kind, sending chunk), so the messages
 between two ranks on one group always come in micro-batch order and never cross. Sends are
-asynchronous; a rank blocks only on the receives of its next op, which the schedule orders so
-they always arrive (``plugins.pipeline_sim`` checks the same order for deadlocks). Backward is
+asynchronous, each tensor held until its send completes (``release_sends``: checked after every
+op — NCCL's work reports it; a gloo send completes only in ``wait``, which a waiter thread calls
+for it — else at the end of the step; ``pipeline_sim.sends_in_flight`` bounds how many); a rank
+blocks only on the receives of its next op, which the schedule orders so they always arrive
+(``plugins.pipeline_sim`` checks the same order for deadlocks). Backward is
 split into an input-gradient part (sent on at once) and a weight-gradient part that a later
 ``W`` op runs, with ``torch.distributed.pipelining``'s graph splitting.
 
@@ -31,6 +34,25 @@ from .dualpipe import Layout, Op, build_schedule
 from .pipeline_stages import PipelineShard, StageResult
 
 _SIDE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline-backward")
+_WAITERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pipeline-send-wait")
+
+
+class _Send:
+    """An asynchronous send and its tensor, done when the transfer is (``work.is_completed`` on
+    NCCL; a waiter thread's ``wait`` where the backend only completes a send in ``wait``: gloo)."""
+
+    def __init__(self, work, tensor: torch.Tensor):
+        self.work, self.tensor = work, tensor
+        self.waited = None if tensor.is_cuda else _WAITERS.submit(work.wait)
+
+    def done(self) -> bool:
+        return self.work.is_completed() if self.waited is None else self.waited.done()
+
+    def wait(self) -> None:
+        if self.waited is None:
+            self.work.wait()
+        else:
+            self.waited.result()
 
 
 def overlap_threads(forward: Callable[[], None], backward: Callable[[], None]) -> None:
@@ -60,6 +82,7 @@ class StepTotals:
     values: torch.Tensor
     sends: list = field(default_factory=list)
     peak_in_flight: int = 0  # most micro-batches whose activations this rank held at once
+    peak_sends: int = 0  # most sends (and their tensors) this rank held at once
 
 
 class PipelineRuntime:
@@ -68,9 +91,10 @@ class PipelineRuntime:
 
     def __init__(self, layout: Layout, rank: int, shard: PipelineShard, peers: list[int],
                  channels: dict[tuple[str, int], dist.ProcessGroup | None],
-                 overlap: Callable[[Callable[[], None], Callable[[], None]], None] = overlap_threads):
+                 overlap: Callable[[Callable[[], None], Callable[[], None]], None] = overlap_threads,
+                 release_sends: bool = True):
         self.layout, self.rank, self.shard, self.peers, self.channels = layout, rank, shard, peers, channels
-        self.overlap = overlap
+        self.overlap, self.release_sends = overlap, release_sends
         self.ops = build_schedule(layout, rank)
         self.weights = list(shard.model.parameters())
 
@@ -87,9 +111,11 @@ class PipelineRuntime:
         self.deferred: deque[Callable[[], None]] = deque()
         for op in self.ops:
             self._run(op)
+            if self.release_sends:  # drop the tensors of completed sends (their memory returns now)
+                self.totals.sends = [send for send in self.totals.sends if not send.done()]
         with waiting("pipeline send"):
-            for work, _ in self.totals.sends:
-                work.wait()
+            for send in self.totals.sends:
+                send.wait()
         self.totals.sends.clear()
         return self.totals
 
@@ -130,7 +156,8 @@ class PipelineRuntime:
         else:
             tensor = tensor.contiguous()  # kept with its request until the step's sends complete
             work = dist.isend(tensor, dst=self.peers[rank], group=self.channels[(kind, chunk)])
-            self.totals.sends.append((work, tensor))
+            self.totals.sends.append(_Send(work, tensor))
+            self.totals.peak_sends = max(self.totals.peak_sends, len(self.totals.sends))
 
     def _receive_forward(self, chunk: int, micro: int) -> torch.Tensor:
         stage = self.layout.stage(self.rank, chunk)

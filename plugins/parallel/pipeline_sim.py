@@ -101,6 +101,55 @@ def simulate(layout: Layout, costs: Costs) -> list[Interval]:
     return intervals
 
 
+def sends_in_flight(layout: Layout) -> list[int]:
+    """Per rank, the most point-to-point sends it can hold at once under any op durations, when the
+    runtime lets go of a send once its receiver has taken it (checked after each op): a send of op
+    i is still held at op t unless its receiving op must have run before op t - 1 ended, i.e. is an
+    ancestor of op t - 1 in the schedule's dependency graph (program order and data inputs)."""
+    programs = [build_schedule(layout, r) for r in range(layout.ranks)]
+    last_stage = layout.stages - 1
+    producer: dict[tuple[str, int, int], tuple[int, int]] = {}
+    for rank, program in enumerate(programs):
+        for index, op in enumerate(program):
+            if op.forward is not None:
+                producer[("F", layout.stage(rank, op.forward[0]), op.forward[1])] = (rank, index)
+            if op.backward is not None:
+                producer[("B", layout.stage(rank, op.backward[0]), op.backward[1])] = (rank, index)
+    consumer = {}  # what each sent message is: the op that receives it
+    for rank, program in enumerate(programs):
+        for index, op in enumerate(program):
+            if op.forward is not None and layout.stage(rank, op.forward[0]) > 0:
+                consumer[("F", layout.stage(rank, op.forward[0]) - 1, op.forward[1])] = (rank, index)
+            if op.backward is not None and layout.stage(rank, op.backward[0]) < last_stage:
+                consumer[("B", layout.stage(rank, op.backward[0]) + 1, op.backward[1])] = (rank, index)
+    order, seen = [], [0] * layout.ranks  # each rank's ops come in program order
+    for interval in simulate(layout, Costs()):
+        order.append((interval.rank, seen[interval.rank]))
+        seen[interval.rank] += 1
+    ancestors: dict[tuple[int, int], set] = {}
+    for rank, index in order:  # a topological order: each op after its inputs
+        op, preds = programs[rank][index], [(rank, index - 1)] if index else []
+        if op.forward is not None and layout.stage(rank, op.forward[0]) > 0:
+            preds.append(producer[("F", layout.stage(rank, op.forward[0]) - 1, op.forward[1])])
+        if op.backward is not None and layout.stage(rank, op.backward[0]) < last_stage:
+            preds.append(producer[("B", layout.stage(rank, op.backward[0]) + 1, op.backward[1])])
+        ancestors[(rank, index)] = set(preds).union(*(ancestors[p] for p in preds))
+    peaks = []
+    for rank, program in enumerate(programs):
+        sends = []  # (op index, receiving op) of each message this rank sends to another rank
+        for index, op in enumerate(program):
+            for key in ([("F", layout.stage(rank, op.forward[0]), op.forward[1])] if op.forward else []) + \
+                    ([("B", layout.stage(rank, op.backward[0]), op.backward[1])] if op.backward else []):
+                if key in consumer and consumer[key][0] != rank:
+                    sends.append((index, consumer[key]))
+        peak = 0
+        for t in range(len(program)):
+            before = ancestors.get((rank, t - 1), set())
+            peak = max(peak, sum(1 for index, receiver in sends if index <= t and receiver not in before))
+        peaks.append(peak)
+    return peaks
+
+
 def bubbles(layout: Layout, intervals: list[Interval]) -> list[float]:
     """Idle time of each rank between the step's start and its own last op."""
     result = []

@@ -9,16 +9,23 @@ every N_C = 128 elements.
 
 Padding: a dimension that is not a multiple of 128 is zero-padded to the next multiple before
 quantization. Zeros change no amax and add nothing to any sum; outputs are cropped back.
+
+A weight is quantized once per value (``quantized_weight``: cached on the parameter until an
+optimizer step changes it), so every micro-batch of a step shares one FP8 copy; an activation read
+by several linears in a row (MLA's q and kv down-projections, an FFN's gate and up projections) is
+quantized once and kept once (``_quantized_input``). The inputs kept for backward are these FP8
+copies (report 3.3.3).
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ..model.experts import grouped_mm
+from ..model.gemm import Gemm, grouped_mm
 
 TILE = 128
 E4M3 = torch.float8_e4m3fn
@@ -69,10 +76,52 @@ def quantize(x: torch.Tensor, block_rows: int, power_of_two: bool = True) -> Qua
     return Quantized(data.flatten(-2).flatten(-3, -2), scale, rows, cols, block_rows)
 
 
+def quantized_weight(weight: torch.Tensor, power_of_two: bool) -> Quantized:
+    """``weight`` [..., N, K] in 128x128 blocks, quantized once per value: the copy is kept on the
+    parameter and made again when an in-place update (the optimizer step) bumps its version."""
+    key = (weight.data_ptr(), weight._version, power_of_two)
+    cached = getattr(weight, "_fp8_blocks", None)
+    if cached is None or cached[0] != key:
+        cached = (key, quantize(weight.detach(), TILE, power_of_two))
+        weight._fp8_blocks = cached
+    return cached[1]
+
+
+_LAST_INPUT = threading.local()  # per thread: a DualPipe backward (recomputing) runs beside a forward
+
+
+def _quantized_input(x: torch.Tensor, power_of_two: bool) -> Quantized:
+    """``x`` [..., K] in 1x128 tiles, reusing the last quantization on this thread when it was of this
+    very tensor, unchanged since (the reference held here keeps the identity from being recycled)."""
+    last = getattr(_LAST_INPUT, "entry", None)
+    if last is not None and last[0] is x and last[1] == (x._version, power_of_two):
+        return last[2]
+    q = quantize(x.reshape(-1, x.shape[-1]), 1, power_of_two)
+    _LAST_INPUT.entry = (x, (x._version, power_of_two), q)
+    return q
+
+
+def release_copies(model: torch.nn.Module) -> None:
+    """Drop the FP8 weight copies of ``model``'s parameters and this thread's last quantized input: at
+    the end of a step's forward and backward, before the optimizer step changes the weights."""
+    for param in model.parameters():
+        if hasattr(param, "_fp8_blocks"):
+            del param._fp8_blocks
+    _LAST_INPUT.entry = None
+
+
 def dequantize(q: Quantized) -> torch.Tensor:
     """FP32 values [..., R, K] of a quantized tensor (padding cropped)."""
     scale = q.scale.repeat_interleave(q.block_rows, dim=-2).repeat_interleave(TILE, dim=-1)
     return (q.data.float() * scale)[..., : q.rows, : q.cols]
+
+
+def _cropped(out: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """The product without its padding, in storage of its own (a view would keep the padded buffer
+    alive wherever the output is kept)."""
+    if out.shape[-2:] == (rows, cols):
+        return out
+    return out[..., :rows, :cols].contiguous()
 
 
 def scaled_mm(a: Quantized, b: Quantized, block_owner: torch.Tensor | None = None, groups: int = 0) -> torch.Tensor:
@@ -95,7 +144,7 @@ def scaled_mm(a: Quantized, b: Quantized, block_owner: torch.Tensor | None = Non
             out += scaled
         else:
             out[owners[kb]] += scaled
-    return out[..., : a.rows, : b.rows]
+    return _cropped(out, a.rows, b.rows)
 
 
 def grouped_scaled_mm(a: Quantized, b: Quantized, counts: torch.Tensor) -> torch.Tensor:
@@ -109,7 +158,7 @@ def grouped_scaled_mm(a: Quantized, b: Quantized, counts: torch.Tensor) -> torch
         cols = slice(kb * TILE, (kb + 1) * TILE)
         partial = grouped_mm(a.data[:, cols].float(), b.data[..., cols].float().transpose(1, 2), counts)
         out += partial * a.row_scales(kb)[:, None] * b.row_scales(kb)[expert_of_row]
-    return out[: a.rows, : b.rows]
+    return _cropped(out, a.rows, b.rows)
 
 
 def _expert_padded_rows(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -125,54 +174,107 @@ def _expert_padded_rows(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return destination, tile_owner, int(padded.sum())
 
 
+class FP8Gemm(Gemm):
+    """One weight's GEMMs in block-scaled FP8: Fprop 1x128 tiles x 128x128 blocks, Dgrad the same with
+    the weight's blocks transposed, Wgrad with 128x1 tiles; inputs kept for backward in FP8."""
+
+    def __init__(self, power_of_two: bool = True):
+        self.power_of_two = power_of_two
+
+    def prepare(self, weight: torch.Tensor) -> Quantized:
+        return quantized_weight(weight, self.power_of_two)
+
+    def keep(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        q = _quantized_input(x, self.power_of_two)
+        return q.data, q.scale
+
+    def fprop(self, kept, weight: Quantized, counts=None) -> torch.Tensor:
+        data, scale = kept
+        return scaled_mm(Quantized(data, scale, data.shape[0], weight.cols, 1), weight)
+
+    def dgrad(self, dy: torch.Tensor, weight: Quantized, counts=None) -> torch.Tensor:
+        return scaled_mm(quantize(dy, 1, self.power_of_two), weight.transposed())
+
+    def wgrad(self, dy: torch.Tensor, kept, counts, cols: int) -> torch.Tensor:
+        data, scale = kept
+        x = dequantize(Quantized(data, scale, data.shape[0], cols, 1))
+        return scaled_mm(quantize(dy.T, 1, self.power_of_two), quantize(x.T, 1, self.power_of_two))
+
+    def store(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        q = quantize(x, 1, self.power_of_two)
+        return q.data, q.scale
+
+    def load(self, stored, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        data, scale = stored
+        return dequantize(Quantized(data, scale, shape[0], shape[1], 1)).to(dtype)
+
+
 class _FP8Linear(torch.autograd.Function):
-    """y = x W^T with Fprop, Dgrad and Wgrad all through the block-scaled FP8 GEMM; the input is
-    kept for the backward in FP8 (1x128 tiles) and re-quantized as 128x1 tiles for Wgrad."""
+    """y = x W^T with Fprop, Dgrad and Wgrad all through the block-scaled FP8 GEMM (``FP8Gemm``); the
+    input is kept for the backward in FP8 (1x128 tiles) and re-quantized as 128x1 tiles for Wgrad."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, power_of_two: bool) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        xq, wq = quantize(flat, 1, power_of_two), quantize(weight, TILE, power_of_two)
-        ctx.save_for_backward(xq.data, xq.scale, wq.data, wq.scale)
-        ctx.meta = (x.shape, weight.shape, x.dtype, weight.dtype, power_of_two)
-        return scaled_mm(xq, wq).to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+        gemm = FP8Gemm(power_of_two)
+        kept, wq = gemm.keep(x), gemm.prepare(weight)
+        ctx.save_for_backward(*kept, wq.data, wq.scale)
+        ctx.meta = (gemm, x.shape, weight.shape, x.dtype, weight.dtype)
+        return gemm.fprop(kept, wq).to(x.dtype).view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x_data, x_scale, w_data, w_scale = ctx.saved_tensors
-        x_shape, w_shape, x_dtype, w_dtype, p2 = ctx.meta
-        tokens = x_data.shape[0]
+        gemm, x_shape, w_shape, x_dtype, w_dtype = ctx.meta
         wq = Quantized(w_data, w_scale, w_shape[0], w_shape[1], TILE)
-        dy = grad.reshape(tokens, w_shape[0])
-        dx = scaled_mm(quantize(dy, 1, p2), wq.transposed()).to(x_dtype).view(x_shape)
-        x = dequantize(Quantized(x_data, x_scale, tokens, w_shape[1], 1))
-        dw = scaled_mm(quantize(dy.T, 1, p2), quantize(x.T, 1, p2)).to(w_dtype)
-        return dx, dw, None
+        dy = grad.reshape(x_data.shape[0], w_shape[0])
+        dx = gemm.dgrad(dy, wq).to(x_dtype).view(x_shape)
+        return dx, gemm.wgrad(dy, (x_data, x_scale), None, w_shape[1]).to(w_dtype), None
+
+
+class FP8GroupedGemm(FP8Gemm):
+    """Grouped expert GEMMs in block-scaled FP8 (Fprop 1x128 x 128x128, Dgrad, and Wgrad with 128x1
+    tiles over each expert's own rows, segments padded to 128), inputs kept for backward in FP8."""
+
+    def keep(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        q = quantize(x, 1, self.power_of_two)
+        return q.data, q.scale
+
+    def fprop(self, kept, weight: Quantized, counts: torch.Tensor) -> torch.Tensor:
+        data, scale = kept
+        return grouped_scaled_mm(Quantized(data, scale, data.shape[0], weight.cols, 1), weight, counts)
+
+    def dgrad(self, dy: torch.Tensor, weight: Quantized, counts: torch.Tensor) -> torch.Tensor:
+        return grouped_scaled_mm(quantize(dy, 1, self.power_of_two), weight.transposed(), counts)
+
+    def wgrad(self, dy: torch.Tensor, kept, counts: torch.Tensor, cols: int) -> torch.Tensor:
+        data, scale = kept
+        tokens, n = dy.shape
+        destination, tile_owner, length = _expert_padded_rows(counts)
+        x = dequantize(Quantized(data, scale, tokens, cols, 1))
+        x_padded = x.new_zeros(length, cols).index_copy(0, destination, x)
+        dy_padded = dy.new_zeros(length, n, dtype=torch.float32).index_copy(0, destination, dy.float())
+        p2 = self.power_of_two
+        return scaled_mm(quantize(dy_padded.T, 1, p2), quantize(x_padded.T, 1, p2), tile_owner, len(counts))
 
 
 class _FP8GroupedLinear(torch.autograd.Function):
-    """Per-expert ``y_e = x_e W_e^T`` over expert-sorted rows, all three GEMMs in block-scaled FP8;
-    Wgrad's 128x1 tiles run over each expert's own rows (segments padded to 128)."""
+    """Per-expert ``y_e = x_e W_e^T`` over expert-sorted rows, all three GEMMs in block-scaled FP8
+    (``FP8GroupedGemm``); the input kept for backward in FP8."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, power_of_two: bool):
-        xq, wq = quantize(x, 1, power_of_two), quantize(weight, TILE, power_of_two)
-        ctx.save_for_backward(xq.data, xq.scale, wq.data, wq.scale, counts)
-        ctx.meta = (x.shape, weight.shape, x.dtype, weight.dtype, power_of_two)
-        return grouped_scaled_mm(xq, wq, counts).to(x.dtype)
+        gemm = FP8GroupedGemm(power_of_two)
+        kept = gemm.keep(x)
+        ctx.save_for_backward(*kept, counts)
+        ctx.meta = (gemm, gemm.prepare(weight), x.shape[-1], x.dtype, weight.dtype)
+        return gemm.fprop(kept, ctx.meta[1], counts).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x_data, x_scale, w_data, w_scale, counts = ctx.saved_tensors
-        (tokens, k), (experts, n, _), x_dtype, w_dtype, p2 = ctx.meta
-        wq = Quantized(w_data, w_scale, n, k, TILE)
-        dx = grouped_scaled_mm(quantize(grad, 1, p2), wq.transposed(), counts).to(x_dtype)
-        destination, tile_owner, length = _expert_padded_rows(counts)
-        x = dequantize(Quantized(x_data, x_scale, tokens, k, 1))
-        x_padded = x.new_zeros(length, k).index_copy(0, destination, x)
-        dy_padded = grad.new_zeros(length, n, dtype=torch.float32).index_copy(0, destination, grad.float())
-        dw = scaled_mm(quantize(dy_padded.T, 1, p2), quantize(x_padded.T, 1, p2), tile_owner, experts)
-        return dx, dw.to(w_dtype), None, None
+        data, scale, counts = ctx.saved_tensors
+        gemm, wq, cols, x_dtype, w_dtype = ctx.meta
+        dx = gemm.dgrad(grad, wq, counts).to(x_dtype)
+        return dx, gemm.wgrad(grad, (data, scale), counts, cols).to(w_dtype), None, None
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, power_of_two: bool = True) -> torch.Tensor:

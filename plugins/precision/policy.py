@@ -16,13 +16,14 @@ import fnmatch
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
 from ..model.experts import RoutedExperts
+from ..model.mlp import SwiGLU
+from ..model.moe import DeepSeekMoE
 from . import te as fp8_te
-from .fp8 import fp8_grouped_linear, fp8_linear
+from .fp8 import FP8Gemm, FP8GroupedGemm, fp8_grouped_linear, fp8_linear, quantize
 
 FP8_BACKENDS = ("none", "emulated", "te", "auto")
 DEFAULT_FP8_MODULES = ("*.self_attn.*", "*.mlp.*")
@@ -51,9 +52,8 @@ class FP8RoutedExperts(RoutedExperts):
 
     power_of_two: bool = True
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        gate, up = fp8_grouped_linear(x, self.gate_up_proj, counts, self.power_of_two).chunk(2, dim=-1)
-        return fp8_grouped_linear(F.silu(gate) * up, self.down_proj, counts, self.power_of_two)
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        return fp8_grouped_linear(x, weight, counts, self.power_of_two)
 
     @classmethod
     def from_experts(cls, experts: RoutedExperts, power_of_two: bool) -> FP8RoutedExperts:
@@ -61,7 +61,8 @@ class FP8RoutedExperts(RoutedExperts):
         nn.Module.__init__(module)
         module.num_experts = experts.num_experts
         module.gate_up_proj, module.down_proj = experts.gate_up_proj, experts.down_proj
-        module.power_of_two = power_of_two
+        module.recompute, module.store = experts.recompute, experts.store
+        module.power_of_two, module.gemm = power_of_two, FP8GroupedGemm(power_of_two)
         return module
 
 
@@ -109,7 +110,33 @@ def convert_to_fp8(model: nn.Module, backend: str, patterns=DEFAULT_FP8_MODULES,
         else:
             replacement = FP8Linear.from_linear(module, power_of_two)
         setattr(parent, child, replacement)
+    for module in model.modules():  # a SwiGLU whose linears all run the emulated FP8 GEMMs: its fused path too
+        if isinstance(module, SwiGLU) and all(isinstance(m, FP8Linear) for m in
+                                              (module.gate_proj, module.up_proj, module.down_proj)):
+            module.gemm = FP8Gemm(power_of_two)
     return names
+
+
+def keep_fp8_activations(model: nn.Module, power_of_two: bool = True) -> None:
+    """Report 3.3.3 under any FP8 backend: the SwiGLU input that backward keeps when the SwiGLU output
+    is recomputed (``recompute`` of the routed experts and the SwiGLU FFNs) is kept in FP8 1x128 tiles."""
+    for module in model.modules():
+        if isinstance(module, (RoutedExperts, SwiGLU)):
+            module.store = FP8Gemm(power_of_two)
+
+
+def dispatch_in_fp8(model: nn.Module, power_of_two: bool = True) -> None:
+    """Report 3.3.3: the tokens of every MoE block whose experts run the FP8 GEMMs are quantized before
+    the dispatch (1x128 tiles, the scales sent with them), so the exchange and the rows the experts
+    keep are E4M3; their gradient and the combine stay in the activations' dtype."""
+    for module in model.modules():
+        if isinstance(module, DeepSeekMoE) and isinstance(module.experts, FP8RoutedExperts):
+            module.dispatcher.quantize = lambda x, p2=power_of_two: _tiles(x, p2)
+
+
+def _tiles(x: torch.Tensor, power_of_two: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    q = quantize(x, 1, power_of_two)
+    return q.data, q.scale
 
 
 def fp8_autocast(backend: str) -> contextlib.AbstractContextManager:
