@@ -136,6 +136,20 @@ def test_resume_reproduces_the_uninterrupted_losses(data, straight, tmp_path, ca
         assert a["lr"] == b["lr"] and a["tokens"] == b["tokens"]
 
 
+def test_a_batch_size_change_applies_one_update_and_resumes_exactly(data, tmp_path):
+    """The batch-size ramp (report 4.2) changes the micro-batch count between steps (8, 12, 16
+    sequences: 2, 3, 4 micro-batches): each step applies one update of all its micro-batches, so a
+    run resumed across the change, whose engine counts micro-batches afresh, gives the uninterrupted
+    run's losses bit for bit (DeepSpeed's own count put the update after the first micro-batch)."""
+    ramp = ("--set", "train.batch.ramp_tokens=2048")
+    _ok(launch(1, tmp_path / "whole", "--steps", "4", *ramp, data=data))
+    _ok(launch(1, tmp_path / "split", "--steps", "2", "--save-interval", "2", *ramp, data=data))
+    _ok(launch(1, tmp_path / "split", "--steps", "4", "--resume", *ramp, data=data))
+    whole, split = metrics(tmp_path / "whole"), metrics(tmp_path / "split")
+    assert [r["batch_size"] for r in whole] == [8, 12, 16, 16]
+    assert [r["loss"] for r in split] == [r["loss"] for r in whole]
+
+
 def test_bias_updates_move_load_toward_balance(data, tmp_path):
     """Early training concentrates tokens on a few experts (MaxVio climbs); with gamma > 0 the
     bias update pulls MaxVio back down from that peak, with gamma = 0 it stays up. (80 steps

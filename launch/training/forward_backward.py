@@ -25,14 +25,15 @@ class GradientAccumulation:
     def forward_backward(self, batches: list[dict[str, torch.Tensor]], mtp_weight: float) -> torch.Tensor:
         values = torch.zeros(3, dtype=torch.float64, device=batches[0]["input_ids"].device)
         for micro_step, batch in enumerate(batches):
+            # The boundary said outright: DeepSpeed's own counter (micro-steps modulo the accumulation
+            # steps) puts it mid-step once the batch-size ramp changes the micro-batch count.
+            self.engine.set_gradient_accumulation_boundary(micro_step == len(batches) - 1)
             with phase("forward"), fp8_autocast(self.fp8_backend):
                 out = self.engine(batch["input_ids"], labels=batch["labels"], document_ids=batch["document_ids"],
                                   mtp_weight=mtp_weight)
             values += torch.stack([out.lm_loss, out.mtp_loss, out.aux_loss]).detach().double()
             with phase("backward"):
-                self.engine.backward(out.loss)
-            if micro_step < len(batches) - 1:
-                self.engine.step()  # accumulates; the trainer's boundary step applies the update
+                self.engine.backward(out.loss)  # gradients accumulate; the trainer's step applies the update
         return values
 
 
