@@ -94,8 +94,11 @@ def test_ctrl_c_stops_the_running_launcher_and_says_how_to_go_on(tmp_path):
     fake = tmp_path / "fake_launcher.py"
     fake.write_text(FAKE_LAUNCHER)
     path = write_study(tmp_path / "s.yaml", launch=[sys.executable, str(fake), str(tmp_path)])
+    # Ctrl-C as at a terminal: SIGINT at its default action, which Python turns into KeyboardInterrupt
+    # (a suite started in the background of a script inherits SIGINT ignored, and Python keeps that)
     ablation = subprocess.Popen([sys.executable, "-m", "launch.ablate", str(path)], cwd=ROOT, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (tmp_path / "pid").is_file() and time.monotonic() < deadline and ablation.poll() is None:
         time.sleep(0.1)
