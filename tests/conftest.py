@@ -45,10 +45,17 @@ def hf_reference_config(**overrides):
 def hf_checkpoint(tmp_path_factory):
     """(directory, transformers model): a saved random DeepseekV3ForCausalLM with perturbed norms
     and a non-zero router bias."""
+    model = random_hf_model()
+    return save_hf(model, tmp_path_factory.mktemp("hf") / "checkpoint"), model
+
+
+def random_hf_model(**overrides):
+    """A transformers DeepseekV3ForCausalLM (``hf_reference_config(**overrides)``, seed 0) whose norms
+    are perturbed and router bias non-zero, so a loader that drops either shows in the logits."""
     from transformers import DeepseekV3ForCausalLM
 
     torch.manual_seed(0)
-    model = DeepseekV3ForCausalLM(hf_reference_config()).eval()
+    model = DeepseekV3ForCausalLM(hf_reference_config(**overrides)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -56,7 +63,7 @@ def hf_checkpoint(tmp_path_factory):
         for name, buffer in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buffer.copy_(torch.randn_like(buffer) * 0.1)
-    return save_hf(model, tmp_path_factory.mktemp("hf") / "checkpoint"), model
+    return model
 
 
 def save_hf(model, directory):

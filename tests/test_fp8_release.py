@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from plugins.errors import ConfigError
 from plugins.interop.hf import config_from_hf, hf_tensors, load_hf_checkpoint, save_hf_checkpoint
 
-from .conftest import hf_reference_config, save_hf
+from .conftest import random_hf_model, save_hf
 
 BLOCK = 128
 E4M3 = torch.float8_e4m3fn
@@ -82,18 +82,8 @@ def release(tmp_path_factory):
     """A release-format directory written with DeepSeek's algorithm from a random transformers
     DeepseekV3 (the MTP module as layer num_hidden_layers) and its dequantised weights:
     (directory, its tensors, its config, {key: dequantised FP32 tensor})."""
-    from transformers import DeepseekV3ForCausalLM
-
     root = tmp_path_factory.mktemp("release")
-    torch.manual_seed(0)
-    with_mtp_layer = DeepseekV3ForCausalLM(hf_reference_config(**{**DIMS, "num_hidden_layers": 3})).eval()
-    with torch.no_grad():
-        for name, p in with_mtp_layer.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-        for name, buffer in with_mtp_layer.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buffer.copy_(torch.randn_like(buffer) * 0.1)
+    with_mtp_layer = random_hf_model(**{**DIMS, "num_hidden_layers": 3})
     plain = save_hf(with_mtp_layer, root / "plain")
     source = tensors_of(plain)
     mtp = f"model.layers.{DIMS['num_hidden_layers']}"
