@@ -131,7 +131,7 @@ def state(study: Study, variant: Variant) -> str:
         if study.steps is not None and finished is not None and finished > study.steps:
             raise ConfigError(f"{study.source}: study.steps: {study.steps}, but variant {variant.name} already ran "
                               f"to step {finished} ({run_dir}); remove it to run it again")
-    return "resume" if Checkpointer(run_dir).latest_tag() is not None else "fresh"
+    return "resume" if Checkpointer(run_dir).has_checkpoint() else "fresh"
 
 
 def run_child(argv: list[str], stdout, stderr, env: dict[str, str]) -> subprocess.CompletedProcess:

@@ -55,7 +55,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint import CheckpointException
 
 from launch.distributed import ds_internals
-from plugins.atomic import write_atomic
+from plugins.atomic import write_atomic, write_text_atomic
 from plugins.errors import ProjectError
 from plugins.model.experts import RoutedExperts
 from plugins.progress import phase
@@ -88,10 +88,6 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 def is_checkpoint(directory: Path) -> bool:
@@ -133,7 +129,7 @@ def verify(directory: Path, share: tuple[int, int] = (0, 1)) -> None:
 def verify_agreed(directory: Path) -> None:
     """``verify`` by every rank together when distributed: each hashes its share of the files, and all
     raise the same line if any found a problem."""
-    if not _distributed():
+    if not dcp_pieces.distributed():
         return verify(directory)
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
@@ -306,7 +302,7 @@ class Checkpointer:
         try:
             self.wait()
             partial = self.directory / f".{tag}.partial"
-            if self.group is None and _distributed():
+            if self.group is None and dcp_pieces.distributed():
                 self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout_s)
                                             if self.timeout_s else None)
             if self.rank == 0:
@@ -376,10 +372,10 @@ class Checkpointer:
             try:
                 self.committing = True
                 manifest = {name: entry for rank_files in written for name, entry in sorted(rank_files.items())}
-                write_atomic(partial / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
+                write_text_atomic(partial / MANIFEST, json.dumps(manifest, indent=1))
                 shutil.rmtree(final, ignore_errors=True)  # a complete save of this step the pointer never named
                 partial.rename(final)
-                write_atomic(self.directory / LATEST, lambda tmp: tmp.write_text(tag))
+                write_text_atomic(self.directory / LATEST, tag)
                 self._prune(tag)
             except OSError as error:
                 problem = f"rank 0: {error}"
@@ -397,14 +393,14 @@ class Checkpointer:
 
     def _agree(self, files: dict, problem: str | None) -> tuple[list[dict], str | None]:
         """Every rank's files and the first rank's problem, on every rank."""
-        if not _distributed():
+        if not dcp_pieces.distributed():
             return [files], problem
         gathered: list = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, (files, problem), group=self.group)
         return [f for f, _ in gathered], next((p for _, p in gathered if p is not None), None)
 
     def _barrier(self) -> None:
-        if _distributed():
+        if dcp_pieces.distributed():
             dist.barrier(group=self.group)
 
     def _last_good_path(self) -> str:

@@ -95,7 +95,8 @@ class _LoadPlanner(DefaultLoadPlanner):
         return piece.tensor if piece is not None else super().lookup_tensor(index)
 
 
-def _distributed() -> bool:
+def distributed() -> bool:
+    """A process group is initialised (a save or load is collective)."""
     return dist.is_available() and dist.is_initialized()
 
 
@@ -110,7 +111,7 @@ def save(directory: Path, pieces: list[Piece], state: dict | None = None, group=
         with warnings.catch_warnings():  # without a process group DCP warns it assumes one process: it is one
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.save(state or {}, storage_writer=writer, planner=_SavePlanner(pieces), process_group=group,
-                     no_dist=not _distributed())
+                     no_dist=not distributed())
     except dcp.CheckpointException:
         if files.failure is not None:
             raise files.failure from None
@@ -134,7 +135,7 @@ def load(directory: Path, pieces: list[Piece], state: dict | None = None) -> Non
     checkpoint cannot supply on any rank raises ``PieceError`` on every rank before any reading."""
     state = state or {}
     problem = _mismatch(stored_keys(directory), pieces, state)
-    if _distributed():
+    if distributed():
         failed = torch.tensor([problem is not None], dtype=torch.int32)
         dist.all_reduce(failed, op=dist.ReduceOp.MAX)
         if failed.item() and problem is None:
@@ -144,7 +145,7 @@ def load(directory: Path, pieces: list[Piece], state: dict | None = None) -> Non
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, storage_reader=dcp.FileSystemReader(str(directory)), planner=_LoadPlanner(pieces),
-                 no_dist=not _distributed())
+                 no_dist=not distributed())
 
 
 def stored_keys(directory: Path) -> dict[str, list[int]]:

@@ -239,6 +239,17 @@ def _validate(run: RunConfig) -> None:
     if p.ep < 1 or run.model.n_routed_experts % p.ep:
         fail("parallel.ep", f"{p.ep}: must be a positive divisor of model.n_routed_experts = "
                             f"{run.model.n_routed_experts}")
+    if t.hang_timeout_s < 0:
+        fail("train.hang_timeout_s", f"must be >= 0 (0: no watchdog), got {t.hang_timeout_s}")
+    if t.preempt_grace_s <= 0:
+        fail("train.preempt_grace_s", f"must be positive, got {t.preempt_grace_s}")
+    if t.spike is not None:
+        if t.spike.window < 1:
+            fail("train.spike.window", f"must be at least 1 step, got {t.spike.window}")
+        if not t.spike.factor > 1.0:
+            fail("train.spike.factor", f"must be > 1 (a multiple of the median), got {t.spike.factor}")
+        if t.spike.action not in ("skip", "stop"):
+            fail("train.spike.action", f"expected skip or stop, got {t.spike.action!r}")
 
 
 def check_recompute(run: RunConfig) -> None:
@@ -306,21 +317,5 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
         source=source,
     )
     _validate(run)
-    _validate_long_run(run)
     return run
 
-
-def _validate_long_run(run: RunConfig) -> None:
-    t = run.train
-    if t.hang_timeout_s < 0:
-        raise ConfigError(f"{run.source}: train.hang_timeout_s: must be >= 0 (0: no watchdog), got {t.hang_timeout_s}")
-    if t.preempt_grace_s <= 0:
-        raise ConfigError(f"{run.source}: train.preempt_grace_s: must be positive, got {t.preempt_grace_s}")
-    if t.spike is not None:
-        if t.spike.window < 1:
-            raise ConfigError(f"{run.source}: train.spike.window: must be at least 1 step, got {t.spike.window}")
-        if not t.spike.factor > 1.0:
-            raise ConfigError(f"{run.source}: train.spike.factor: must be > 1 (a multiple of the median), got "
-                              f"{t.spike.factor}")
-        if t.spike.action not in ("skip", "stop"):
-            raise ConfigError(f"{run.source}: train.spike.action: expected skip or stop, got {t.spike.action!r}")

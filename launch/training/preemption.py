@@ -29,7 +29,7 @@ class Preemption:
     def _received(self, number: int, frame) -> None:
         if not self.signal:
             self.signal = number
-            print(f"rank {self.rank}: {signal.Signals(number).name} received; saving at the end of this step",
+            print(f"rank {self.rank}: {name(number)} received; saving at the end of this step",
                   file=sys.stderr, flush=True)
 
     def restore(self) -> None:

@@ -192,6 +192,8 @@ class Trainer:
                 outcome = [None, lock.acquire()]
             except LockedError as error:
                 lock, outcome = None, [str(error), None]
+            except OSError as error:  # the directory or its lock file cannot be created
+                lock, outcome = None, [f"--run-dir {run_dir}: cannot take its lock ({error})", None]
         dist.broadcast_object_list(outcome, src=0)
         if outcome[0] is not None:
             raise LockedError(outcome[0])
@@ -267,7 +269,8 @@ class Trainer:
         reset_expert_loads(self.moe_layers)
         with phase("forward and backward"):
             values = self.forward_backward(global_batch, lam)
-        release_copies(self.module)  # FP8 weight copies: the step changes the weights
+        if self.run.parallel.fp8 != "none":
+            release_copies(self.module)  # FP8 weight copies: the step changes the weights
         # every micro-batch's losses and loads live on exactly one rank: one sum over the world
         loads = collect_expert_loads(self.moe_layers, self.run.model.num_moe_layers, self.run.model.n_routed_experts,
                                      self.device)
@@ -284,8 +287,9 @@ class Trainer:
                 "(resume with --resume)")
         if self.ema is not None:
             self.ema.wait()  # the last update has read the weights this step overwrites
+        lm, mtp, aux = values.tolist()
         with phase("optimizer step"):
-            spike, grad_norm = self._optimizer_step(sum(values.tolist()))
+            spike, grad_norm = self._optimizer_step(lm + mtp + aux)
         if spike is None:
             if self.ema is not None:
                 self.ema.update()
@@ -301,7 +305,6 @@ class Trainer:
         self.step += 1
         self.tokens += global_batch * self.run.data.seq_len
         seconds = time.perf_counter() - started
-        lm, mtp, aux = values.tolist()
         maxvio = max_violation(loads).tolist() if loads.numel() else []
         record = {
             "step": self.step, "tokens": self.tokens, "loss": lm + mtp + aux, "lm_loss": lm, "mtp_loss": mtp,

@@ -4,7 +4,7 @@ tensor autograd saves is copied to
 pinned host memory on a side stream as it is saved, and its device memory returns to the caching
 allocator once the copy is done; backward copies it back to the device when it needs it (on the
 compute stream, after the side stream's copy). Where tensors already live in host memory (CPU
-training) nothing moves; ``saved_bytes`` counts what was saved inside the hooks either way.
+training) nothing moves.
 """
 
 from __future__ import annotations
@@ -15,13 +15,11 @@ import torch
 class HostOffload:
     def __init__(self):
         self.stream: torch.cuda.Stream | None = None
-        self.saved_bytes = 0
 
     def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
         return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     def _pack(self, tensor: torch.Tensor):
-        self.saved_bytes += tensor.numel() * tensor.element_size()
         if not tensor.is_cuda:
             return tensor
         if self.stream is None:

@@ -236,8 +236,7 @@ class FP8GroupedGemm(FP8Gemm):
     tiles over each expert's own rows, segments padded to 128), inputs kept for backward in FP8."""
 
     def keep(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        q = quantize(x, 1, self.power_of_two)
-        return q.data, q.scale
+        return self.store(x)  # expert rows are read by one GEMM only: no shared-input cache
 
     def fprop(self, kept, weight: Quantized, counts: torch.Tensor) -> torch.Tensor:
         data, scale = kept

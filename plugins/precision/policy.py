@@ -23,7 +23,7 @@ from ..model.experts import RoutedExperts
 from ..model.mlp import SwiGLU
 from ..model.moe import DeepSeekMoE
 from . import te as fp8_te
-from .fp8 import FP8Gemm, FP8GroupedGemm, fp8_grouped_linear, fp8_linear, quantize
+from .fp8 import FP8Gemm, FP8GroupedGemm, fp8_grouped_linear, fp8_linear
 
 FP8_BACKENDS = ("none", "emulated", "te", "auto")
 DEFAULT_FP8_MODULES = ("*.self_attn.*", "*.mlp.*")
@@ -61,7 +61,7 @@ class FP8RoutedExperts(RoutedExperts):
         nn.Module.__init__(module)
         module.num_experts = experts.num_experts
         module.gate_up_proj, module.down_proj = experts.gate_up_proj, experts.down_proj
-        module.recompute, module.store = experts.recompute, experts.store
+        module.recompute, module.store, module.offload = experts.recompute, experts.store, experts.offload
         module.power_of_two, module.gemm = power_of_two, FP8GroupedGemm(power_of_two)
         return module
 
@@ -131,12 +131,7 @@ def dispatch_in_fp8(model: nn.Module, power_of_two: bool = True) -> None:
     keep are E4M3; their gradient and the combine stay in the activations' dtype."""
     for module in model.modules():
         if isinstance(module, DeepSeekMoE) and isinstance(module.experts, FP8RoutedExperts):
-            module.dispatcher.quantize = lambda x, p2=power_of_two: _tiles(x, p2)
-
-
-def _tiles(x: torch.Tensor, power_of_two: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    q = quantize(x, 1, power_of_two)
-    return q.data, q.scale
+            module.dispatcher.quantize = FP8Gemm(power_of_two).store
 
 
 def fp8_autocast(backend: str) -> contextlib.AbstractContextManager:
