@@ -21,6 +21,7 @@ from plugins.model.recompute import MODES as RECOMPUTE_MODES
 from plugins.parallel.dualpipe import SCHEDULES
 from plugins.precision.moments import MOMENT_DTYPES
 from plugins.precision.policy import DEFAULT_FP8_MODULES, FP8_BACKENDS
+from plugins.precision.recipe import PRECISIONS
 
 SECTIONS = ("model", "data", "train", "parallel")
 
@@ -137,6 +138,8 @@ class TrainConfig:
     # up-projection outputs) or full (every block); plugins.model.recompute
     recompute: str = "none"
     optimizer_moments_dtype: str = "float32"  # AdamW's exp_avg/exp_avg_sq: float32 or bfloat16 (report 3.3.1)
+    # bf16: BF16 compute, FP32 masters and FP32 gradient accumulation (report 3.3); fp32; auto: bf16 on a GPU
+    precision: str = "auto"
     # long runs on clusters (docs/training.md#long-runs-on-clusters)
     hang_timeout_s: float = 1800.0  # a rank without progress this long ends the job (0: no watchdog)
     preempt_grace_s: float = 25.0  # the save on SIGTERM/SIGUSR1/SIGINT must be done within this
@@ -209,6 +212,8 @@ def _validate(run: RunConfig) -> None:
         fail("train.wandb_mode", f"expected auto, online, offline or disabled, got {t.wandb_mode!r}")
     if t.recompute not in RECOMPUTE_MODES:
         fail("train.recompute", f"expected one of {', '.join(RECOMPUTE_MODES)}, got {t.recompute!r}")
+    if t.precision not in PRECISIONS:
+        fail("train.precision", f"expected one of {', '.join(PRECISIONS)}, got {t.precision!r}")
     if t.optimizer_moments_dtype not in MOMENT_DTYPES:
         fail("train.optimizer_moments_dtype", f"expected one of {', '.join(MOMENT_DTYPES)}, "
                                               f"got {t.optimizer_moments_dtype!r}")

@@ -7,6 +7,10 @@ DeepSpeed upgrade is checked here (``pyproject.toml`` pins the tested range).
   own MoE layer class (report 3.2.2: EP inside ZeRO-1 data parallelism);
 - pipeline parallelism: the ``PipelineParallelGrid`` as ``mpu`` and the ``ds_pipe_replicated``
   mark, so the global gradient norm counts a replicated parameter once;
+- precision: ZeRO-1's own FP32 gradient accumulation for BF16 weights (its "stage 1, mode 2":
+  each backward's BF16 gradient added into ``param.grad_accum`` in FP32, reduced from there),
+  which DeepSpeed's engine otherwise hands to its separate ``BF16_Optimizer`` whose partitions,
+  steps and checkpoints this project does not read;
 - steps: a step skipped after the gradients were reduced (DeepSpeed's own skipped-step path, as on
   an fp16 overflow) and the gradient reduction marked as waiting on other ranks
   (``plugins.progress``);
@@ -25,6 +29,7 @@ import torch
 import torch.distributed as dist
 from deepspeed import DeepSpeedConfig, DeepSpeedEngine, set_optimizer_flags
 from deepspeed.moe.utils import is_moe_param
+from deepspeed.runtime.zero.config import ZERO_OPTIMIZATION
 from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
 from deepspeed.utils import groups as ds_groups
 
@@ -84,23 +89,29 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------ engine
-class ExpertParallelEngine(DeepSpeedEngine):
+class Engine(DeepSpeedEngine):
+    """DeepSpeed's engine with the MoE gradient path on for marked expert parameters of a model that
+    is not its own MoE layer class, and ZeRO-1 kept as the optimizer under BF16 weights with FP32
+    gradient accumulation."""
+
     def _configure_distributed_model(self, model: torch.nn.Module) -> None:
         super()._configure_distributed_model(model)
         self.has_moe_layers = self.has_moe_layers or any(is_moe_param(p) for p in model.parameters())
 
+    def _do_optimizer_sanity_check(self, basic_optimizer):
+        wrapper = super()._do_optimizer_sanity_check(basic_optimizer)
+        return ZERO_OPTIMIZATION if self.zero_optimization() else wrapper
+
 
 def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict, mpu=None) -> DeepSpeedEngine:
-    """``deepspeed.initialize`` for our model: the stock engine, or the expert-parallel one when
-    some parameters are marked as experts; ``mpu``: the pipeline grid under pipelining."""
-    if not any(is_moe_param(p) for p in model.parameters()):
-        import deepspeed
-
-        return deepspeed.initialize(model=model, optimizer=optimizer, config=config, mpu=mpu)[0]
+    """``deepspeed.initialize`` for our model (``Engine``); ``mpu``: the pipeline grid under pipelining."""
     config_class = DeepSpeedConfig(config, mpu)
     set_optimizer_flags(config_class, model)
-    return ExpertParallelEngine(args=None, model=model, optimizer=optimizer, config=config, config_class=config_class,
-                                mpu=mpu)
+    engine = Engine(args=None, model=model, optimizer=optimizer, config=config, config_class=config_class, mpu=mpu)
+    if engine.bfloat16_enabled() and not engine.optimizer.use_grad_accum_attribute:
+        raise RuntimeError("DeepSpeed's ZeRO-1 did not take FP32 gradient accumulation for BF16 weights; "
+                           "launch/distributed/ds_internals.py needs a look at this DeepSpeed version")
+    return engine
 
 
 # ------------------------------------------------------------------------------------ steps
@@ -138,6 +149,12 @@ def gated_step(engine, skip: Callable[[float], bool]) -> bool:
     finally:
         del zero.step
     return applied
+
+
+def gradient_attribute(engine) -> str:
+    """Where a parameter's accumulated gradient is between backward and the step: ``grad``, or
+    ``grad_accum`` (FP32) where ZeRO-1 accumulates BF16 weights' gradients in FP32."""
+    return "grad_accum" if getattr(engine.optimizer, "use_grad_accum_attribute", False) else "grad"
 
 
 def mark_gradient_reduction(engine) -> None:

@@ -9,6 +9,7 @@ import dataclasses
 from launch.config.run_config import RunConfig
 from launch.config.schedules import batch_size, check_schedule, ramp_note
 from plugins.model.flops import H800_BF16_PEAK, flops_per_token
+from plugins.precision.recipe import resolve_precision
 
 from .rank_memory import Layout3D, Precision, plan_ranks
 from .walk import walk
@@ -26,7 +27,8 @@ def estimate(run: RunConfig, dp: int, device: str, device_memory_gb: float) -> d
     final = batch_size(t.batch, t.batch.ramp_tokens, grid)
     layout = Layout3D(p.pp, p.ep, dp, t.micro_batch_size, run.data.seq_len, p.pipeline_schedule,
                       final // (t.micro_batch_size * dp), t.recompute, device)
-    ranks = plan_ranks(run.model, layout, Precision.of(device, t.optimizer_moments_dtype, p.fp8, p.fp8_modules),
+    ranks = plan_ranks(run.model, layout, Precision.of(device, t.optimizer_moments_dtype, p.fp8, p.fp8_modules,
+                                                            t.precision),
                        t.memory)
     flops = flops_per_token(run.model, run.data.seq_len)
     largest = max(ranks, key=lambda r: r["total_bytes"])
@@ -35,7 +37,8 @@ def estimate(run: RunConfig, dp: int, device: str, device_memory_gb: float) -> d
         "layout": {"pp": p.pp, "ep": p.ep, "dp": dp, "world": p.pp * dp, "micro_batch": t.micro_batch_size,
                    "seq_len": run.data.seq_len, "pipeline_schedule": p.pipeline_schedule if p.pp > 1 else None,
                    "micro_batches_per_step": layout.micro_batches, "recompute": t.recompute, "fp8": p.fp8,
-                   "optimizer_moments_dtype": t.optimizer_moments_dtype},
+                   "optimizer_moments_dtype": t.optimizer_moments_dtype,
+                   "precision": resolve_precision(t.precision, device == "gpu")},
         "ranks": ranks,
         "largest_rank": largest["pipeline_rank"],
         "largest_rank_total_bytes": largest["total_bytes"],

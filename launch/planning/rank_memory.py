@@ -3,12 +3,15 @@ estimator behind ``python -m launch.plan``.
 
 Per pipeline rank (every expert-parallel rank of it holds as much):
 - parameters: the rank's stages and 1/ep of each routed-expert bank (``plugins.parallel.rank_share``,
-  built on ``meta`` as the trainer builds it), bf16 on a GPU, fp32 on a CPU (the trainer's engine),
-  and under FP8 one E4M3 copy of each FP8 weight, shared by the step's micro-batches;
-- gradients: one per parameter in the weights' dtype (ZeRO-1 keeps them whole until the step),
-  plus the rank's flat FP32 partition of them that DeepSpeed's ZeRO-1 builds at the accumulation
-  boundary, while the whole ones are still held (measured: a one-rank launch peaks at weights +
-  2 gradients + master + two moments, in the last backward of a step);
+  built on ``meta`` as the trainer builds it), in ``train.precision``'s dtype (BF16 under ``bf16``,
+  the GPU's default; FP32 under ``fp32``), and under FP8 one E4M3 copy of each FP8 weight, shared
+  by the step's micro-batches;
+- gradients: one FP32 accumulator per parameter under either precision (report 3.3: the
+  gradients of batch-size accumulation stay FP32; ZeRO-1 keeps them whole until the step; a
+  backward's BF16 gradient lives only until it is added in), plus the rank's flat FP32 partition
+  of them that DeepSpeed's ZeRO-1 builds at the accumulation boundary, while the whole ones are
+  still held (measured: a one-rank launch peaks at weights + 2 gradients + master + two moments,
+  in the last backward of a step);
 - optimizer: the FP32 master weights and AdamW's two moments (``train.optimizer_moments_dtype``),
   ZeRO-1-partitioned over the data-parallel ranks, routed experts over their expert-data-parallel
   group (dp / ep ranks);
@@ -48,6 +51,7 @@ from plugins.parallel.pipeline_stages import layer_spans
 from plugins.parallel.rank_share import rank_model
 from plugins.parallel.replicas import BUCKET as REPLICA_BUCKET
 from plugins.precision.policy import fp8_targets
+from plugins.precision.recipe import resolve_precision
 
 REDUCE_BUCKET = 500_000_000  # DeepSpeed's default ZeRO reduce_bucket_size (elements)
 def fp8_bytes(width: int) -> int:
@@ -57,8 +61,9 @@ def fp8_bytes(width: int) -> int:
 
 @dataclass(frozen=True)
 class Precision:
-    """Bytes of the weights/gradients/activations (``act``) and of the optimizer's moments; whether
-    the policy's linears run in FP8 (and keep their inputs in FP8), and which modules they are."""
+    """Bytes of the weights and activations (``act``: 2 under ``train.precision: bf16``, 4 under
+    ``fp32``; gradients accumulate in FP32 under both) and of the optimizer's moments; whether the
+    policy's linears run in FP8 (and keep their inputs in FP8), and which modules they are."""
 
     act: int
     moments: int
@@ -67,10 +72,12 @@ class Precision:
     fp8_modules: tuple[str, ...] = ()
 
     @classmethod
-    def of(cls, device: str, moments_dtype: str, fp8: str, fp8_modules=()) -> Precision:
-        """``fp8`` the backend; ``auto`` plans as it resolves where TE is installed (te on a GPU)."""
+    def of(cls, device: str, moments_dtype: str, fp8: str, fp8_modules=(), precision: str = "auto") -> Precision:
+        """``fp8`` the backend; ``auto`` plans as it resolves where TE is installed (te on a GPU);
+        ``precision``: ``train.precision`` (``auto``: bf16 on a GPU, fp32 on a CPU)."""
         te = fp8 == "te" or (fp8 == "auto" and device == "gpu")
-        return cls(act=2 if device == "gpu" else 4, moments=4 if moments_dtype == "float32" else 2,
+        bf16 = resolve_precision(precision, device == "gpu") == "bf16"
+        return cls(act=2 if bf16 else 4, moments=4 if moments_dtype == "float32" else 2,
                    fp8=fp8 != "none", fp8_experts=fp8 != "none" and not te, fp8_modules=tuple(fp8_modules))
 
 
@@ -167,9 +174,12 @@ def head_activation_bytes(config: ModelConfig, p: Precision, m: MemoryConfig, re
 
 
 def loss_chunk_bytes(config: ModelConfig, p: Precision, m: MemoryConfig) -> float:
-    """The working set of one chunk of the chunked cross-entropy: its logits in the activations'
-    dtype, their float32 copy and softmax."""
-    return m.loss_chunk_tokens * config.vocab_size * (p.act + 8) if m.loss_chunk_tokens else 0.0
+    """The working set of one chunk of the chunked cross-entropy: its float32 logits, softmax and
+    gradient (report 3.3.1: the head in float32), and under BF16 weights the head's float32 copy."""
+    if not m.loss_chunk_tokens:
+        return 0.0
+    upcast = 4 * config.vocab_size * config.hidden_size if p.act < 4 else 0
+    return m.loss_chunk_tokens * config.vocab_size * 12 + upcast
 
 
 def kept(parts: dict[str, float], recompute: str, offload: bool = False) -> float:
@@ -300,15 +310,15 @@ def plan_ranks(config: ModelConfig, layout: Layout3D, p: Precision, m: MemoryCon
         row = fp8_bytes(config.hidden_size) if p.fp8_experts and m.fp8_dispatch else config.hidden_size * p.act
         communication = sends * hidden_message + (config.num_experts_per_tok * tokens * row if layout.ep > 1 else 0)
         if layout.dp > 1 or layout.device == "gpu":  # ZeRO's flat reduce bucket (a CPU engine skips it at dp 1)
-            communication += min(REDUCE_BUCKET, params) * p.act
-        if sched:  # one bucket of the replicas' gradient sum
-            communication += min(REPLICA_BUCKET, params * p.act)
+            communication += min(REDUCE_BUCKET, params) * 4  # FP32: the reduction is FP32 under either precision
+        if sched:  # one bucket of the replicas' (FP32) gradient sum
+            communication += min(REPLICA_BUCKET, params * 4)
         out = {
             "pipeline_rank": rank, "parameters": params, "routed_expert_parameters": experts,
             "optimizer_partition_parameters": shard,
             "parameters_bytes": params * p.act,
             "fp8_weights_bytes": fp8_weight_bytes(model, p),
-            "gradients_bytes": params * p.act + shard * 4,
+            "gradients_bytes": params * 4 + shard * 4,
             "master_weights_bytes": shard * 4,
             "moments_bytes": shard * 2 * p.moments,
             "activations_bytes": activations + working,

@@ -42,10 +42,11 @@ class PipelineSchedule:
     batch-size ramp changes it)."""
 
     def __init__(self, shard: PipelineShard, groups: ParallelGroups, schedule: str, fp8_backend: str,
-                 release_sends: bool = True):
+                 release_sends: bool = True, grad_attribute: str = "grad"):
         self.shard, self.groups, self.schedule, self.fp8_backend = shard, groups, schedule, fp8_backend
         self.release_sends = release_sends
-        self.replicas = ReplicaSync(Layout.placement(schedule, groups.pp), shard.model, groups.pipeline_rank, groups.replicas)
+        self.replicas = ReplicaSync(Layout.placement(schedule, groups.pp), shard.model, groups.pipeline_rank,
+                                    groups.replicas, grad_attribute)
         ds_internals.mark_pipe_replicated(self.replicas.secondary)
         self.runtimes: dict[int, PipelineRuntime] = {}
 

@@ -41,6 +41,7 @@ from plugins.model.balance import (
 )
 from plugins.precision.fp8 import release_copies
 from plugins.precision.moments import MOMENT_DTYPES, AdamW
+from plugins.precision.recipe import resolve_precision
 from plugins.progress import RECORD, phase, waiting
 from plugins.run_lock import DirectoryLock, LockedError
 
@@ -74,10 +75,15 @@ class RunOptions:
     init_from: str | None = None
 
 
-def deepspeed_config(run: RunConfig, dp: int, pipelined: bool, global_batch: int, on_gpu: bool) -> dict:
+def deepspeed_config(run: RunConfig, dp: int, pipelined: bool, global_batch: int) -> dict:
     """Under pipelining the schedule owns the micro-batches: the engine sees one batch per step and
-    reduces the gradients the schedule left in ``.grad`` at ``step()``."""
+    reduces the gradients the schedule left at ``step()``. Under ``train.precision: bf16`` (report
+    3.3) the engine keeps BF16 weights, adds every backward's gradient into an FP32 buffer per
+    parameter (``data_types.grad_accum_dtype``) and reduces those in FP32
+    (``communication_data_type``): BF16 would round the step's summed gradient once more and sum
+    the data-parallel ranks' shares in 8 mantissa bits."""
     micro = global_batch // dp if pipelined else run.train.micro_batch_size
+    bf16 = run.train.precision == "bf16"
     return {
         **({"managed_gradient_accumulation": False} if pipelined else {}),
         "train_batch_size": global_batch,
@@ -85,7 +91,8 @@ def deepspeed_config(run: RunConfig, dp: int, pipelined: bool, global_batch: int
         "gradient_accumulation_steps": global_batch // (micro * dp),
         "zero_optimization": {"stage": 1},
         "gradient_clipping": run.train.grad_clip,
-        "bf16": {"enabled": on_gpu},
+        "bf16": {"enabled": bf16},
+        **({"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"} if bf16 else {}),
         "steps_per_print": 2**62,
         "zero_allow_untested_optimizer": True,
     }
@@ -99,6 +106,7 @@ def collate(dataset: PackedDataset, indices: list[int], device: torch.device) ->
 class Trainer:
     def __init__(self, run: RunConfig, options: RunOptions, device: torch.device):
         self.run, self.options, self.device = run, options, device
+        run.train.precision = resolve_precision(run.train.precision, device.type == "cuda")  # config.yaml says which
         p = run.parallel
         timeout = process_group_timeout(run.train.hang_timeout_s)
         self.groups = groups = build_groups(p.pp, p.ep, p.pipeline_schedule, run.model, timeout)
@@ -146,19 +154,20 @@ class Trainer:
                           eps=t.eps)
         with phase("building the engine"):
             self.engine = ds_internals.initialize(self.module, optimizer, deepspeed_config(
-                run, groups.dp, self.pipelined, first_batch, device.type == "cuda"), groups.mpu)
+                run, groups.dp, self.pipelined, first_batch), groups.mpu)
         ds_internals.mark_gradient_reduction(self.engine)
         for moe in self.moe_layers:  # bf16 engines cast buffers too; the bias stays float32 (report 3.3.1)
             moe.gate.e_score_correction_bias.data = moe.gate.e_score_correction_bias.data.float()
         self.ema = HostEMA({name: states["model"] for name, _, _, states in ds_internals.zero_fragments(self.engine)},
                            t.ema.decay) if t.ema is not None else None
-        self.steps = (PipelineSchedule(built.shard, groups, p.pipeline_schedule, p.fp8, t.memory.release_sends)
+        self.steps = (PipelineSchedule(built.shard, groups, p.pipeline_schedule, p.fp8, t.memory.release_sends,
+                                       ds_internals.gradient_attribute(self.engine))
                       if self.pipelined
                       else GradientAccumulation(self.engine, p.fp8))
         self.checkpointer = Checkpointer(
             options.run_dir, groups.rank, dist.get_world_size(), run.model.n_routed_experts, built.expert_offset,
             t.keep_checkpoints, layout={"pp": groups.pp, "ep": groups.ep, "dp": groups.dp,
-                                        "pipeline_schedule": p.pipeline_schedule},
+                                        "pipeline_schedule": p.pipeline_schedule, "precision": t.precision},
             asynchronous=t.async_save, timeout_s=timeout.total_seconds() if timeout else 0.0)
         self.validator = Validator(held_out, bundle.token_bytes(), self.module, built.shard, groups,
                                    t.micro_batch_size, p.pipeline_schedule, p.fp8, run.source, t.eval_sequences,
@@ -470,8 +479,14 @@ class Trainer:
         self.checkpointer.last_good = tag
         if self.spikes is not None and "spikes" in state:
             self.spikes.load_state_dict(state["spikes"])
-        saved = state["layout"]
-        layout = "" if saved == self.checkpointer.layout else \
+        saved = dict(state["layout"])
+        saved_precision = saved.pop("precision", "fp32")  # checkpoints written before train.precision: fp32 runs
+        now = {key: value for key, value in self.checkpointer.layout.items() if key != "precision"}
+        layout = "" if saved == now else \
             f", saved at pp {saved['pp']} ep {saved['ep']} dp {saved['dp']}, resharded on load"
         self._say(f"resumed {self.options.run_dir} from {tag} (step {self.step}, {self.tokens} tokens{layout})"
                   f"{self._added(phase)}")
+        if saved_precision != self.run.train.precision:
+            self._say(f"note: {tag} was trained under train.precision {saved_precision}; it continues under "
+                      f"{self.run.train.precision}: the FP32 master weights and AdamW moments carry over as they are, "
+                      f"the weights the GEMMs read are their {self.run.train.precision} copies")

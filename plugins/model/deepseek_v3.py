@@ -18,6 +18,7 @@ from torch import nn
 
 from .block import DecoderLayer
 from .config import ModelConfig
+from .high_precision import Float32GradEmbedding, Float32Head
 from .init import init_weights
 from .losses import Losses, chunked_cross_entropy, cross_entropy, mtp_objective, take_balance_losses
 from .mla import LatentCache
@@ -48,11 +49,11 @@ class DeepSeekV3(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Float32GradEmbedding(config.vocab_size, config.hidden_size)
         self.rotary = RotaryEmbedding(config)
         self.layers = nn.ModuleDict({str(i): DecoderLayer(config, i) for i in range(config.num_hidden_layers)})
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Float32Head(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.mtp = nn.ModuleList(

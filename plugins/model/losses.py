@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .high_precision import float32_mm
 from .mtp import IGNORE_INDEX
 
 
@@ -28,15 +29,16 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of the logits ``h W^T`` over targets != -100, ``chunk`` tokens at a time:
     backward recomputes each chunk's logits from ``h``, so no [tokens, vocab] tensor outlives its
     chunk (the float32 log-softmax of the whole output head would be 4 x vocab bytes per token).
-    The logits are rounded to ``h``'s dtype before the float32 softmax, as ``lm_head`` then
-    ``cross_entropy`` do; the weight gradient is summed over chunks in float32."""
+    The logits are float32, as ``lm_head`` (``Float32Head``) then ``cross_entropy`` give them (report
+    3.3.1); backward's GEMMs take the logits' gradient in ``h``'s dtype, sum in float32, and the
+    weight gradient is summed over chunks in float32."""
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
         count = (targets != IGNORE_INDEX).sum().clamp_min(1)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for start in range(0, h.shape[0], chunk):
-            logits = F.linear(h[start:start + chunk], weight).float()
+            logits = float32_mm(h[start:start + chunk], weight.t())
             total += F.cross_entropy(logits, targets[start:start + chunk], ignore_index=IGNORE_INDEX, reduction="sum")
         ctx.save_for_backward(h, weight, targets, count)
         ctx.chunk = chunk
@@ -50,12 +52,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         for start in range(0, h.shape[0], ctx.chunk):
             piece, target = h[start:start + ctx.chunk], targets[start:start + ctx.chunk]
-            dlogits = F.linear(piece, weight).float().softmax(-1)
+            dlogits = float32_mm(piece, weight.t()).softmax(-1)
             valid = target != IGNORE_INDEX
             dlogits[valid, target[valid]] -= 1.0
-            dlogits = (dlogits * (scale * valid)[:, None]).to(h.dtype)
-            dh[start:start + ctx.chunk] = dlogits @ weight
-            dw += (dlogits.t() @ piece).float()
+            dlogits = (dlogits * (scale * valid)[:, None]).to(h.dtype)  # the backward GEMMs' operand
+            dh[start:start + ctx.chunk] = float32_mm(dlogits, weight)
+            dw += float32_mm(dlogits.t(), piece)
         return dh, dw.to(weight.dtype), None, None
 
 

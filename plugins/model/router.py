@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .high_precision import float32_linear
 
 
 @dataclass
@@ -25,23 +25,6 @@ class Routing:
     indices: torch.Tensor
     weights: torch.Tensor
     scores: torch.Tensor
-
-
-class _Float32Linear(torch.autograd.Function):
-    """``x W^T`` computed in float32, keeping ``x`` for backward in its own dtype: on bf16 the
-    autograd of ``F.linear(x.float(), ...)`` would keep a float32 copy of every token (4 x hidden bytes
-    per token per MoE block), where ``x`` is the norm's output that the block keeps (or recomputes)
-    anyway. The same products as that autograd."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        return F.linear(x.float(), weight.float())
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        return grad.mm(weight.float()).to(x.dtype), grad.t().mm(x.float()).to(weight.dtype)
 
 
 def select_experts(biased: torch.Tensor, n_group: int, topk_group: int, k: int) -> torch.Tensor:
@@ -70,7 +53,7 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Routing:
         """``x`` [N, D] -> Routing; the gate runs in float32 (report 3.3.1)."""
-        scores = _Float32Linear.apply(x, self.weight).sigmoid()
+        scores = float32_linear(x, self.weight).sigmoid()
         with torch.no_grad():
             indices = select_experts(scores + self.e_score_correction_bias, self.n_group, self.topk_group, self.top_k)
         weights = scores.gather(1, indices)

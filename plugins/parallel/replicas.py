@@ -41,10 +41,12 @@ def replica_sets(layout: Layout, config) -> list[tuple[int, ...]]:
 
 class ReplicaSync:
     """``rank``: this pipeline rank; ``groups``: replica set -> the group of this data-parallel
-    replica's ranks of that set (only the sets this rank belongs to)."""
+    replica's ranks of that set (only the sets this rank belongs to); ``grad_attribute``: where a
+    parameter's gradient of the step is: ``grad``, or the FP32 ``grad_accum`` the engine keeps under
+    ``train.precision: bf16`` (report 3.3: the replicas' sum in FP32 too)."""
 
     def __init__(self, layout: Layout, model: torch.nn.Module, rank: int,
-                 groups: dict[tuple[int, ...], dist.ProcessGroup]):
+                 groups: dict[tuple[int, ...], dist.ProcessGroup], grad_attribute: str = "grad"):
         owners = holders(layout, model.config)
         by_set: dict[tuple[int, ...], list[torch.nn.Parameter]] = {}
         self.secondary: list[torch.nn.Parameter] = []
@@ -55,15 +57,18 @@ class ReplicaSync:
             if len(ranks) > 1:
                 by_set.setdefault(ranks, []).append(param)
         self.buckets = [(groups[ranks], params) for ranks, params in sorted(by_set.items())]
+        self.grad_attribute = grad_attribute
+        self.grad_dtype = None if grad_attribute == "grad" else torch.float32
 
     def sum_gradients(self) -> None:
         """All-reduce the replicas' gradients in place, ``BUCKET`` bytes at a time, so the step
         never holds a second copy of the replicated gradients (under DualPipe: all of them)."""
+        name = self.grad_attribute
         for group, params in self.buckets:
             for param in params:
-                if param.grad is None:
-                    param.grad = torch.zeros_like(param)
-            for grads in _take_tensors([p.grad for p in params], BUCKET):
+                if getattr(param, name, None) is None:
+                    setattr(param, name, torch.zeros_like(param, dtype=self.grad_dtype))
+            for grads in _take_tensors([getattr(p, name) for p in params], BUCKET):
                 if len(grads) == 1 and grads[0].is_contiguous():
                     dist.all_reduce(grads[0], group=group)
                     continue
