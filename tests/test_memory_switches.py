@@ -17,9 +17,9 @@ from launch.planning.rank_memory import Precision, block_activation_bytes, kept
 from launch.training.memory import SavedActivations
 from plugins.model.config import ModelConfig
 from plugins.model.deepseek_v3 import DeepSeekV3
+from plugins.model.high_precision import _Float32Linear
 from plugins.model.moe import set_ffn_memory
 from plugins.model.recompute import set_recompute
-from plugins.model.router import _Float32Linear
 from plugins.precision.policy import DEFAULT_FP8_MODULES, convert_to_fp8, dispatch_in_fp8, keep_fp8_activations
 
 from .conftest import ROOT

@@ -70,6 +70,7 @@ class Precision:
     fp8: bool
     fp8_experts: bool = False  # the routed experts' GEMMs too (not under Transformer-Engine: BF16 grouped GEMMs)
     fp8_modules: tuple[str, ...] = ()
+    head_copy: bool = False  # BF16 weights on a CPU: the float32 head's GEMMs read a float32 copy of it
 
     @classmethod
     def of(cls, device: str, moments_dtype: str, fp8: str, fp8_modules=(), precision: str = "auto") -> Precision:
@@ -78,7 +79,8 @@ class Precision:
         te = fp8 == "te" or (fp8 == "auto" and device == "gpu")
         bf16 = resolve_precision(precision, device == "gpu") == "bf16"
         return cls(act=2 if bf16 else 4, moments=4 if moments_dtype == "float32" else 2,
-                   fp8=fp8 != "none", fp8_experts=fp8 != "none" and not te, fp8_modules=tuple(fp8_modules))
+                   fp8=fp8 != "none", fp8_experts=fp8 != "none" and not te, fp8_modules=tuple(fp8_modules),
+                   head_copy=bf16 and device != "gpu")
 
 
 def _norm(width: int, p: Precision, fp8_readers: int = 0, other_readers: bool = True,
@@ -175,10 +177,11 @@ def head_activation_bytes(config: ModelConfig, p: Precision, m: MemoryConfig, re
 
 def loss_chunk_bytes(config: ModelConfig, p: Precision, m: MemoryConfig) -> float:
     """The working set of one chunk of the chunked cross-entropy: its float32 logits, softmax and
-    gradient (report 3.3.1: the head in float32), and under BF16 weights the head's float32 copy."""
+    gradient (report 3.3.1: the head in float32), and the head's float32 copy where the device has no
+    GEMM from BF16 operands to a float32 result (``plugins.model.high_precision.float32_mm``)."""
     if not m.loss_chunk_tokens:
         return 0.0
-    upcast = 4 * config.vocab_size * config.hidden_size if p.act < 4 else 0
+    upcast = 4 * config.vocab_size * config.hidden_size if p.head_copy else 0
     return m.loss_chunk_tokens * config.vocab_size * 12 + upcast
 
 
