@@ -1,0 +1,99 @@
+"""Hostile-input probes of the readers below the CLIs (issue 38): a foreign or damaged HF directory,
+YaRN fields as transformers applies them, the planner's batch check, the optimizer's ranges, a
+dataset path that does not exist, a tokenizer whose end token is its begin token. Each is one
+``ConfigError`` line naming the file, field or flag, never a traceback or a silent reading."""
+
+import dataclasses
+import json
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from plugins.errors import ConfigError
+
+from .conftest import random_hf_model, save_hf
+
+
+def _one_line(call, *names: str) -> str:
+    with pytest.raises(ConfigError) as error:
+        call()
+    line = str(error.value)
+    assert "\n" not in line
+    for name in names:
+        assert name in line, line
+    return line
+
+
+# --------------------------------------------------------------------------- HF directories
+def _index(directory, content: str) -> None:
+    (directory / "model.safetensors.index.json").write_text(content)
+
+
+def _config(directory, change) -> None:
+    path = directory / "config.json"
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+
+
+FOREIGN = {  # case -> (change to a copy of a good HF directory, what the line names)
+    "index not JSON": (lambda d: _index(d, "{not json"), "model.safetensors.index.json: not JSON"),
+    "index without weight_map": (lambda d: _index(d, '{"metadata": {}}'), "model.safetensors.index.json: weight_map"),
+    "index a list": (lambda d: _index(d, "[]"), "model.safetensors.index.json: expected an object"),
+    "config a list": (lambda d: (d / "config.json").write_text("[1, 2]"), "config.json: expected a JSON object"),
+    "rope_scaling a string": (lambda d: _config(d, lambda c: {**c, "rope_scaling": "yarn", "rope_parameters": None}),
+                              "config.json: rope_scaling: expected a mapping"),
+    "rope_theta a string": (lambda d: _config(d, lambda c: {**c, "rope_parameters": None, "rope_theta": "big"}),
+                            "config.json: model.rope_theta: expected a number"),
+    "llama": (lambda d: _config(d, lambda c: {**c, "model_type": "llama", "architectures": ["LlamaForCausalLM"]}),
+              "config.json: model_type 'llama' with architectures ['LlamaForCausalLM']"),
+    "a YaRN field not applied": (lambda d: _config(d, lambda c: {**c, "rope_parameters": {
+        **c["rope_parameters"], "partial_rotary_factor": 0.5}}), "rope_scaling.partial_rotary_factor: unknown key"),
+}
+
+
+@pytest.fixture(scope="module")
+def good_hf(tmp_path_factory):
+    return save_hf(random_hf_model(), tmp_path_factory.mktemp("foreign") / "good")
+
+
+@pytest.mark.parametrize("case", FOREIGN)
+def test_a_foreign_hf_directory_is_one_line_for_every_reader(case, good_hf, tmp_path):
+    """evaluate/generate/niah/lm-eval (``load_model``) and ``--init-from`` (``read_weights``) read
+    config.json and the index through one reader, and refuse the same things with the same line."""
+    from launch.checkpointing.model_source import load_model, read_weights
+    from plugins.interop.hf import read_hf_config
+    from plugins.model.deepseek_v3 import DeepSeekV3
+
+    change, names = FOREIGN[case]
+    model = DeepSeekV3(dataclasses.replace(read_hf_config(good_hf), num_nextn_predict_layers=0))
+    read_weights(good_hf, model)  # the directory before the change is read
+    directory = shutil.copytree(good_hf, tmp_path / "foreign")
+    change(directory)
+    _one_line(lambda: load_model(directory), names)
+    _one_line(lambda: read_weights(directory, model), f"--init-from {directory}", names)
+
+
+ROPE = {  # transformers' YaRN fields beyond the report's two mscales, each applied as transformers does
+    "attention_factor": {"attention_factor": 0.8, "mscale": 0.8, "mscale_all_dim": 0.7},
+    "no mscales": {},
+    "mscale_all_dim only": {"mscale_all_dim": 0.7},
+    "untruncated ramp": {"mscale": 1.0, "mscale_all_dim": 1.0, "truncate": False},
+}
+
+
+@pytest.mark.parametrize("case", ROPE)
+def test_yarn_fields_are_applied_as_transformers_applies_them(case, tmp_path):
+    """transformers' DeepseekV3 (its own ``_compute_yarn_parameters`` and ``yarn_apply_mscale``) is the
+    oracle: the logits of the same weights through both models agree."""
+    rope = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1,
+            **ROPE[case]}
+    reference = random_hf_model(rope_scaling=rope).eval()
+    from plugins.interop.hf import load_hf_checkpoint
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = load_hf_checkpoint(save_hf(reference, tmp_path / "hf")).eval()
+    ids = torch.randint(0, 160, (2, 200), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (reference(ids).logits - ours(ids).logits).abs().max().item() <= 1e-4
