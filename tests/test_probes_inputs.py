@@ -13,7 +13,7 @@ import torch
 
 from plugins.errors import ConfigError
 
-from .conftest import random_hf_model, save_hf
+from .conftest import ROOT, random_hf_model, save_hf
 
 
 def _one_line(call, *names: str) -> str:
@@ -97,3 +97,21 @@ def test_yarn_fields_are_applied_as_transformers_applies_them(case, tmp_path):
     ids = torch.randint(0, 160, (2, 200), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (reference(ids).logits - ours(ids).logits).abs().max().item() <= 1e-4
+
+
+# --------------------------------------------------------------------------- launch.plan
+@pytest.mark.parametrize("flags,names", [
+    (["--micro-batch", "3"], "micro_batch_size x data-parallel ranks = 3 x 1; fix: --set train.batch.start=6"),
+    (["--dp", "3"], "micro_batch_size x data-parallel ranks = 4 x 3; fix: --set train.batch.start=12"),
+    (["--micro-batch", "1000000"], "micro_batch_size x data-parallel ranks = 1000000 x 1"),
+    (["--dp", "1000000000000"], "micro_batch_size x data-parallel ranks = 4 x 1000000000000"),
+])
+def test_plan_refuses_the_batch_the_trainer_refuses(flags, names, capfd):
+    """The planner checks the batch with the trainer's own check (``check_schedule``), so the line is
+    the one ``launch/pretrain.py`` prints for the same layout."""
+    from launch.plan import main
+
+    from .test_cli_probes import probe
+
+    line = probe(capfd, lambda: main([str(ROOT / "configs" / "tiny.yaml"), *flags]), names)
+    assert "train.batch.start: 8 sequences is not a multiple of" in line
