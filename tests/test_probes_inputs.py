@@ -115,3 +115,50 @@ def test_plan_refuses_the_batch_the_trainer_refuses(flags, names, capfd):
 
     line = probe(capfd, lambda: main([str(ROOT / "configs" / "tiny.yaml"), *flags]), names)
     assert "train.batch.start: 8 sequences is not a multiple of" in line
+
+
+# --------------------------------------------------------------------------- optimizer ranges
+@pytest.mark.parametrize("setting,names", [
+    ("train.betas=[1.5,0.95]", "train.betas[0]: expected 0 <= beta < 1, got 1.5"),
+    ("train.betas=[0.9,1.0]", "train.betas[1]: expected 0 <= beta < 1, got 1.0"),
+    ("train.betas=[-0.1,0.95]", "train.betas[0]"),
+    ("train.eps=0", "train.eps: must be positive"),
+    ("train.weight_decay=-0.1", "train.weight_decay: must be >= 0"),
+    ("train.grad_clip=-1", "train.grad_clip: must be >= 0"),
+    ("train.lr.peak=0", "train.lr.peak: must be positive"),
+    ("train.lr.final=-1e-5", "train.lr.final: must be >= 0"),
+    ("train.lr.cosine_final=-1e-5", "train.lr.cosine_final: must be >= 0"),
+    ("train.lr.warmup_steps=-1", "train.lr.warmup_steps: must be >= 0"),
+    ("train.lr.cosine_tokens=-1", "train.lr.cosine_tokens: must be >= 0"),
+])
+def test_pretrain_refuses_an_optimizer_setting_torch_would_raise_on(setting, names, tmp_path, capfd):
+    from launch.pretrain import main
+
+    from .test_cli_probes import probe
+
+    run_dir = tmp_path / "run"
+    probe(capfd, lambda: main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--run-dir", str(run_dir),
+                               "--set", setting]), names, run_dir)
+
+
+# --------------------------------------------------------------------------- a typo in a dataset path
+@pytest.mark.parametrize("sets,names", [
+    (["data.dataset={cache}/pakced"], "data.dataset: {cache}/pakced is missing; data.builtin_corpus builds it only "
+                                      "in a directory named 'packed'"),
+    (["data.dataset={cache}/packed", "data.validation={{code: {cache}/val/cdoe}}", "train.eval_interval=10"],
+     "data.validation.code: {cache}/val/cdoe is missing; data.builtin_corpus builds it only in a directory named 'code'"),
+])
+def test_a_typo_inside_the_embedded_cache_is_not_built(sets, names, tokenizer_dir, tmp_path):
+    """docs/training.md: a typo in ``data.dataset`` never trains on the standard library, also inside
+    the embedded corpus's cache directory: one line naming the key and the path, nothing written."""
+    from launch.config.run_config import load_run_config
+    from launch.training.data import setup_data
+
+    cache = tmp_path / "cache"
+    shutil.copytree(tokenizer_dir, cache / "tokenizer")
+    (cache / "python-corpus.jsonl").write_text('{"text": "def f(): pass"}\n')  # the embedded tokenizer's corpus
+    overrides = [f"data.tokenizer={cache / 'tokenizer'}", "data.seq_len=128", "data.validation={}",
+                 *(s.format(cache=cache) for s in sets)]
+    run = load_run_config(ROOT / "configs" / "tiny.yaml", overrides)
+    _one_line(lambda: setup_data(run, rank=0), names.format(cache=cache))
+    assert sorted(p.name for p in cache.iterdir()) == ["python-corpus.jsonl", "tokenizer"]
