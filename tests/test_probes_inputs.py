@@ -162,3 +162,26 @@ def test_a_typo_inside_the_embedded_cache_is_not_built(sets, names, tokenizer_di
     run = load_run_config(ROOT / "configs" / "tiny.yaml", overrides)
     _one_line(lambda: setup_data(run, rank=0), names.format(cache=cache))
     assert sorted(p.name for p in cache.iterdir()) == ["python-corpus.jsonl", "tokenizer"]
+
+
+# --------------------------------------------------------------------------- special tokens in prepare
+@pytest.mark.parametrize("key,twin,names", [
+    ("eos_token", "bos_token", "bos_token and eos_token are both '<｜begin▁of▁sentence｜>': special tokens must be distinct"),
+    ("pad_token", "eos_token", "eos_token and pad_token are both '<｜end▁of▁sentence｜>': special tokens must be distinct"),
+])
+def test_prepare_refuses_a_tokenizer_whose_special_tokens_coincide(key, twin, names, tokenizer_dir, tmp_path, capfd):
+    """``tokenizer.train`` refuses ``--eos-token`` equal to ``--bos-token``; ``data_pipeline.prepare``
+    refuses a tokenizer directory that says the same, with the same check (documents would end in the
+    token that begins them)."""
+    from data_pipeline.prepare import main
+
+    from .test_cli_probes import probe
+
+    tok = shutil.copytree(tokenizer_dir, tmp_path / "tok")
+    config = json.loads((tok / "tokenizer_config.json").read_text())
+    (tok / "tokenizer_config.json").write_text(json.dumps({**config, key: config[twin]}))
+    data = tmp_path / "in.jsonl"
+    data.write_text('{"text": "def f(): pass"}\n')
+    out = tmp_path / "out"
+    probe(capfd, lambda: main(["--input", str(data), "--tokenizer", str(tok), "--seq-len", "64", "--output", str(out)]),
+          f"{tok / 'tokenizer_config.json'}: {names}", out)
