@@ -36,12 +36,13 @@ from tqdm import tqdm
 from plugins.atomic import check_output_dir, staged_directory
 from plugins.errors import ProjectError
 from plugins.run_lock import DirectoryLock
+from text_sources.partition import partition
+from text_sources.reading import SourceStats, iter_texts, resolve_inputs
 from tokenizer.special_tokens import first_twins
 
 from .dedup import document_hashes
 from .layout import DOCUMENT_HASHES, FORMAT_VERSION, MANIFEST, PIECES, shard_dir_name, shard_name, token_dtype
 from .packing import PACKERS, Packing
-from .sources import SourceStats, iter_texts
 from .staging import remove_stale_temporaries
 
 BATCH_DOCUMENTS = 256
@@ -285,17 +286,12 @@ def _prepare_into(tmp, args, bundle, dtype, encoder, stats, texts, progress) -> 
 
 def _inputs(args: argparse.Namespace) -> list[str]:
     """The files (byte ranges, in a shard of a JSON Lines file) this directory was built from."""
-    from .partition import partition
-    from .sources import resolve_inputs
-
     return [part.describe() for part in partition(resolve_inputs(args.input), args.num_shards, args.shard_index or 0)]
 
 
 def _preparation(args: argparse.Namespace, tokenizer_fingerprint: str) -> str:
     """What every shard of one prepare command shares, hashed: the inputs (absolute paths and sizes,
     or the hub dataset) and every setting that shapes the output."""
-    from .sources import resolve_inputs
-
     inputs = [args.dataset, args.dataset_config, args.split] if args.dataset else \
         [[str(path.resolve()), path.stat().st_size] for path in resolve_inputs(args.input)]
     settings = {key: getattr(args, key) for key in ("text_field", "seq_len", "fim_rate", "split_rate", "packing", "seed",

@@ -20,9 +20,9 @@ from pathlib import Path
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from data_pipeline.sources import SourceStats, iter_texts
 from plugins.atomic import check_output_dir, staged_directory
 from plugins.errors import ProjectError
+from text_sources.reading import SourceStats, iter_texts
 
 from .bpe_hf import BYTE_ALPHABET, train_byte_level_bpe
 from .bpe_spm import train_sentencepiece_bpe
