@@ -78,7 +78,7 @@ ROPE = {  # transformers' YaRN fields beyond the report's two mscales, each appl
     "attention_factor": {"attention_factor": 0.8, "mscale": 0.8, "mscale_all_dim": 0.7},
     "no mscales": {},
     "mscale_all_dim only": {"mscale_all_dim": 0.7},
-    "untruncated ramp": {"mscale": 1.0, "mscale_all_dim": 1.0, "truncate": False},
+    "untruncated ramp": {"mscale": 1.0, "mscale_all_dim": 1.0, "truncate": False, "beta_fast": 4, "beta_slow": 0.5},
 }
 
 
