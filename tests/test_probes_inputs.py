@@ -86,11 +86,11 @@ ROPE = {  # transformers' YaRN fields beyond the report's two mscales, each appl
 def test_yarn_fields_are_applied_as_transformers_applies_them(case, tmp_path):
     """transformers' DeepseekV3 (its own ``_compute_yarn_parameters`` and ``yarn_apply_mscale``) is the
     oracle: the logits of the same weights through both models agree."""
+    from plugins.interop.hf import load_hf_checkpoint
+
     rope = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1,
             **ROPE[case]}
     reference = random_hf_model(rope_scaling=rope).eval()
-    from plugins.interop.hf import load_hf_checkpoint
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ours = load_hf_checkpoint(save_hf(reference, tmp_path / "hf")).eval()
