@@ -36,11 +36,13 @@ from tqdm import tqdm
 from plugins.atomic import check_output_dir, staged_directory
 from plugins.errors import ProjectError
 from plugins.run_lock import DirectoryLock
+from text_sources.partition import partition
+from text_sources.reading import SourceStats, iter_texts, resolve_inputs
+from tokenizer.special_tokens import first_twins
 
 from .dedup import document_hashes
 from .layout import DOCUMENT_HASHES, FORMAT_VERSION, MANIFEST, PIECES, shard_dir_name, shard_name, token_dtype
 from .packing import PACKERS, Packing
-from .sources import SourceStats, iter_texts
 from .staging import remove_stale_temporaries
 
 BATCH_DOCUMENTS = 256
@@ -118,7 +120,8 @@ def shard_output(args: argparse.Namespace, index: int) -> Path:
 
 def _check_tokenizer(bundle, args: argparse.Namespace) -> None:
     """The tokens this run inserts: pad always, FIM tokens when --fim-rate > 0, the split table when
-    --split-rate > 0 (so a tokenizer without FIM tokens serves --fim-rate 0)."""
+    --split-rate > 0 (so a tokenizer without FIM tokens serves --fim-rate 0); no two of them, BOS and
+    EOS included, one token (``tokenizer.train``'s check)."""
     config = bundle.directory / "tokenizer_config.json"
     needs = [("pad_token", bundle.pad_id, None)]
     if args.fim_rate > 0:
@@ -127,6 +130,13 @@ def _check_tokenizer(bundle, args: argparse.Namespace) -> None:
         if value is None:
             also = f" (needed by --fim-rate {args.fim_rate}; pass {fix} to prepare without FIM)" if fix else ""
             raise PrepareError(f"{config}: {key} missing{also}")
+    inserted = {"bos_token": bundle.bos_id, "eos_token": bundle.eos_id, "pad_token": bundle.pad_id}
+    if args.fim_rate > 0:
+        inserted.update({f"fim_tokens.{k}": getattr(bundle, f"fim_{k}_id") for k in ("begin", "hole", "end")})
+    twins = first_twins(inserted)
+    if twins is not None:
+        text = bundle.tokenizer.id_to_token(inserted[twins[0]])
+        raise PrepareError(f"{config}: {twins[0]} and {twins[1]} are both {text!r}: special tokens must be distinct")
     if args.split_rate > 0 and bundle.split_table is None:
         raise PrepareError(f"{bundle.directory / 'split_table.json'}: missing (needed by --split-rate "
                            f"{args.split_rate}; pass --split-rate 0 or train the tokenizer with `python -m tokenizer.train`)")
@@ -276,17 +286,12 @@ def _prepare_into(tmp, args, bundle, dtype, encoder, stats, texts, progress) -> 
 
 def _inputs(args: argparse.Namespace) -> list[str]:
     """The files (byte ranges, in a shard of a JSON Lines file) this directory was built from."""
-    from .partition import partition
-    from .sources import resolve_inputs
-
     return [part.describe() for part in partition(resolve_inputs(args.input), args.num_shards, args.shard_index or 0)]
 
 
 def _preparation(args: argparse.Namespace, tokenizer_fingerprint: str) -> str:
     """What every shard of one prepare command shares, hashed: the inputs (absolute paths and sizes,
     or the hub dataset) and every setting that shapes the output."""
-    from .sources import resolve_inputs
-
     inputs = [args.dataset, args.dataset_config, args.split] if args.dataset else \
         [[str(path.resolve()), path.stat().st_size] for path in resolve_inputs(args.input)]
     settings = {key: getattr(args, key) for key in ("text_field", "seq_len", "fim_rate", "split_rate", "packing", "seed",

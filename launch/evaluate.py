@@ -33,12 +33,12 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline.sources import iter_texts, resolve_inputs
 from launch.checkpointing.model_source import load_model_and_tokenizer
 from launch.evaluation.likelihood import evaluate_texts, read_choices, score_choices
 from launch.evaluation.scoring import score_packed
 from plugins.atomic import write_text_atomic
 from plugins.errors import ConfigError, ProjectError
+from text_sources.reading import iter_texts, resolve_inputs
 
 
 def parse_packed(items: list[str]) -> dict[str, str]:

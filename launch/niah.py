@@ -16,11 +16,11 @@ import json
 import sys
 from pathlib import Path
 
-from data_pipeline.sources import iter_texts
 from launch.checkpointing.model_source import load_model_and_tokenizer
 from launch.evaluation.niah import builtin_haystack, plot, run_niah
 from plugins.atomic import write_text_atomic
 from plugins.errors import ConfigError, ProjectError
+from text_sources.reading import iter_texts
 
 
 def main(argv: list[str] | None = None) -> int:

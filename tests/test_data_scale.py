@@ -20,8 +20,8 @@ from data_pipeline.encode import DocumentEncoder
 from data_pipeline.inspect import main as inspect_main
 from data_pipeline.mixture import MixtureDataset, MixtureSampler, Source
 from data_pipeline.prepare import main as prepare_main
-from data_pipeline.sources import iter_texts
 from plugins.errors import ConfigError
+from text_sources.reading import iter_texts
 from tokenizer.load import load_tokenizer_dir
 
 from .conftest import ROOT

@@ -186,6 +186,8 @@ BAD_INPUTS = {
     "scale of the wrong shape": (lambda t: t.update({GATE + "_scale_inv": torch.ones(2, 2)}), None,
                                  rf"{GATE}_scale_inv: shape \(2, 2\), expected \(3, 2\)"),
     "missing scale": (lambda t: t.pop(GATE + "_scale_inv"), None, rf"{GATE}: FP8 weight without its block scales"),
+    "a quantised linear in BF16": (lambda t: t.update({GATE: t[GATE].to(torch.bfloat16)}) or t.pop(GATE + "_scale_inv"),
+                                   None, rf"{GATE}: BF16 without block scales where \S+/config.json's quantization_config"),
     "FP8 norm": (lambda t: t.update({"model.norm.weight": t["model.norm.weight"].to(E4M3),
                                      "model.norm.weight_scale_inv": torch.ones(1, 1)}),
                  None, r"model\.norm\.weight: float8_e4m3fn where the FP8 release format keeps BF16"),

@@ -2,8 +2,8 @@
 inside a function counts: it is a cycle the day someone hoists it), and the layering that the
 package docstrings promise — each ``launch/`` subpackage imports only the ``launch`` packages
 its ``__init__`` lists after "May import:", nothing below ``launch/`` imports a command, and the
-libraries (``plugins``, ``data_pipeline``, ``tokenizer``) never import ``launch``; model math
-never imports distributed code.
+libraries are layered (``LIBRARIES``: each imports only those before it, none imports ``launch``);
+model math never imports distributed code.
 
 The walk reads the source (``ast``), so it runs in milliseconds and imports nothing."""
 
@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("plugins", "launch", "data_pipeline", "tokenizer")
+PACKAGES = ("plugins", "text_sources", "launch", "data_pipeline", "tokenizer")
+# The libraries below launch/, lowest first: each may import only those before it.
+LIBRARIES = ("plugins", "text_sources", "tokenizer", "data_pipeline")
 
 
 def module_files(root: Path, packages=PACKAGES) -> dict[str, Path]:
@@ -103,8 +105,12 @@ def layering_violations(root: Path, graph: dict[str, set[str]]) -> list[str]:
         package = ".".join(module.split(".")[:2])
         for target in sorted(targets):
             target_package = ".".join(target.split(".")[:2])
-            if top != "launch" and target.startswith("launch"):
+            target_top = target.split(".")[0]
+            if top != "launch" and target_top == "launch":
                 problems.append(f"{module} imports {target}: the libraries never import launch")
+            elif top in LIBRARIES and target_top in LIBRARIES and LIBRARIES.index(target_top) > LIBRARIES.index(top):
+                problems.append(f"{module} imports {target}: {top} sits below {target_top} "
+                                f"(libraries, lowest first: {', '.join(LIBRARIES)})")
             elif package in rules and target.startswith("launch.") and target_package != package \
                     and target_package not in rules[package]:
                 problems.append(f"{module} imports {target}: {package} may import only "
@@ -150,7 +156,8 @@ def _write(root: Path, files: dict[str, str]) -> None:
 
 def test_the_walk_finds_a_lazy_cycle_and_a_layering_breach(tmp_path):
     """The checks above can fail: a cycle through a function-level relative import (the shape of the
-    old data_pipeline jobs <-> prepare circle) and a package importing what its docstring does not allow."""
+    old data_pipeline jobs <-> prepare circle), a package importing what its docstring does not allow
+    and a library importing one above it (the shape of the old tokenizer.train -> data_pipeline.sources)."""
     _write(tmp_path, {
         "data_pipeline/__init__.py": "",
         "data_pipeline/prepare.py": "def main():\n    from .jobs import run\n",
@@ -161,14 +168,18 @@ def test_the_walk_finds_a_lazy_cycle_and_a_layering_breach(tmp_path):
         "launch/training/__init__.py": '"""Loop.\n\nMay import: launch.config.\n"""\n',
         "launch/training/loop.py": "from launch.pretrain import main\nx = 1\n",
         "launch/pretrain.py": "from launch.training import loop\n",
+        "tokenizer/__init__.py": "",
+        "tokenizer/train.py": "from data_pipeline.prepare import main\n",
     })
-    graph = import_graph(tmp_path, ("data_pipeline", "launch"))
+    graph = import_graph(tmp_path, ("data_pipeline", "launch", "tokenizer"))
     assert find_cycle({k: v for k, v in graph.items() if k.startswith("data_pipeline")}) in (
         ["data_pipeline.jobs", "data_pipeline.prepare", "data_pipeline.jobs"],
         ["data_pipeline.prepare", "data_pipeline.jobs", "data_pipeline.prepare"])
     problems = layering_violations(tmp_path, graph)
     assert any(p.startswith("launch.config.run imports launch.training.loop") for p in problems)
     assert any(p.startswith("launch.training.loop imports the command launch.pretrain") for p in problems)
+    assert any(p.startswith("tokenizer.train imports data_pipeline.prepare: tokenizer sits below data_pipeline")
+               for p in problems)
 
 
 @pytest.mark.parametrize("module,expected", [

@@ -121,7 +121,7 @@ def test_long_context_stages_start_from_the_pretrained_run(embedded_run, tmp_pat
     for stage, seq_len in ((1, 256), (2, 512)):
         out = tmp_path / f"stage{stage}"
         result = ok(launch(1, out, "--steps", "2", "--init-from", str(previous),
-                           "--set", f"data.dataset={cache / f'packed_{seq_len}'}",
+                           "--set", f"data.dataset={cache / f'long_{seq_len}' / 'packed'}",
                            "--set", f"data.tokenizer={data['tokenizer']}", "--set", "data.builtin_megabytes=2",
                            "--set", "data.validation={}", config=f"configs/tiny_long_stage{stage}.yaml"))
         assert f"initialised the weights from {previous}" in result.stdout

@@ -79,7 +79,7 @@ def _plan(capsys, *argv):
 def test_parameter_and_optimizer_bytes_match_the_built_model(capsys):
     """One rank of (ep 2, dp 4) on CPU: fp32 weights of the experts it builds; ZeRO-1 splits the
     non-expert master weights and moments over 4 ranks and the expert ones over dp / ep = 2."""
-    plan = _plan(capsys, "--ep", "2", "--dp", "4")
+    plan = _plan(capsys, "--ep", "2", "--dp", "4", "--set", "train.micro_batch_size=1")
     config = load_run_config(TINY).model
     model = DeepSeekV3(config)
     experts = sum(p.numel() for m in model.modules() if isinstance(m, RoutedExperts) for p in m.parameters())
@@ -90,7 +90,8 @@ def test_parameter_and_optimizer_bytes_match_the_built_model(capsys):
     assert rank["parameters_bytes"] == held * 4
     assert rank["gradients_bytes"] == pytest.approx(held * 4 + shard * 4)  # whole + ZeRO's flat FP32 partition
     assert rank["optimizer_bytes"] == pytest.approx(shard * 4 * 3)  # master + two fp32 moments
-    bf16 = _plan(capsys, "--ep", "2", "--dp", "4", "--set", "train.optimizer_moments_dtype=bfloat16")
+    bf16 = _plan(capsys, "--ep", "2", "--dp", "4", "--set", "train.micro_batch_size=1",
+                 "--set", "train.optimizer_moments_dtype=bfloat16")
     assert bf16["ranks"][0]["optimizer_bytes"] == pytest.approx(shard * (4 + 2 * 2))
 
 

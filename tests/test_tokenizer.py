@@ -239,7 +239,7 @@ def test_bounded_chunks_cover_the_text_and_cut_after_line_breaks():
 
 PEAK_RSS = """
 import resource, sys
-from data_pipeline.sources import iter_texts
+from text_sources.reading import iter_texts
 from tokenizer.train import main
 if sys.argv[1] == "train":
     assert main(["--input", sys.argv[2], "--vocab-size", "2000", "--output", sys.argv[3]]) == 0

@@ -29,3 +29,17 @@ class SpecialTokens:
 
     def as_dict(self) -> dict[str, str]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def first_twins(tokens: dict[str, object]) -> tuple[str, str] | None:
+    """The first two names whose tokens are the same (an id stands for one token), or None; a None
+    token (one not set) has no twin. ``tokenizer.train`` checks its flags with it, ``prepare`` the
+    tokenizer it is given."""
+    seen: dict[object, str] = {}
+    for name, token in tokens.items():
+        if token is None:
+            continue
+        if token in seen:
+            return seen[token], name
+        seen[token] = name
+    return None

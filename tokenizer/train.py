@@ -20,15 +20,15 @@ from pathlib import Path
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from data_pipeline.sources import SourceStats, iter_texts
 from plugins.atomic import check_output_dir, staged_directory
 from plugins.errors import ProjectError
+from text_sources.reading import SourceStats, iter_texts
 
 from .bpe_hf import BYTE_ALPHABET, train_byte_level_bpe
 from .bpe_spm import train_sentencepiece_bpe
 from .chunking import bounded_chunks
 from .load import fingerprint
-from .special_tokens import SpecialTokens
+from .special_tokens import SpecialTokens, first_twins
 from .split_table import build_split_table
 
 HELDOUT_EVERY = 50  # every 50th document goes to the held-out slice until it is full
@@ -129,10 +129,10 @@ def _special_tokens(args: argparse.Namespace) -> SpecialTokens:
     for name, value in given.items():
         if not value:
             raise TrainError(f"{flag[name]} {value!r}: must be a non-empty string")
-    for name, value in given.items():
-        twin = next((other for other in given if other != name and given[other] == value), None)
-        if twin is not None:
-            raise TrainError(f"{flag[name]} and {flag[twin]} are both {value!r}: special tokens must be distinct")
+    twins = first_twins(given)
+    if twins is not None:
+        first, second = twins
+        raise TrainError(f"{flag[first]} and {flag[second]} are both {given[first]!r}: special tokens must be distinct")
     return SpecialTokens(**given)
 
 

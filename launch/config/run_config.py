@@ -206,8 +206,7 @@ def _validate(run: RunConfig) -> None:
         fail("train.total_tokens", "must be positive")
     if not 0 < t.batch.start <= t.batch.final:
         fail("train.batch.start", f"expected 0 < start <= final, got {t.batch.start} and {t.batch.final}")
-    if t.lr.peak <= 0 or t.lr.warmup_steps < 0:
-        fail("train.lr", "peak must be positive and warmup_steps non-negative")
+    _check_optimizer(t, fail)
     if t.wandb_mode not in ("auto", "online", "offline", "disabled"):
         fail("train.wandb_mode", f"expected auto, online, offline or disabled, got {t.wandb_mode!r}")
     if t.recompute not in RECOMPUTE_MODES:
@@ -255,6 +254,23 @@ def _validate(run: RunConfig) -> None:
             fail("train.spike.factor", f"must be > 1 (a multiple of the median), got {t.spike.factor}")
         if t.spike.action not in ("skip", "stop"):
             fail("train.spike.action", f"expected skip or stop, got {t.spike.action!r}")
+
+
+def _check_optimizer(t: TrainConfig, fail) -> None:
+    """AdamW's settings and the learning-rate schedule within the ranges the optimizer runs with."""
+    for i, beta in enumerate(t.betas):
+        if not 0.0 <= beta < 1.0:
+            fail(f"train.betas[{i}]", f"expected 0 <= beta < 1, got {beta}")
+    if not t.eps > 0:
+        fail("train.eps", f"must be positive, got {t.eps}")
+    for key in ("weight_decay", "grad_clip"):
+        if getattr(t, key) < 0:
+            fail(f"train.{key}", f"must be >= 0{' (0: no clipping)' if key == 'grad_clip' else ''}, got {getattr(t, key)}")
+    if not t.lr.peak > 0:
+        fail("train.lr.peak", f"must be positive, got {t.lr.peak}")
+    for key in ("warmup_steps", "constant_tokens", "cosine_tokens", "cosine_final", "hold_tokens", "final"):
+        if getattr(t.lr, key) < 0:
+            fail(f"train.lr.{key}", f"must be >= 0, got {getattr(t.lr, key)}")
 
 
 def check_recompute(run: RunConfig) -> None:

@@ -78,11 +78,26 @@ def _fix_hint(schedule: str, pp: int, dp: int, batch: int, micro: int, key: str)
     return f"global batches of at least {need} sequences (--set {key}={need})"
 
 
+def check_batch_multiple(run: RunConfig, dp: int) -> None:
+    """The ramp's ends are whole micro-batches on every data-parallel rank: one line naming the key,
+    with the nearest batch that is."""
+    t = run.train
+    granularity = t.micro_batch_size * dp
+    for name in ("start", "final"):
+        value = getattr(t.batch, name)
+        if value % granularity:
+            raise ConfigError(f"{run.source}: train.batch.{name}: {value} sequences is not a multiple of "
+                              f"micro_batch_size x data-parallel ranks = {t.micro_batch_size} x {dp}; fix: "
+                              f"--set train.batch.{name}={max(granularity, value // granularity * granularity)}")
+
+
 def check_schedule(run: RunConfig, pp: int, dp: int) -> BatchGrid:
-    """The layout's grid of global batches, after checking every batch the ramp can produce
-    (``BatchGrid.sizes``: a few dozen sizes, not one per step) against the pipeline schedule. The
-    final batch must be on the grid as configured (the recipe's batch is not silently changed); a
-    start below the schedule's smallest batch starts the ramp there (``ramp_note``)."""
+    """The layout's grid of global batches, after checking the ramp's ends (``check_batch_multiple``)
+    and every batch the ramp can produce (``BatchGrid.sizes``: a few dozen sizes, not one per step)
+    against the pipeline schedule; the trainer and ``launch.plan`` both call it. The final batch must
+    be on the grid as configured (the recipe's batch is not silently changed); a start below the
+    schedule's smallest batch starts the ramp there (``ramp_note``)."""
+    check_batch_multiple(run, dp)
     schedule, micro, final = run.parallel.pipeline_schedule, run.train.micro_batch_size, run.train.batch.final
     grid = BatchGrid.of(micro, dp, pp, schedule)
     sizes = [final] if final % grid.step or final < grid.minimum else list(grid.sizes(run.train.batch))

@@ -6,10 +6,11 @@ With ``data.builtin_corpus: true`` a missing tokenizer/dataset is built once, by
 Python standard library's code and documentation (present on every machine), then cached at
 the configured paths; the other ranks wait for it. Its held-out documents per domain (``code``,
 ``docs``) are built the same way for the ``data.validation`` entries of those names. It builds
-only inside its cache directory, the one holding ``data.tokenizer`` (and the corpus text), and only
-with its own tokenizer: a missing path elsewhere, or beside another tokenizer, is an error as without
-``builtin_corpus`` (a typo in ``data.dataset`` must not train on the standard library), and it
-replaces no prepared directory it did not build.
+only inside its cache directory, the one holding ``data.tokenizer`` (and the corpus text), only in
+directories named ``packed`` (the training set) or after their domain (a held-out set), and only
+with its own tokenizer: any other missing path is an error as without ``builtin_corpus`` (a typo
+in ``data.dataset`` must not train on the standard library), and it replaces no prepared directory
+it did not build.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from tokenizer.load import TokenizerBundle, load_tokenizer_dir
 
 CORPUS = "python-corpus.jsonl"  # the embedded corpus's text, beside the tokenizer built from it
 HELDOUT = "python-heldout-"  # + domain + .jsonl: its held-out documents
+PACKED = "packed"  # the one name of a training set the embedded corpus builds (a held-out set: its domain)
 
 
 def _prepared(path: str) -> bool:
@@ -123,6 +125,11 @@ def _check_buildable(run: RunConfig, missing: dict[str, Path], kept: list[str], 
         if key.startswith("data.validation.") and name not in DOMAINS:
             raise ConfigError(f"{run.source}: {key}: {path} is missing and the embedded corpus has only the domains "
                               f"{', '.join(DOMAINS)}")
+        expected = name if key.startswith("data.validation.") else PACKED
+        if path.name != expected:  # a typo inside the cache trains on nothing it built
+            raise ConfigError(f"{run.source}: {key}: {path} is missing; data.builtin_corpus builds it only in a "
+                              f"directory named {expected!r} in its cache directory {cache}/: fix the path or "
+                              "prepare it with `python -m data_pipeline.prepare`")
 
 
 def setup_data(run: RunConfig, rank: int) -> tuple[TokenizerBundle, MixtureDataset]:

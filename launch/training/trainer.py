@@ -127,8 +127,8 @@ class Trainer:
         self._check_run_dir()
         bundle, self.dataset = setup_data(run, groups.rank)
         held_out = validation_sets(run, bundle) if validating(run) else {}
-        self._check_batch()
         self.grid = check_schedule(run, groups.pp, groups.dp)
+        check_fills_a_micro_batch(run, self.dataset, groups.dp)
         note = ramp_note(run, groups.dp, self.grid)
         if note:
             self._say(f"note: {note}")
@@ -232,17 +232,6 @@ class Trainer:
         elif saved:
             raise ConfigError(f"{self.options.run_dir}: already holds checkpoints; pass --resume (or --resume auto) to "
                               "continue it or pick another --run-dir")
-
-    def _check_batch(self) -> None:
-        t, dp = self.run.train, self.groups.dp
-        granularity = t.micro_batch_size * dp
-        for name in ("start", "final"):
-            value = getattr(t.batch, name)
-            if value % granularity:
-                raise ConfigError(f"{self.run.source}: train.batch.{name}: {value} sequences is not a multiple of "
-                                  f"micro_batch_size x data-parallel ranks = {t.micro_batch_size} x {dp}; fix: "
-                                  f"--set train.batch.{name}={max(granularity, value // granularity * granularity)}")
-        check_fills_a_micro_batch(self.run, self.dataset, dp)
 
     def _describe(self, built) -> None:
         p = self.run.parallel

@@ -70,7 +70,8 @@ def scale_shape(shape: tuple[int, ...]) -> tuple[int, int]:
 def check_tensors(headers: dict[str, tuple[Path, str, tuple[int, ...]]], fp8: bool, config_path: Path) -> dict[str, str]:
     """Check a checkpoint's FP8 weights and scales from their headers (key -> (file, dtype, shape)):
     each FP8 tensor is a linear the format quantises, under a config that declares it, with a 2-D
-    scale of its block grid; each scale belongs to an FP8 weight. Returns {FP8 weight key: scale key}."""
+    scale of its block grid; each scale belongs to an FP8 weight; under the format every linear it
+    quantises is FP8. Returns {FP8 weight key: scale key}."""
     scales = {}
     for key, (path, dtype, shape) in headers.items():
         if key.endswith(SCALE_SUFFIX):
@@ -81,6 +82,10 @@ def check_tensors(headers: dict[str, tuple[Path, str, tuple[int, ...]]], fp8: bo
         if dtype.startswith("F8_") and dtype != FP8_DTYPE:
             raise ConfigError(f"{path}: {key}: {dtype}, expected {FP8_DTYPE} (float8_e4m3fn, the release's fmt e4m3)")
         if dtype != FP8_DTYPE:
+            if fp8 and is_release_quantized(key):
+                raise ConfigError(f"{path}: {key}: {dtype} without block scales where {config_path}'s "
+                                  "quantization_config promises float8_e4m3fn with its weight_scale_inv "
+                                  "(a damaged or foreign release)")
             continue
         if not may_be_fp8(key):
             raise ConfigError(f"{path}: {key}: float8_e4m3fn where the FP8 release format keeps BF16 (only "

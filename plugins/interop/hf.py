@@ -72,8 +72,12 @@ _KNOWN_FIELDS = _IGNORED_FIELDS | _FIXED_FIELDS.keys() | _ROPE_FIELDS | set(_CON
 def config_from_hf(raw: dict, source: str) -> ModelConfig:
     """ModelConfig from a HF/DeepSeek config.json (``rope_scaling``+``rope_theta`` or ``rope_parameters``):
     model_type ``deepseek_v3``, or any model_type whose ``architectures`` is DeepseekV3ForCausalLM
-    (Kimi-K2's ``kimi_k2``) as long as every field it sets is one this model implements."""
-    if raw.get("model_type", "deepseek_v3") != "deepseek_v3" and ARCHITECTURE not in (raw.get("architectures") or []):
+    (Kimi-K2's ``kimi_k2``) as long as every field it sets is one this model implements. The one
+    reader of config.json: evaluation, conversion, generation and ``--init-from`` all come here."""
+    architectures = raw.get("architectures") or []
+    if not isinstance(architectures, list):
+        raise ConfigError(f"{source}: architectures: expected a list of class names, got {architectures!r}")
+    if raw.get("model_type", "deepseek_v3") != "deepseek_v3" and ARCHITECTURE not in architectures:
         raise ConfigError(f"{source}: model_type {raw.get('model_type')!r} with architectures "
                           f"{raw.get('architectures')!r}: expected model_type 'deepseek_v3' or architectures "
                           f"[{ARCHITECTURE!r}]")
@@ -87,19 +91,26 @@ def config_from_hf(raw: dict, source: str) -> ModelConfig:
     values = {k: raw[k] for k in _CONFIG_FIELDS if k in raw}
     if "num_nextn_predict_layers" not in values and "num_mtp_layers" in raw:
         values["num_nextn_predict_layers"] = raw["num_mtp_layers"]
-    rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
-    values["rope_theta"] = float(rope.pop("rope_theta", raw.get("rope_theta", 10000.0)))
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind == "default":
-        values["rope_scaling"] = None
-    else:
-        keep = {"type", "rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"}
-        values["rope_scaling"] = {k: v for k, v in rope.items() if k in keep}
+    values["rope_theta"], values["rope_scaling"] = _rope_from_hf(raw, source)
     config = ModelConfig.from_dict(values, source=source)
     for key, derive in _DERIVED_FIELDS.items():
         if key in raw and raw[key] != derive(config):
             raise ConfigError(f"{source}: {key}: expected {derive(config)} (what this model implements), got {raw[key]!r}")
     return config
+
+
+def _rope_from_hf(raw: dict, source: str) -> tuple[object, dict | None]:
+    """(rope_theta, rope_scaling as ``ModelConfig.from_dict`` reads it) of a config.json. Every key of
+    the YaRN mapping is one the model applies (an unknown one is refused by the config tree); a
+    missing ``mscale``/``mscale_all_dim`` is 0, transformers' reading of "not given"."""
+    for key in ("rope_parameters", "rope_scaling"):
+        if raw.get(key) is not None and not isinstance(raw[key], dict):
+            raise ConfigError(f"{source}: {key}: expected a mapping or null, got {raw[key]!r}")
+    rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+    theta = rope.pop("rope_theta", raw.get("rope_theta", 10000.0))
+    if rope.get("rope_type", rope.get("type", "default")) == "default":
+        return theta, None
+    return theta, {"mscale": 0.0, "mscale_all_dim": 0.0, **rope}
 
 
 def config_to_hf(config: ModelConfig, dtype: torch.dtype, fp8: bool = False) -> dict:
@@ -119,7 +130,7 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype, fp8: bool = False) -> 
         torch_dtype=str(dtype).removeprefix("torch."),
     )
     if config.rope_scaling is not None:
-        out["rope_scaling"] = {"type": "yarn", **vars(config.rope_scaling)}
+        out["rope_scaling"] = {"type": "yarn", **{k: v for k, v in vars(config.rope_scaling).items() if v is not None}}
     if fp8:
         out["quantization_config"] = dict(QUANTIZATION_CONFIG)
     return out
@@ -194,21 +205,36 @@ def iter_hf_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
 def _checkpoint_files(directory: Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        return sorted({directory / f for f in json.loads(index.read_text())["weight_map"].values()})
+        weight_map = _read_json(index, "an object with a weight_map").get("weight_map")
+        if not (isinstance(weight_map, dict) and weight_map
+                and all(isinstance(f, str) and f for f in weight_map.values())):
+            raise ConfigError(f"{index}: weight_map: expected a non-empty mapping of tensor names to "
+                              f"safetensors file names, got {weight_map!r:.80}")
+        return sorted({directory / f for f in weight_map.values()})
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise ConfigError(f"{directory}: no *.safetensors files (expected a HF DeepseekV3 checkpoint directory)")
     return files
 
 
+def _read_json(path: Path, expected: str) -> dict:
+    """A JSON object from ``path``; anything else is one line naming the file."""
+    try:
+        document = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not valid UTF-8 (byte offset {error.start})") from None
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path}: not JSON ({error})") from None
+    if not isinstance(document, dict):
+        raise ConfigError(f"{path}: expected {expected}, got a JSON {type(document).__name__}")
+    return document
+
+
 def _raw_config(directory: Path) -> dict:
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise ConfigError(f"{directory}: no config.json (expected a HF DeepseekV3 checkpoint directory)")
-    try:
-        return json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"{config_path}: not JSON ({error})") from None
+    return _read_json(config_path, "a JSON object of config fields")
 
 
 def read_hf_config(directory: str | Path) -> ModelConfig:
@@ -255,7 +281,9 @@ def load_hf_weights(directory: str | Path, model: DeepSeekV3, expert_offset: int
     the names of the held tensors the checkpoint lacks."""
     directory = Path(directory)
     config_path = directory / "config.json"
-    fp8 = check_quantization_config(_raw_config(directory), str(config_path))
+    raw = _raw_config(directory)
+    config_from_hf(raw, str(config_path))  # the one reader: a foreign or unsupported config is refused here too
+    fp8 = check_quantization_config(raw, str(config_path))
     with torch.device("meta"):
         known = set(DeepSeekV3(model.config).state_dict())
     files = _checkpoint_files(directory)

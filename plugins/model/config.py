@@ -21,7 +21,9 @@ __all__ = ["ConfigError", "ModelConfig", "YarnScaling"]
 
 @dataclass
 class YarnScaling:
-    """YaRN context extension (report 4.3): factor s, original window, ramp betas and mscales."""
+    """YaRN context extension (report 4.3): factor s, original window, ramp betas and mscales, as
+    transformers reads them: ``attention_factor`` (the cos/sin scale) when given replaces the one
+    derived from the mscales; a 0 mscale is one not given; ``truncate`` rounds the ramp's ends."""
 
     factor: float
     original_max_position_embeddings: int
@@ -29,6 +31,8 @@ class YarnScaling:
     beta_slow: float = 1.0
     mscale: float = 1.0
     mscale_all_dim: float = 1.0
+    attention_factor: float | None = None
+    truncate: bool = True
 
 
 @dataclass
@@ -150,6 +154,11 @@ class ModelConfig:
                 self._fail("rope_scaling.original_max_position_embeddings", "expected a positive integer")
             if not s.beta_fast >= s.beta_slow > 0:  # equal: Kimi-K2's; the ramp then spans one dimension
                 self._fail("rope_scaling.beta_fast", f"expected beta_fast >= beta_slow > 0, got {s.beta_fast}, {s.beta_slow}")
+            for key in ("mscale", "mscale_all_dim"):
+                if getattr(s, key) < 0:
+                    self._fail(f"rope_scaling.{key}", f"expected >= 0 (0: not given), got {getattr(s, key)}")
+            if s.attention_factor is not None and not s.attention_factor > 0:
+                self._fail("rope_scaling.attention_factor", f"expected a positive number or null, got {s.attention_factor}")
 
     # ------------------------------------------------------------------- input
     @classmethod

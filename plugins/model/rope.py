@@ -31,14 +31,26 @@ def inverse_frequencies(dim: int, base: float, yarn: YarnScaling | None) -> torc
     freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     if yarn is None:
         return freqs
-    low = math.floor(_correction_dim(yarn.beta_fast, dim, base, yarn.original_max_position_embeddings))
-    high = math.ceil(_correction_dim(yarn.beta_slow, dim, base, yarn.original_max_position_embeddings))
+    low = _correction_dim(yarn.beta_fast, dim, base, yarn.original_max_position_embeddings)
+    high = _correction_dim(yarn.beta_slow, dim, base, yarn.original_max_position_embeddings)
+    if yarn.truncate:
+        low, high = math.floor(low), math.ceil(high)
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001
     ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
     keep_original = 1 - ramp
     return freqs / yarn.factor * (1 - keep_original) + freqs * keep_original
+
+
+def rotary_scale(yarn: YarnScaling) -> float:
+    """The factor on cos/sin (transformers' ``attention_factor``): as given, else the ratio of the
+    two mscales' temperatures when both are given, else the plain ``0.1 ln s + 1``."""
+    if yarn.attention_factor is not None:
+        return yarn.attention_factor
+    if yarn.mscale and yarn.mscale_all_dim:
+        return yarn_mscale(yarn.factor, yarn.mscale) / yarn_mscale(yarn.factor, yarn.mscale_all_dim)
+    return yarn_mscale(yarn.factor)
 
 
 def softmax_scale(config: ModelConfig) -> float:
@@ -60,9 +72,7 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer(
             "inv_freq", inverse_frequencies(config.qk_rope_head_dim, config.rope_theta, yarn), persistent=False
         )
-        self.attention_factor = 1.0
-        if yarn is not None:
-            self.attention_factor = yarn_mscale(yarn.factor, yarn.mscale) / yarn_mscale(yarn.factor, yarn.mscale_all_dim)
+        self.attention_factor = 1.0 if yarn is None else rotary_scale(yarn)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         angles = positions.float()[:, None] * self.inv_freq[None, :]
