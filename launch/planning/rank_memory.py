@@ -68,7 +68,8 @@ class Precision:
 
     @classmethod
     def of(cls, device: str, moments_dtype: str, fp8: str, fp8_modules=()) -> Precision:
-        """``fp8`` the backend; ``auto`` plans as it resolves where TE is installed (te on a GPU)."""
+        """``fp8`` the backend; ``auto`` plans as it resolves where TE is installed (te on a GPU). ``emulated``
+        and ``torch`` hold the same FP8 bytes (the same quantization, routed experts included)."""
         te = fp8 == "te" or (fp8 == "auto" and device == "gpu")
         return cls(act=2 if device == "gpu" else 4, moments=4 if moments_dtype == "float32" else 2,
                    fp8=fp8 != "none", fp8_experts=fp8 != "none" and not te, fp8_modules=tuple(fp8_modules))
