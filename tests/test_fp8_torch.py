@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from launch.planning.rank_memory import Precision
 from plugins.errors import ConfigError
 from plugins.model.deepseek_v3 import DeepSeekV3
 from plugins.precision import fp8_torch, policy
@@ -122,11 +123,14 @@ def _mislaid(kind):
         args[3], args[5] = ST.BlockWise128x128, ST.BlockWise1x128
     elif kind == "K not a multiple of 16":
         args[0], args[1] = mat_a[:, :632], mat_b[:632]
+    elif kind == "scale at an unaligned offset":  # ATen's checks pass; cuBLASLt reads from a 16-byte boundary
+        args[2] = torch.cat([torch.ones(1), scale_a.t().flatten()])[1:].view(scale_a.shape[1], -1).t()
     return args
 
 
 MISLAID = ["1x128 scale row-major", "128x128 scale not padded to L4", "128x128 scale not transposed",
-           "mat_b row-major", "mat_a column-major", "scale in bfloat16", "recipes swapped", "K not a multiple of 16"]
+           "mat_b row-major", "mat_a column-major", "scale in bfloat16", "recipes swapped", "K not a multiple of 16",
+           "scale at an unaligned offset"]
 
 
 def test_the_backends_fprop_layout_is_valid():
@@ -140,8 +144,11 @@ def test_mislaid_layouts_are_rejected_by_the_reference_and_by_aten(kind):
     args = _mislaid(kind)
     with pytest.raises(LayoutError):
         reference_scaled_mm(*args)
-    with pytest.raises((RuntimeError, ValueError)):
-        _fake_cuda_check(args)
+    if kind == "scale at an unaligned offset":
+        _fake_cuda_check(args)  # what ATen cannot see
+    else:
+        with pytest.raises((RuntimeError, ValueError)):
+            _fake_cuda_check(args)
 
 
 # ---- the backend through the reference, against the emulation ------------------------------------
@@ -269,6 +276,13 @@ def test_auto_prefers_te_then_torch_then_the_emulation(monkeypatch, te, native, 
     else:
         assert policy.resolve_backend("auto") == expected
     assert policy.resolve_backend("torch" if native is None else "emulated") in ("torch", "emulated")
+
+
+def test_the_planner_holds_the_emulations_fp8_bytes_under_torch():
+    for device in ("gpu", "cpu"):
+        torch_plan = Precision.of(device, "bfloat16", "torch", ["*.mlp.*"])
+        assert torch_plan == Precision.of(device, "bfloat16", "emulated", ["*.mlp.*"]) and torch_plan.fp8_experts
+    assert not Precision.of("gpu", "bfloat16", "te").fp8_experts  # TE keeps the experts in BF16
 
 
 def test_unavailable_reasons(monkeypatch):

@@ -82,18 +82,24 @@ def _pad_rows(data: torch.Tensor, scale: torch.Tensor, multiple: int) -> tuple[t
     return padded, torch.cat([scale, scale.new_ones(extra, scale.shape[1])])
 
 
+def _outer_dim_major(scale: torch.Tensor) -> torch.Tensor:
+    """[R, K/128] with strides (1, R), in storage of its own (a slice's offset pointer never reaches the
+    kernel, not even where ``.contiguous()`` would pass a one-column slice through)."""
+    return scale.t().clone(memory_format=torch.contiguous_format).t()
+
+
 def a_operand(data: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``mat_a`` and ``scale_a`` of 1x128 tiles [R, K'] (row-major, rows padded to 4): the scale
     outer-dim-major, [R, K'/128] with strides (1, R)."""
     data, scale = _pad_rows(data, scale, 4)
-    return data, scale.t().contiguous().t()
+    return data, _outer_dim_major(scale)
 
 
 def b_operand_tiles(data: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``mat_b`` and ``scale_b`` of 1x128 tiles of B [N, K'] (rows padded to 16): ``mat_b`` is B's
     column-major [K', N] view, the scale [N, K'/128] outer-dim-major, strides (1, N)."""
     data, scale = _pad_rows(data, scale, 16)
-    return data.t(), scale.t().contiguous().t()
+    return data.t(), _outer_dim_major(scale)
 
 
 def b_operand_blocks(data: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

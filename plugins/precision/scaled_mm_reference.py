@@ -27,7 +27,9 @@ The contract, as PyTorch's own CUDA test defines it (``test/test_scaled_matmul_c
   with ``L4 = round_up(ceil(K/128), 4)``: a 128x128 block scale is the row-major
   [blocks of rows, K blocks] matrix padded to 4 K blocks (16 bytes, what cuBLASLt's loads need) and
   transposed. A stride is not checked along a dimension of size 1 (ATen's relaxation);
-- the recipe pairs (1x128, 128x128), (128x128, 1x128) and (1x128, 1x128); output bf16 or float32.
+- the recipe pairs (1x128, 128x128), (128x128, 1x128) and (1x128, 1x128); output bf16 or float32;
+- beyond ATen's checks, cuBLASLt's: every pointer (operands and scales) 16-byte aligned, which a
+  slice of a larger tensor need not be (ATen passes ``data_ptr()`` through).
 
 The product: each 128-wide K block's partial sum of FP8 products, exact (every E4M3 product has at
 most 8 significant bits within 2^-18..2^18, so 128 of them add up exactly in float64), rounded once
@@ -111,6 +113,10 @@ def check_layout(mat_a, mat_b, scale_a, recipe_a, scale_b, recipe_b, output_dtyp
                               f"got {list(scale.shape)} and {list(scale.stride())}")
     if output_dtype not in OUTPUT_TYPES:
         raise LayoutError(f"output dtype must be bfloat16 or float32, got {output_dtype}")
+    for name, t in (("mat_a", mat_a), ("mat_b", mat_b), ("scale_a", scale_a), ("scale_b", scale_b)):
+        if t.device.type != "meta" and t.numel() and t.data_ptr() % 16:
+            raise LayoutError(f"{name} starts {t.data_ptr() % 16} bytes off a 16-byte boundary (cuBLASLt's FP8 "
+                              "alignment: ATen passes the pointer through)")
 
 
 def _block_scales(scale: torch.Tensor, recipe: ScalingType, outer: int, k_blocks: int) -> torch.Tensor:
