@@ -16,6 +16,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from launch.planning.rank_memory import Precision
 from plugins.errors import ConfigError
 from plugins.model.deepseek_v3 import DeepSeekV3
+from plugins.model.moe import set_ffn_memory
 from plugins.precision import fp8_torch, policy
 from plugins.precision import te as fp8_te
 from plugins.precision.fp8 import TILE, dequantize, fp8_grouped_linear, fp8_linear, quantize, release_copies
@@ -232,14 +233,24 @@ def test_routed_experts_match_the_emulation(kernel, counts):
         assert not dw[e].any() and not e_dw[e].any()
 
 
-def test_model_converted_to_torch_trains_like_the_emulation(kernel, tiny_config):
+@pytest.mark.parametrize("training_memory", [False, True])
+def test_model_converted_to_torch_trains_like_the_emulation(kernel, tiny_config, training_memory):
+    """As converted, and with the trainer's default memory switches (the recomputed SwiGLU, whose fused
+    path calls the backend's GEMMs piece by piece; the SwiGLU input kept and the tokens dispatched in FP8)."""
     torch.manual_seed(6)
     emulated, ours = DeepSeekV3(tiny_config), DeepSeekV3(tiny_config)
     ours.load_state_dict(emulated.state_dict())
     names = policy.convert_to_fp8(emulated, "emulated")
     assert policy.convert_to_fp8(ours, "torch") == names
     assert isinstance(ours.get_submodule("layers.1.mlp.experts"), policy.TorchFP8RoutedExperts)
+    assert isinstance(ours.get_submodule("layers.1.mlp.experts").gemm, fp8_torch.TorchFP8GroupedGemm)
     assert isinstance(ours.get_submodule("layers.0.self_attn.q_a_proj"), policy.TorchFP8Linear)
+    assert isinstance(ours.get_submodule("layers.0.mlp").gemm, fp8_torch.TorchFP8Gemm)
+    if training_memory:
+        for model in (emulated, ours):
+            set_ffn_memory(model, weighted_combine=True, swiglu_recompute=True, offload=False)
+            policy.keep_fp8_activations(model)
+            policy.dispatch_in_fp8(model)
     ids = torch.randint(0, tiny_config.vocab_size, (2, 32))
     losses = []
     for model in (emulated, ours):
