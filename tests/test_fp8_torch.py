@@ -35,12 +35,14 @@ E4M3 = torch.float8_e4m3fn
 
 def _fake_cuda_check(args) -> None:
     """ATen's own checks (``_check_scaled_mm_sizes_v2``, the meta kernel of ``_scaled_mm_v2``) on fake
-    CUDA tensors with exactly these sizes, strides and dtypes: no GPU needed."""
+    CUDA tensors with exactly these sizes, strides and dtypes, reached through the backend's CUDA kernel
+    (``cuda_scaled_mm``, so its call of ``F.scaled_mm`` too): no GPU needed."""
     mat_a, mat_b, scale_a, recipe_a, scale_b, recipe_b, output_dtype = args
     with FakeTensorMode():
         fake = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cuda")
                 for t in (mat_a, mat_b, scale_a, scale_b)]
-        F.scaled_mm(fake[0], fake[1], fake[2], recipe_a, fake[3], recipe_b, output_dtype=output_dtype)
+        out = fp8_torch.cuda_scaled_mm(fake[0], fake[1], fake[2], recipe_a, fake[3], recipe_b, output_dtype)
+        assert out.shape == (mat_a.shape[0], mat_b.shape[1]) and out.dtype == output_dtype
 
 
 class Recording:
