@@ -11,14 +11,15 @@ the shared-input cache), so only the GEMM differs.
 
 The scaled GEMM is one seam, ``KERNEL``: ``F.scaled_mm`` on a GPU, and in the tests the CPU
 reference of its contract (``plugins.precision.scaled_mm_reference``), so the layouts this module
-builds (``a_operand``, ``b_operand``, the padding) are checked against ATen's contract, and the
+builds (``a_operand``, ``b_operand_blocks``, ``b_operand_tiles``, the padding) are checked against ATen's contract, and the
 whole backend against the emulation, without a GPU.
 
 Layout choices beyond ATen's checks: the row count of a 1x128 ``mat_a`` is padded to a multiple of
 4 (its outer-dim-major scale then has 16-byte aligned columns, as PyTorch pads the 128x128 scales'
 K blocks to 4); a 1x128 ``mat_b``'s rows to 16 (ATen's rule for ``mat_b``). Padding rows are zeros
-with scale 1 and are cropped from the output. Quantization is the emulation's PyTorch code (eager;
-under ``torch.compile`` it fuses), so the bytes are the same on every device.
+with scale 1 and are cropped from the output. Quantization is the emulation's PyTorch code, eager, so
+the bytes are the emulation's on every device; a fused quantizer (``torch.compile`` or Triton) is
+left for when a GPU can show its bytes equal these.
 """
 
 from __future__ import annotations
@@ -36,9 +37,8 @@ from .fp8 import (
     dequantize,
     quantize,
 )
-from .scaled_mm_reference import round_up
+from .scaled_mm_reference import ScalingType, round_up
 
-ScalingType = F.ScalingType
 BLOCK_1x128, BLOCK_128x128 = ScalingType.BlockWise1x128, ScalingType.BlockWise128x128
 
 
@@ -51,8 +51,8 @@ KERNEL = cuda_scaled_mm  # the seam: (mat_a, mat_b, scale_a, recipe_a, scale_b, 
 
 def unavailable_reason() -> str | None:
     """None where ``F.scaled_mm`` runs DeepSeek's block-wise recipe (CUDA SM 9.x, CUDA >= 12.9), else why."""
-    if not hasattr(F, "scaled_mm") or not hasattr(ScalingType, "BlockWise128x128"):
-        return f"torch {torch.__version__} has no block-wise torch.nn.functional.scaled_mm (needs torch >= 2.10)"
+    if not hasattr(F, "scaled_mm") or not hasattr(F, "ScalingType"):
+        return f"torch {torch.__version__} has no torch.nn.functional.scaled_mm with block-wise recipes"
     if not torch.cuda.is_available():
         return "torch._scaled_mm's block-wise FP8 needs a CUDA GPU"
     capability = torch.cuda.get_device_capability()

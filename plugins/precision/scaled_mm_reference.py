@@ -41,13 +41,28 @@ in float32 instead; ``accumulation_bound`` bounds the difference.
 
 from __future__ import annotations
 
+import enum
+
 import torch
 import torch.nn.functional as F
 
 TILE = 128
 FP8_TYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 OUTPUT_TYPES = (torch.bfloat16, torch.float32)
-ScalingType = F.ScalingType
+
+
+class _ScalingType(enum.IntEnum):
+    """``F.ScalingType``'s values, for a torch without it (the reference then still runs)."""
+
+    TensorWise = 0
+    RowWise = 1
+    BlockWise1x16 = 2
+    BlockWise1x32 = 3
+    BlockWise1x128 = 4
+    BlockWise128x128 = 5
+
+
+ScalingType = getattr(F, "ScalingType", _ScalingType)
 PAIRS = (
     (ScalingType.BlockWise1x128, ScalingType.BlockWise128x128),
     (ScalingType.BlockWise128x128, ScalingType.BlockWise1x128),
