@@ -1,7 +1,7 @@
 """Does a layout fit? What each rank holds at its peak, FLOPs per token, and the recipe walked.
 
     python -m launch.plan CONFIG [--pp P] [--ep E] [--dp D] [--micro-batch M] [--seq-len L]
-        [--pipeline-schedule dualpipe|dualpipev|1f1b] [--recompute none|selective|full] [--fp8 none|emulated|te|auto]
+        [--pipeline-schedule dualpipe|dualpipev|1f1b] [--recompute none|selective|full] [--fp8 none|emulated|te|torch|auto]
         [--device gpu|cpu] [--device-memory-gb 80] [--set section.key=value ...] [--json] [--walk]
 
 The config is read by the same loader and ``--set`` overrides as pretraining; the flags name config

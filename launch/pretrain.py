@@ -2,7 +2,7 @@
 
     deepspeed [--num_gpus N | --hostfile FILE] launch/pretrain.py --config configs/tiny.yaml \
         [--run-dir DIR] [--steps N] [--save-interval N] [--resume [auto] | --resume-from TAG | --init-from PATH] [--pp N] [--ep N] \
-        [--pipeline-schedule dualpipe|dualpipev|1f1b] [--fp8 none|emulated|te|auto] [--set section.key=value ...]
+        [--pipeline-schedule dualpipe|dualpipev|1f1b] [--fp8 none|emulated|te|torch|auto] [--set section.key=value ...]
 
 Without a launcher (``python launch/pretrain.py ...``) it runs as one process. ``--resume auto`` is the
 command a scheduler requeues unchanged: it resumes when the run dir holds a checkpoint, else starts;
@@ -52,8 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="with --pp > 1: DualPipe (report 3.2.1), DualPipeV or 1F1B (parallel.pipeline_schedule)")
     parser.add_argument("--ep", type=int, default=None, help="expert-parallel ranks (parallel.ep)")
     parser.add_argument("--fp8", default=None, choices=FP8_BACKENDS,
-                        help="FP8 linears (report 3.3): emulated block-scaled GEMMs, Transformer-Engine, or auto "
-                             "(parallel.fp8)")
+                        help="FP8 linears (report 3.3): emulated block-scaled GEMMs, Transformer-Engine, PyTorch's "
+                             "block-wise scaled_mm (SM90), or auto (parallel.fp8)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. train.lr.peak=1e-3")
     parser.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)

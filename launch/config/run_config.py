@@ -157,7 +157,7 @@ class ParallelConfig:
     pp: int = 1
     ep: int = 1
     pipeline_schedule: str = "dualpipe"
-    fp8: str = "none"  # none, emulated, te or auto
+    fp8: str = "none"  # none, emulated, te, torch or auto
     fp8_modules: list[str] = field(default_factory=lambda: list(DEFAULT_FP8_MODULES))  # module-name patterns
     fp8_power_of_two_scales: bool = True  # scales rounded up to powers of two, as TE's block-scaling recipe
 

@@ -74,7 +74,8 @@ class Precision:
 
     @classmethod
     def of(cls, device: str, moments_dtype: str, fp8: str, fp8_modules=(), precision: str = "auto") -> Precision:
-        """``fp8`` the backend; ``auto`` plans as it resolves where TE is installed (te on a GPU);
+        """``fp8`` the backend; ``auto`` plans as it resolves where TE is installed (te on a GPU). ``emulated``
+        and ``torch`` hold the same FP8 bytes (the same quantization, routed experts included).
         ``precision``: ``train.precision`` (``auto``: bf16 on a GPU, fp32 on a CPU)."""
         te = fp8 == "te" or (fp8 == "auto" and device == "gpu")
         bf16 = resolve_precision(precision, device == "gpu") == "bf16"

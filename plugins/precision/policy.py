@@ -1,6 +1,8 @@
 """Linear-layer precision, chosen at run time (report 3.3.1): ``none`` keeps the model's dtype,
 ``emulated`` runs DeepSeek-V3's block-scaled FP8 GEMMs exactly on any device (``plugins.fp8``),
-``te`` hands the dense linears to Transformer-Engine's ``Float8BlockScaling`` recipe on Hopper GPUs.
+``te`` hands the dense linears to Transformer-Engine's ``Float8BlockScaling`` recipe on Hopper GPUs,
+``torch`` runs the emulation's quantization and math through PyTorch's block-wise ``scaled_mm`` on SM90
+(``plugins.precision.fp8_torch``), routed experts included.
 
 The policy follows the report: FP8 for the linears of MLA and of the FFNs (dense, shared and
 routed experts); the embedding, output head, MoE gate, norms, attention core and the MTP
@@ -22,10 +24,11 @@ from ..errors import ConfigError
 from ..model.experts import RoutedExperts
 from ..model.mlp import SwiGLU
 from ..model.moe import DeepSeekMoE
+from . import fp8_torch
 from . import te as fp8_te
 from .fp8 import FP8Gemm, FP8GroupedGemm, fp8_grouped_linear, fp8_linear
 
-FP8_BACKENDS = ("none", "emulated", "te", "auto")
+FP8_BACKENDS = ("none", "emulated", "te", "torch", "auto")
 DEFAULT_FP8_MODULES = ("*.self_attn.*", "*.mlp.*")
 
 
@@ -62,23 +65,46 @@ class FP8RoutedExperts(RoutedExperts):
         module.num_experts = experts.num_experts
         module.gate_up_proj, module.down_proj = experts.gate_up_proj, experts.down_proj
         module.recompute, module.store, module.offload = experts.recompute, experts.store, experts.offload
-        module.power_of_two, module.gemm = power_of_two, FP8GroupedGemm(power_of_two)
+        module.power_of_two, module.gemm = power_of_two, cls.grouped_gemm(power_of_two)
         return module
+
+    grouped_gemm = FP8GroupedGemm
+
+
+class TorchFP8Linear(FP8Linear):
+    """``FP8Linear`` whose three GEMMs run on PyTorch's block-wise ``scaled_mm`` (``--fp8 torch``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = fp8_torch.torch_fp8_linear(x, self.weight, self.power_of_two)
+        return out if self.bias is None else out + self.bias
+
+
+class TorchFP8RoutedExperts(FP8RoutedExperts):
+    """``FP8RoutedExperts`` with one block-wise ``scaled_mm`` per expert segment (``--fp8 torch``)."""
+
+    grouped_gemm = fp8_torch.TorchFP8GroupedGemm
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        return fp8_torch.torch_fp8_grouped_linear(x, weight, counts, self.power_of_two)
 
 
 def resolve_backend(requested: str) -> str:
-    """``auto`` -> ``te`` where Transformer-Engine can run block scaling, else ``emulated``; ``te``
-    where it cannot is a one-line ConfigError."""
+    """``auto`` -> ``te`` where Transformer-Engine can run block scaling, else ``torch`` where PyTorch's
+    block-wise ``scaled_mm`` can (SM90), else ``emulated`` (with a warning); ``te`` or ``torch`` where
+    it cannot run is a one-line ConfigError."""
     if requested not in FP8_BACKENDS:
         raise ConfigError(f"--fp8 {requested}: expected one of {', '.join(FP8_BACKENDS)}")
-    problem = fp8_te.unavailable_reason() if requested in ("te", "auto") else None
-    if requested == "te" and problem:
-        raise ConfigError(f"--fp8 te: {problem}; use --fp8 emulated for the same numerics without it")
+    reasons = {"te": fp8_te.unavailable_reason, "torch": fp8_torch.unavailable_reason}
+    if requested in reasons and (problem := reasons[requested]()):
+        raise ConfigError(f"--fp8 {requested}: {problem}; use --fp8 emulated for the same numerics without it")
     if requested == "auto":
-        if not problem:
-            return "te"
-        warnings.warn(f"--fp8 auto: {problem}; using the emulated FP8 GEMMs (exact numerics, much slower than "
-                      "native FP8)", stacklevel=2)
+        problems = []
+        for backend in ("te", "torch"):
+            if not (problem := reasons[backend]()):
+                return backend
+            problems.append(f"{backend}: {problem}")
+        warnings.warn(f"--fp8 auto: {'; '.join(problems)}; using the emulated FP8 GEMMs (exact numerics, much "
+                      "slower than native FP8)", stacklevel=2)
         return "emulated"
     return requested
 
@@ -92,7 +118,8 @@ def fp8_targets(model: nn.Module, patterns: list[str] | tuple[str, ...]) -> list
 
 
 def convert_to_fp8(model: nn.Module, backend: str, patterns=DEFAULT_FP8_MODULES, power_of_two: bool = True) -> list[str]:
-    """Swap the policy's modules in place for ``backend`` (``emulated`` or ``te``); returns their names.
+    """Swap the policy's modules in place for ``backend`` (``emulated``, ``torch`` or ``te``); returns their
+    names.
     Under ``te`` the routed experts keep their high-precision grouped GEMM: Transformer-Engine's
     grouped linear stores one parameter per expert, not our stacked [E, out, in] banks, and the
     emulated grouped FP8 GEMM would be slower on a GPU than the native BF16 one."""
@@ -103,17 +130,20 @@ def convert_to_fp8(model: nn.Module, backend: str, patterns=DEFAULT_FP8_MODULES,
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent, module = model.get_submodule(parent_name), model.get_submodule(name)
+        experts, linear = (TorchFP8RoutedExperts, TorchFP8Linear) if backend == "torch" else (FP8RoutedExperts,
+                                                                                               FP8Linear)
         if isinstance(module, RoutedExperts):
-            replacement = FP8RoutedExperts.from_experts(module, power_of_two)
+            replacement = experts.from_experts(module, power_of_two)
         elif backend == "te":
             replacement = fp8_te.te_linear(module)
         else:
-            replacement = FP8Linear.from_linear(module, power_of_two)
+            replacement = linear.from_linear(module, power_of_two)
         setattr(parent, child, replacement)
-    for module in model.modules():  # a SwiGLU whose linears all run the emulated FP8 GEMMs: its fused path too
+    gemm = fp8_torch.TorchFP8Gemm if backend == "torch" else FP8Gemm
+    for module in model.modules():  # a SwiGLU whose linears all run the FP8 GEMMs: its fused path too
         if isinstance(module, SwiGLU) and all(isinstance(m, FP8Linear) for m in
                                               (module.gate_proj, module.up_proj, module.down_proj)):
-            module.gemm = FP8Gemm(power_of_two)
+            module.gemm = gemm(power_of_two)
     return names
 
 
