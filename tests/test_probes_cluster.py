@@ -1,0 +1,45 @@
+"""Issue 38 (part A), long runs on clusters: a lock file that is a link, a reused PID in a lock
+record, a torn last line of metrics.jsonl, a full disk or read-only storage outside a save, a
+preempted ablation variant, and signals to the ``deepspeed`` command (its runner) or during
+validation."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from plugins.run_lock import DirectoryLock, LockedError
+
+
+@pytest.mark.parametrize("link", ["symbolic", "hard"])
+def test_a_lock_file_that_is_a_link_is_refused_and_its_target_untouched(tmp_path, link):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("years of notes\n")
+    path = tmp_path / "run" / "run.lock"
+    path.parent.mkdir()
+    (os.symlink if link == "symbolic" else os.link)(precious, path)
+    with pytest.raises(LockedError, match=rf"--run-dir run: its lock file {path} is a"):
+        DirectoryLock(path, "--run-dir run").acquire()
+    assert precious.read_text() == "years of notes\n"
+
+
+def test_a_record_whose_pid_another_process_has_now_is_taken_over(tmp_path):
+    """A requeue in a fresh container: the record names this host and a PID that is alive, but
+    nobody holds the flock."""
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        path = tmp_path / "run.lock"
+        path.write_text(json.dumps({"host": socket.gethostname(), "pid": stranger.pid, "started": "2026-01-01"}))
+        lock = DirectoryLock(path, "the directory")
+        note = lock.acquire()
+        assert f"took over the lock of pid {stranger.pid}" in note and "no longer holds it" in note
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+        lock.release()
+    finally:
+        stranger.kill()
+        stranger.wait()
