@@ -43,3 +43,17 @@ def test_a_record_whose_pid_another_process_has_now_is_taken_over(tmp_path):
     finally:
         stranger.kill()
         stranger.wait()
+
+
+def test_a_resume_drops_a_torn_last_line_of_metrics_jsonl(tmp_path, capsys):
+    from launch.training.metrics import MetricsLogger
+
+    path = tmp_path / "metrics.jsonl"
+    whole = [json.dumps({"step": step, "loss": 5.0 - step}) for step in (1, 2, 3)]
+    path.write_text("\n".join(whole) + '\n{"step": 4, "lo')  # a crash (or a full disk) mid-write
+    logger = MetricsLogger(tmp_path, {}, "disabled", "p", 100, resume_step=2)  # the checkpoint is at step 2
+    logger.log({"step": 3, "loss": 1.5}, None)
+    logger.close()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == [f"note: {path}: dropped 1 line(s) that are not a whole record (a write cut short)"]

@@ -60,7 +60,7 @@ class MetricsLogger:
         self.heatmap_interval = heatmap_interval
         kept = []  # a fresh run starts the file anew (a dead run's rows before its first checkpoint go)
         if resume_step is not None and self.path.is_file():  # drop what the resumed steps will log again
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            kept = self._kept(resume_step)
         write_text_atomic(self.path, "".join(line + "\n" for line in kept))
         id_file = run_dir / "wandb_run_id"
         resume_id = id_file.read_text().strip() if resume_step is not None and id_file.is_file() else None
@@ -70,6 +70,23 @@ class MetricsLogger:
             define_metrics(self.wandb)
         self.history = History()  # what the W&B figures show (a resumed run's start: in metrics.jsonl)
         self.file = self.path.open("a")
+
+    def _kept(self, resume_step: int) -> list[str]:
+        """The lines of steps up to ``resume_step``; a line a crash or a full disk cut short is dropped
+        with one line saying so."""
+        kept, torn = [], 0
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                step = json.loads(line)["step"]
+            except (ValueError, TypeError, KeyError):
+                torn += 1
+                continue
+            if step <= resume_step:
+                kept.append(line)
+        if torn:
+            print(f"note: {self.path}: dropped {torn} line(s) that are not a whole record (a write cut short)",
+                  flush=True)
+        return kept
 
     def _write(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
