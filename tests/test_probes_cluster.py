@@ -15,6 +15,8 @@ import pytest
 
 from plugins.run_lock import DirectoryLock, LockedError
 
+from .test_cli_probes import hf_dir  # noqa: F401 (a fixture)
+
 
 @pytest.mark.parametrize("link", ["symbolic", "hard"])
 def test_a_lock_file_that_is_a_link_is_refused_and_its_target_untouched(tmp_path, link):
@@ -57,3 +59,37 @@ def test_a_resume_drops_a_torn_last_line_of_metrics_jsonl(tmp_path, capsys):
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
     out = capsys.readouterr().out.strip().splitlines()
     assert out == [f"note: {path}: dropped 1 line(s) that are not a whole record (a write cut short)"]
+
+
+def _unwritable(monkeypatch, directory, number: int) -> None:
+    """Writes into ``directory`` fail as on read-only storage or a full disk (tests run as root, whom
+    file modes do not stop)."""
+    from pathlib import Path
+
+    write_text = Path.write_text
+
+    def refuse(self, *args, **kwargs):
+        if self.parent == directory:
+            raise OSError(number, os.strerror(number), str(self))
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", refuse)
+
+
+def test_evaluate_on_read_only_storage_prints_its_result_and_says_it_was_not_recorded(
+        tmp_path, capfd, monkeypatch, hf_dir, tokenizer_dir):  # noqa: F811 (the fixture)
+    import errno
+
+    from launch.evaluate import main
+
+    data = tmp_path / "ok.jsonl"
+    data.write_text('{"text": "hello world, hello again"}\n')
+    out = tmp_path / "ro" / "eval.json"
+    out.parent.mkdir()
+    _unwritable(monkeypatch, out.parent, errno.EROFS)
+    code = main(["--model", str(hf_dir), "--tokenizer", str(tokenizer_dir), "--data", str(data), "--output", str(out)])
+    printed, err = capfd.readouterr()
+    assert code == 2 and json.loads(printed)["tokens"] > 0
+    assert err.strip().splitlines() == [f"error: could not record the result in {out} (Read-only file system); "
+                                        "it is printed above"]
+    assert not list(out.parent.iterdir())
