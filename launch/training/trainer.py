@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -56,6 +58,7 @@ from .validation import Validator
 from .watchdog import Watchdog, process_group_timeout
 
 LOCK_FILE = "run.lock"
+T = TypeVar("T")
 
 
 class TrainingStopped(ProjectError):
@@ -124,8 +127,8 @@ class Trainer:
         note = ramp_note(run, groups.dp, self.grid)
         if note:
             self._say(f"note: {note}")
-        if self.rank0:
-            write_text_atomic(options.run_dir / "config.yaml", yaml.safe_dump(run.to_dict(), sort_keys=False))
+        self._rank0_writes("config.yaml", lambda: write_text_atomic(options.run_dir / "config.yaml", yaml.safe_dump(
+            run.to_dict(), sort_keys=False)))
 
         torch.manual_seed(t.seed)
         init_from = options.init_from if not self.resuming else None
@@ -169,17 +172,30 @@ class Trainer:
         if self.resuming:
             with phase("restore"):
                 self.restore()
-        self.logger = None
-        if self.rank0:
-            from .metrics import MetricsLogger
+        from .metrics import MetricsLogger
 
-            self.logger = MetricsLogger(options.run_dir, run.to_dict(), t.wandb_mode, t.wandb_project,
-                                        t.heatmap_interval, resume_step=self.step if self.resuming else None)
+        self.logger = self._rank0_writes("metrics.jsonl", lambda: MetricsLogger(
+            options.run_dir, run.to_dict(), t.wandb_mode, t.wandb_project, t.heatmap_interval,
+            resume_step=self.step if self.resuming else None))
 
     # ------------------------------------------------------------------------------ building
     def _say(self, message: str) -> None:
         if self.rank0:
             print(message, flush=True)
+
+    def _rank0_writes(self, what: str, write: Callable[[], T]) -> T | None:
+        """Rank 0 writes ``what`` into the run dir; storage that refuses it (a full disk, read-only) is
+        one line on every rank. Returns what ``write`` returned (None on other ranks). Collective."""
+        result, failure = None, [None]
+        if self.rank0:
+            try:
+                result = write()
+            except OSError as error:
+                failure = [f"--run-dir {self.options.run_dir}: cannot write {what} ({error.strerror or error})"]
+        dist.broadcast_object_list(failure, src=0)
+        if failure[0] is not None:
+            raise ProjectError(failure[0])
+        return result
 
     def _lock_run_dir(self) -> DirectoryLock | None:
         """Rank 0 takes the run dir's lock before anything is written (creating the directory); every
