@@ -15,6 +15,7 @@ import pytest
 
 from plugins.run_lock import DirectoryLock, LockedError
 
+from .conftest import ROOT
 from .test_cli_probes import hf_dir  # noqa: F401 (a fixture)
 
 
@@ -93,3 +94,41 @@ def test_evaluate_on_read_only_storage_prints_its_result_and_says_it_was_not_rec
     assert err.strip().splitlines() == [f"error: could not record the result in {out} (Read-only file system); "
                                         "it is printed above"]
     assert not list(out.parent.iterdir())
+
+
+@pytest.mark.slow
+def test_a_full_disk_writing_config_yaml_is_one_line(tmp_path, capfd, monkeypatch):
+    import errno
+
+    from launch.pretrain import main
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)  # the one-process rendezvous main sets is undone after the test
+    monkeypatch.chdir(ROOT)
+    run_dir = tmp_path / "run"
+    _unwritable(monkeypatch, run_dir, errno.ENOSPC)
+    code = main(["--config", "configs/tiny.yaml", "--run-dir", str(run_dir), "--steps", "1",
+                 "--set", "train.wandb_mode=disabled"])
+    err = capfd.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: --run-dir {run_dir}: cannot write config.yaml (No space left on device)"], err
+    assert not run_dir.exists()  # the run created it and wrote nothing: removed with its lock
+
+
+def test_a_preempted_ablation_variant_is_not_done_and_resumes_on_the_rerun(tmp_path):
+    """Its launcher exits 0 after the preemption's save, short of the study's steps."""
+    from launch.ablation.study import DONE, load_study, run_variant, state
+    from plugins.errors import ProjectError
+
+    from .test_ablate import FakeLauncher, write_study
+
+    study = load_study(write_study(tmp_path / "s.yaml"))
+    a = study.variants[0]
+    launcher = FakeLauncher(preempt={"a"})
+    with pytest.raises(ProjectError, match=r"variant a: stopped at step 1, before step 3 \(preempted; its checkpoint "
+                       r"is saved\); rerun the same command to resume it"):
+        run_variant(study, a, launcher)
+    assert not (study.run_dir(a) / DONE).exists() and state(study, a) == "resume"
+    launcher.preempt.clear()
+    assert run_variant(study, a, launcher) == "resumed" and state(study, a) == "done"
