@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -132,3 +133,35 @@ def test_a_preempted_ablation_variant_is_not_done_and_resumes_on_the_rerun(tmp_p
     assert not (study.run_dir(a) / DONE).exists() and state(study, a) == "resume"
     launcher.preempt.clear()
     assert run_variant(study, a, launcher) == "resumed" and state(study, a) == "done"
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_deepspeed_command_during_validation_saves_at_once_and_frees_the_run_dir(tmp_path):
+    """``kill -TERM`` of the ``deepspeed`` command (its runner dies, passing nothing on) right as a
+    validation starts: the rank notices its launcher is gone at the next validation micro-batch,
+    stops validating (not recorded), saves that step and exits, releasing run.lock, well within
+    SLURM's default KillWait of 30 s."""
+    import signal
+    import time
+
+    import psutil
+
+    from .launcher import eval_records, rank_process, start
+    from .test_long_runs import Running
+
+    run_dir = tmp_path / "run"
+    running = Running(start(1, run_dir, "--steps", "9", "--resume", "auto", "--set", "train.eval_interval=2",
+                            "--set", "train.eval_sequences=256", "--set", "train.wandb_mode=disabled"))
+    running.wait_for(r"step 2 \|")  # printed as the validation of step 2 begins
+    rank = rank_process(running.process, 0)
+    running.process.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    code, out = running.finish()
+    assert code == -signal.SIGTERM  # the runner died at once: the launcher below it and the rank went on
+    assert psutil.wait_procs([rank], timeout=30)[0], out[-3000:]
+    assert time.monotonic() - signalled < 30, out[-3000:]
+    assert re.search(r"rank 0: its launcher \(pid \d+\) is gone; saving at the end of this step", out), out[-3000:]
+    assert "validation at step 2 stopped on its launcher's exit; not recorded" in out
+    assert "saved step 2 on its launcher's exit; rerun the same command with --resume auto" in out
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step00000002"
+    assert not eval_records(run_dir) and not (run_dir / "run.lock").exists()

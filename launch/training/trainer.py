@@ -54,7 +54,7 @@ from .parallelize import parallelize
 from .preemption import Preemption
 from .spikes import SpikeGuard
 from .stragglers import step_end
-from .validation import Validator
+from .validation import Stopped, Validator
 from .watchdog import Watchdog, process_group_timeout
 
 LOCK_FILE = "run.lock"
@@ -338,7 +338,7 @@ class Trainer:
                           **({"spike": spike} if spike is not None else {}))
         record["peak_memory_mb"] = self._peak_memory_mb()
         ranks, self.signal = step_end(time.perf_counter() - started - RECORD.waited,
-                                      self.preemption.signal, self.device)
+                                      self.preemption.pending(), self.device)
         record.update(ranks)
         return record, loads
 
@@ -407,14 +407,15 @@ class Trainer:
                           f"(lm {record['lm_loss']:.4f} mtp {record['mtp_loss']:.4f} aux {record['aux_loss']:.2e}) | "
                           f"lr {record['lr']:.3e} | grad norm {record['grad_norm']:.3f} | "
                           f"MaxVio {record['maxvio_global']:.3f} | {record['tokens_per_s']:.0f} tokens/s", flush=True)
+                if not self.signal and self.validator is not None and (self.step % t.eval_interval == 0 or
+                                                                       self.finished()):
+                    with phase("validation"):
+                        self.validate()  # a signal during it stops it at the next micro-batch
                 if self.signal:
                     self.save(deadline=(time.monotonic() + t.preempt_grace_s,
                                         f"train.preempt_grace_s = {t.preempt_grace_s:g} s"))
                     self.checkpointer.wait()
                     return preemption.name(self.signal)
-                if self.validator is not None and (self.step % t.eval_interval == 0 or self.finished()):
-                    with phase("validation"):
-                        self.validate()
                 if self.step % t.save_interval == 0 or self.finished():
                     self.save()
                 self.checkpointer.poll()
@@ -446,7 +447,13 @@ class Trainer:
                     run_dir.rmdir()
 
     def validate(self) -> None:
-        record = self.validator.run(self.step, self.tokens)
+        """Validation at this step, recorded; one a preemption stopped is not (``self.signal`` says why)."""
+        try:
+            record = self.validator.run(self.step, self.tokens, self.preemption.pending)
+        except Stopped as stopped:
+            self.signal = stopped.cause
+            self._say(f"validation at step {self.step} stopped on {preemption.name(stopped.cause)}; not recorded")
+            return
         if self.logger is not None:
             self.logger.log_eval(record)
         domains = " | ".join(f"{name} loss {v['loss']:.4f} bpb {v['bpb']:.4f}" for name, v in record["val"].items())
