@@ -63,6 +63,22 @@ def test_a_resume_drops_a_torn_last_line_of_metrics_jsonl(tmp_path, capsys):
     assert out == [f"note: {path}: dropped 1 line(s) that are not a whole record (a write cut short)"]
 
 
+def test_a_full_disk_during_training_is_one_warning_and_the_run_goes_on(tmp_path, capsys):
+    from launch.training.metrics import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, {}, "disabled", "p", 100, resume_step=None)
+    logger.log({"step": 1, "loss": 2.0}, None)
+    logger.file.close()
+    logger.file = open("/dev/full", "a")  # noqa: SIM115 (every write: ENOSPC)
+    for step in (2, 3):
+        logger.log({"step": step, "loss": 1.0}, None)
+    logger.close()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"warning: {tmp_path / 'metrics.jsonl'}: cannot write (No space left on device); steps from 2 are "
+                   "not recorded there"]
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
 def _unwritable(monkeypatch, directory, number: int) -> None:
     """Writes into ``directory`` fail as on read-only storage or a full disk (tests run as root, whom
     file modes do not stop)."""

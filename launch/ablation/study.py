@@ -149,9 +149,9 @@ def reached(study: Study, variant: Variant) -> tuple[int, bool]:
 
 
 def run_child(argv: list[str], stdout, stderr, env: dict[str, str]) -> subprocess.CompletedProcess:
-    """``subprocess.run`` that stops the child when interrupted (Ctrl-C): SIGTERM, which the
-    ``deepspeed`` launcher passes on to its ranks, then SIGKILL after ``STOP_GRACE_S`` or at a
-    second Ctrl-C; the interrupt then goes on."""
+    """``subprocess.run`` that stops the child when interrupted (Ctrl-C): SIGTERM (the ``deepspeed``
+    command dies of it; its ranks, finding their launcher gone, save and exit), then SIGKILL after
+    ``STOP_GRACE_S`` or at a second Ctrl-C; the interrupt then goes on."""
     child = subprocess.Popen(argv, stdout=stdout, stderr=stderr, env=env)
     try:
         return subprocess.CompletedProcess(argv, child.wait())

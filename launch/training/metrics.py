@@ -10,8 +10,10 @@ back to offline if the service cannot be reached, so a run never waits on the ne
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -89,8 +91,19 @@ class MetricsLogger:
         return kept
 
     def _write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        """One line of metrics.jsonl; storage that refuses it (a full disk) is one warning, and the run
+        goes on without the file (a save on that storage fails next, naming the last good checkpoint)."""
+        if self.file is None:
+            return
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as error:
+            print(f"warning: {self.path}: cannot write ({error.strerror or error}); steps from {record['step']} "
+                  "are not recorded there", file=sys.stderr, flush=True)
+            file, self.file = self.file, None
+            with contextlib.suppress(OSError):  # the rest of the line, still buffered
+                file.close()
 
     def log(self, record: dict, loads: np.ndarray | None) -> None:
         if loads is not None:
@@ -162,6 +175,7 @@ class MetricsLogger:
         self.wandb.log(flat, step=record["step"])
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.wandb is not None:
             self.wandb.finish()
