@@ -172,11 +172,7 @@ class Trainer:
         if self.resuming:
             with phase("restore"):
                 self.restore()
-        from .metrics import MetricsLogger
-
-        self.logger = self._rank0_writes("metrics.jsonl", lambda: MetricsLogger(
-            options.run_dir, run.to_dict(), t.wandb_mode, t.wandb_project, t.heatmap_interval,
-            resume_step=self.step if self.resuming else None))
+        self.logger = self._rank0_writes("metrics.jsonl", self._metrics_logger)
 
     # ------------------------------------------------------------------------------ building
     def _say(self, message: str) -> None:
@@ -196,6 +192,13 @@ class Trainer:
         if failure[0] is not None:
             raise ProjectError(failure[0])
         return result
+
+    def _metrics_logger(self):
+        from .metrics import MetricsLogger  # rank 0's alone (W&B, the figures)
+
+        t = self.run.train
+        return MetricsLogger(self.options.run_dir, self.run.to_dict(), t.wandb_mode, t.wandb_project,
+                             t.heatmap_interval, resume_step=self.step if self.resuming else None)
 
     def _lock_run_dir(self) -> DirectoryLock | None:
         """Rank 0 takes the run dir's lock before anything is written (creating the directory); every

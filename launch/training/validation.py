@@ -87,8 +87,9 @@ class Validator:
         flag = torch.tensor([float(pending())], dtype=torch.float64, device=self.device)
         with waiting("validation stop all-reduce"):
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item():
-            raise Stopped(int(flag.item()))
+        cause = int(flag.item())
+        if cause:
+            raise Stopped(cause)
 
     def _score(self, dataset, count: int, pending: Callable[[], int]) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's (nll, tokens, bytes) sums and the loads its blocks counted, over its share."""
@@ -110,7 +111,7 @@ class Validator:
             moe.balance_loss = None
         return totals, loads
 
-    def run(self, step: int, tokens: int, pending: Callable[[], int] = lambda: 0) -> dict:
+    def run(self, step: int, tokens: int, pending: Callable[[], int]) -> dict:
         """The validation record of ``step`` (the same on every rank); raises ``Stopped`` at the
         micro-batch boundary after ``pending()`` (a preemption to act on) is non-zero on any rank."""
         was_training = self.model.training
