@@ -16,7 +16,8 @@ A study file::
       - {name: seq_aux, set: [model.aux_loss_alpha=0.01]}
 
 Resumable: a variant whose run finished (``ablation_done.json`` at the study's steps) is not run
-again, one with a checkpoint resumes with ``--resume``; Ctrl-C stops the running variant's launcher
+again, one with a checkpoint (a preempted one: its launcher exited 0 short of the steps, which stops
+the study with one line) resumes with ``--resume``; Ctrl-C stops the running variant's launcher
 and exits 130 with one line naming the variant, and the same command again goes on. Writes
 ``RUN_ROOT/comparison.{md,json}`` and ``RUN_ROOT/plots/*.png`` (``launch.ablation.comparison``).
 """

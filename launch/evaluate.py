@@ -122,13 +122,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(json.dumps(result))
     output = args.output or (loaded.run_dir / "eval.json" if loaded.run_dir else None)
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(output, json.dumps(result, indent=2))
-        print(f"wrote {output}", file=sys.stderr)
-        if args.tasks:
-            write_text_atomic(output.parent / "lm_eval.json", json.dumps(harness, indent=2))
-            print(f"wrote {output.parent / 'lm_eval.json'}", file=sys.stderr)
+    if output is None:
+        return 0
+    files = [(output, result)] + ([(output.parent / "lm_eval.json", harness)] if args.tasks else [])
+    for path, content in files:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(path, json.dumps(content, indent=2))
+        except OSError as error:  # a full disk, read-only storage: the result is on stdout all the same
+            print(f"error: could not record the result in {path} ({error.strerror or error}); it is printed above",
+                  file=sys.stderr)
+            return 2
+        print(f"wrote {path}", file=sys.stderr)
     return 0
 
 

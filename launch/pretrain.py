@@ -6,7 +6,8 @@
 
 Without a launcher (``python launch/pretrain.py ...``) it runs as one process. ``--resume auto`` is the
 command a scheduler requeues unchanged: it resumes when the run dir holds a checkpoint, else starts;
-SIGTERM, SIGUSR1 or SIGINT on any rank saves the step's checkpoint and exits 0. The loop itself is
+SIGTERM, SIGUSR1 or SIGINT on any rank, or the end of a rank's launcher, saves the step's checkpoint
+and exits 0 (which process to signal: docs/training.md, long runs on clusters). The loop itself is
 ``launch.training.trainer.Trainer``; this file reads the command line into the config tree and starts
 DeepSpeed.
 """

@@ -3,11 +3,14 @@
 The lock is ``fcntl.flock`` on a lock file holding a JSON record of its holder (host, pid, start
 time), whose modification time a daemon thread refreshes every ``HEARTBEAT_S`` seconds. The kernel
 drops a flock when its process dies, so a free flock beside a record of this host means the holder
-is gone: the record is taken over with a line naming it. A record of another host is trusted while
-its heartbeat is fresh (a file system may not share flocks between hosts), and taken over once it is
-older than ``STALE_S`` (hosts' clocks are assumed to agree within a minute); on a file system
-without flock the record alone decides. On release the file is removed; an acquirer checks that the file it locked is
-still the one at the path, so a removal never lets two holders in.
+is gone, whatever process now has the record's PID (a requeue in a fresh container reuses PIDs): the
+record is taken over with a line naming it. A record of another host is trusted while its heartbeat
+is fresh (a file system may not share flocks between hosts), and taken over once it is older than
+``STALE_S`` (hosts' clocks are assumed to agree within a minute); on a file system without flock the
+record alone decides. On release the file is removed; an acquirer checks that the file it locked is
+still the one at the path, so a removal never lets two holders in. The lock file is opened without
+following a symbolic link and must be a regular file of one link: a lock never writes through a
+link into a file it did not create.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import threading
 import time
 from pathlib import Path
@@ -57,7 +61,8 @@ class DirectoryLock:
     def acquire(self) -> str | None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            handle = open(self.path, "a+")  # noqa: SIM115 (held until release)
+            handle = self._open()
+            self.flocked = True
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as error:
@@ -65,9 +70,11 @@ class DirectoryLock:
                     handle.close()
                     raise
                 if error.errno not in UNSUPPORTED:  # held: else a file system without flock, the record decides
+                    record = self._record(handle)
                     handle.close()
-                    raise LockedError(f"{self.what}: in use by {self._holder(self._record())}; "
+                    raise LockedError(f"{self.what}: in use by {self._holder(record)}; "
                                       "one job at a time writes it") from None
+                self.flocked = False
             try:
                 same = os.fstat(handle.fileno()).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:
@@ -77,7 +84,7 @@ class DirectoryLock:
             handle.close()  # its holder removed the file while we waited for it: lock the new one
         self.handle = handle
         try:
-            note = self._take_over(self._record())
+            note = self._take_over(self._record(handle))
         except LockedError:
             self._close()
             raise
@@ -91,9 +98,28 @@ class DirectoryLock:
         _HELD.add(self)
         return note
 
-    def _record(self) -> dict | None:
+    def _open(self):
+        """The lock file, created if absent; never through a symbolic link, nor a file of several links."""
         try:
-            record = json.loads(self.path.read_text() or "null")
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError as error:
+            if error.errno != errno.ELOOP:
+                raise
+            raise LockedError(f"{self.what}: its lock file {self.path} is a symbolic link (to "
+                              f"{os.readlink(self.path)}); a lock writes only a file it creates: remove the link") from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+            os.close(fd)
+            what = "not a regular file" if not stat.S_ISREG(info.st_mode) else f"a file of {info.st_nlink} hard links"
+            raise LockedError(f"{self.what}: its lock file {self.path} is {what}; a lock writes only a file it "
+                              "creates: remove it")
+        return os.fdopen(fd, "r+")
+
+    @staticmethod
+    def _record(handle) -> dict | None:
+        try:
+            handle.seek(0)
+            record = json.loads(handle.read() or "null")
             return record if isinstance(record, dict) and {"host", "pid"} <= set(record) else None
         except (OSError, ValueError):
             return None
@@ -108,9 +134,12 @@ class DirectoryLock:
         if record is None:
             return None
         if record["host"] == socket.gethostname():
-            if record["pid"] != os.getpid() and process_alive(record["pid"]):
+            alive = record["pid"] != os.getpid() and process_alive(record["pid"])
+            if alive and not self.flocked:
                 raise LockedError(f"{self.what}: in use by {self._holder(record)}; one job at a time writes it")
-            return f"took over the lock of {self._holder(record)}: that process is gone"
+            # with flock the kernel decides: a live process of that PID (a reused one) does not hold it
+            return f"took over the lock of {self._holder(record)}: " + \
+                ("that process no longer holds it (its PID is another process's now)" if alive else "that process is gone")
         age = time.time() - self.path.stat().st_mtime
         if age < STALE_S:
             raise LockedError(f"{self.what}: in use by {self._holder(record)}, alive {age:.0f} s ago; one job at a "
@@ -120,7 +149,7 @@ class DirectoryLock:
     def _heartbeat(self) -> None:
         while not self.stop.wait(HEARTBEAT_S):
             try:
-                os.utime(self.path)
+                os.utime(self.path, follow_symlinks=False)
             except OSError:
                 pass
 

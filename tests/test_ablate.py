@@ -114,16 +114,21 @@ def test_ctrl_c_stops_the_running_launcher_and_says_how_to_go_on(tmp_path):
 
 
 class FakeLauncher:
-    """Records each command; "trains" by writing a checkpoint pointer and one metrics line."""
+    """Records each command; "trains" by saving a checkpoint (its train state and the ``latest``
+    pointer) at the command's --steps, or at step 1 for a variant that fails (exit 1) or is
+    preempted (exit 0 after its save)."""
 
-    def __init__(self, fail=()):
-        self.calls, self.fail = [], set(fail)
+    def __init__(self, fail=(), preempt=()):
+        self.calls, self.fail, self.preempt = [], set(fail), set(preempt)
 
     def __call__(self, argv, stdout, stderr, env):
         run_dir = Path(argv[argv.index("--run-dir") + 1])
         self.calls.append((run_dir.name, "--resume" in argv))
-        (run_dir / "checkpoints").mkdir(exist_ok=True)
-        (run_dir / "checkpoints" / "latest").write_text("step00000001")
+        step = 1 if run_dir.name in self.fail | self.preempt else int(argv[argv.index("--steps") + 1])
+        tag = f"step{step:08d}"
+        (run_dir / "checkpoints" / tag).mkdir(parents=True, exist_ok=True)
+        (run_dir / "checkpoints" / tag / "train_state.json").write_text(json.dumps({"step": step, "tokens": step * 8}))
+        (run_dir / "checkpoints" / "latest").write_text(tag)
         return subprocess.CompletedProcess(argv, 1 if run_dir.name in self.fail else 0)
 
 

@@ -1,6 +1,7 @@
 """A study file (``python -m launch.ablate``): variants of one base config, validated up front, each
-run (or resumed) through the real launcher in ``RUN_ROOT/<name>``; a finished variant is recorded
-and not run again, and a run dir of another variant definition is refused.
+run (or resumed) through the real launcher in ``RUN_ROOT/<name>``; a finished variant (its newest
+checkpoint at the study's steps: a preempted one exits 0 short of them) is recorded and not run
+again, and a run dir of another variant definition is refused.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from launch.checkpointing.checkpointer import Checkpointer
+from launch.checkpointing.checkpointer import Checkpointer, read_train_state
 from launch.config.run_config import load_run_config
 from plugins.atomic import write_text_atomic
 from plugins.config_tree import build
@@ -134,10 +135,23 @@ def state(study: Study, variant: Variant) -> str:
     return "resume" if Checkpointer(run_dir).has_checkpoint() else "fresh"
 
 
+def reached(study: Study, variant: Variant) -> tuple[int, bool]:
+    """The step of the variant's newest checkpoint, and whether its run ended there (the study's
+    steps, else the config's ``train.total_tokens``) rather than being preempted."""
+    checkpoints = Checkpointer(study.run_dir(variant))
+    tag = checkpoints.latest_tag()
+    if tag is None:
+        return 0, False
+    saved = read_train_state(checkpoints.directory / tag)
+    if study.steps is not None:
+        return saved["step"], saved["step"] >= study.steps
+    return saved["step"], saved["tokens"] >= load_run_config(study.config, study.overrides(variant)).train.total_tokens
+
+
 def run_child(argv: list[str], stdout, stderr, env: dict[str, str]) -> subprocess.CompletedProcess:
-    """``subprocess.run`` that stops the child when interrupted (Ctrl-C): SIGTERM, which the
-    ``deepspeed`` launcher passes on to its ranks, then SIGKILL after ``STOP_GRACE_S`` or at a
-    second Ctrl-C; the interrupt then goes on."""
+    """``subprocess.run`` that stops the child when interrupted (Ctrl-C): SIGTERM (the ``deepspeed``
+    command dies of it; its ranks, finding their launcher gone, save and exit), then SIGKILL after
+    ``STOP_GRACE_S`` or at a second Ctrl-C; the interrupt then goes on."""
     child = subprocess.Popen(argv, stdout=stdout, stderr=stderr, env=env)
     try:
         return subprocess.CompletedProcess(argv, child.wait())
@@ -167,5 +181,10 @@ def run_variant(study: Study, variant: Variant, runner: Callable = run_child) ->
         result = runner(argv, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, **env})
     if result.returncode != 0:
         raise ProjectError(f"variant {variant.name}: {argv[0]} exited with {result.returncode}; see {log}")
+    step, finished = reached(study, variant)
+    if not finished:  # exit 0 short of the end: a preemption's save
+        end = f"step {study.steps}" if study.steps is not None else "train.total_tokens"
+        raise ProjectError(f"variant {variant.name}: stopped at step {step}, before {end} (preempted; its checkpoint is "
+                           f"saved); rerun the same command to resume it; see {log}")
     write_text_atomic(run_dir / DONE, json.dumps({"steps": study.steps}))
     return "resumed" if what == "resume" else "ran"

@@ -10,8 +10,10 @@ back to offline if the service cannot be reached, so a run never waits on the ne
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -60,7 +62,7 @@ class MetricsLogger:
         self.heatmap_interval = heatmap_interval
         kept = []  # a fresh run starts the file anew (a dead run's rows before its first checkpoint go)
         if resume_step is not None and self.path.is_file():  # drop what the resumed steps will log again
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            kept = self._kept(resume_step)
         write_text_atomic(self.path, "".join(line + "\n" for line in kept))
         id_file = run_dir / "wandb_run_id"
         resume_id = id_file.read_text().strip() if resume_step is not None and id_file.is_file() else None
@@ -71,9 +73,37 @@ class MetricsLogger:
         self.history = History()  # what the W&B figures show (a resumed run's start: in metrics.jsonl)
         self.file = self.path.open("a")
 
+    def _kept(self, resume_step: int) -> list[str]:
+        """The lines of steps up to ``resume_step``; a line a crash or a full disk cut short is dropped
+        with one line saying so."""
+        kept, torn = [], 0
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                step = json.loads(line)["step"]
+            except (ValueError, TypeError, KeyError):
+                torn += 1
+                continue
+            if step <= resume_step:
+                kept.append(line)
+        if torn:
+            print(f"note: {self.path}: dropped {torn} line(s) that are not a whole record (a write cut short)",
+                  flush=True)
+        return kept
+
     def _write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        """One line of metrics.jsonl; storage that refuses it (a full disk) is one warning, and the run
+        goes on without the file (a save on that storage fails next, naming the last good checkpoint)."""
+        if self.file is None:
+            return
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as error:
+            print(f"warning: {self.path}: cannot write ({error.strerror or error}); steps from {record['step']} "
+                  "are not recorded there", file=sys.stderr, flush=True)
+            file, self.file = self.file, None
+            with contextlib.suppress(OSError):  # the rest of the line, still buffered
+                file.close()
 
     def log(self, record: dict, loads: np.ndarray | None) -> None:
         if loads is not None:
@@ -145,6 +175,7 @@ class MetricsLogger:
         self.wandb.log(flat, step=record["step"])
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.wandb is not None:
             self.wandb.finish()

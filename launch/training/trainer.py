@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -53,10 +55,11 @@ from .parallelize import parallelize
 from .preemption import Preemption
 from .spikes import SpikeGuard
 from .stragglers import step_end
-from .validation import Validator
+from .validation import Stopped, Validator
 from .watchdog import Watchdog, process_group_timeout
 
 LOCK_FILE = "run.lock"
+T = TypeVar("T")
 
 
 class TrainingStopped(ProjectError):
@@ -132,8 +135,8 @@ class Trainer:
         note = ramp_note(run, groups.dp, self.grid)
         if note:
             self._say(f"note: {note}")
-        if self.rank0:
-            write_text_atomic(options.run_dir / "config.yaml", yaml.safe_dump(run.to_dict(), sort_keys=False))
+        self._rank0_writes("config.yaml", lambda: write_text_atomic(options.run_dir / "config.yaml", yaml.safe_dump(
+            run.to_dict(), sort_keys=False)))
 
         torch.manual_seed(t.seed)
         init_from = options.init_from if not self.resuming else None
@@ -178,17 +181,33 @@ class Trainer:
         if self.resuming:
             with phase("restore"):
                 self.restore()
-        self.logger = None
-        if self.rank0:
-            from .metrics import MetricsLogger
-
-            self.logger = MetricsLogger(options.run_dir, run.to_dict(), t.wandb_mode, t.wandb_project,
-                                        t.heatmap_interval, resume_step=self.step if self.resuming else None)
+        self.logger = self._rank0_writes("metrics.jsonl", self._metrics_logger)
 
     # ------------------------------------------------------------------------------ building
     def _say(self, message: str) -> None:
         if self.rank0:
             print(message, flush=True)
+
+    def _rank0_writes(self, what: str, write: Callable[[], T]) -> T | None:
+        """Rank 0 writes ``what`` into the run dir; storage that refuses it (a full disk, read-only) is
+        one line on every rank. Returns what ``write`` returned (None on other ranks). Collective."""
+        result, failure = None, [None]
+        if self.rank0:
+            try:
+                result = write()
+            except OSError as error:
+                failure = [f"--run-dir {self.options.run_dir}: cannot write {what} ({error.strerror or error})"]
+        dist.broadcast_object_list(failure, src=0)
+        if failure[0] is not None:
+            raise ProjectError(failure[0])
+        return result
+
+    def _metrics_logger(self):
+        from .metrics import MetricsLogger  # rank 0's alone (W&B, the figures)
+
+        t = self.run.train
+        return MetricsLogger(self.options.run_dir, self.run.to_dict(), t.wandb_mode, t.wandb_project,
+                             t.heatmap_interval, resume_step=self.step if self.resuming else None)
 
     def _lock_run_dir(self) -> DirectoryLock | None:
         """Rank 0 takes the run dir's lock before anything is written (creating the directory); every
@@ -320,7 +339,7 @@ class Trainer:
                           **({"spike": spike} if spike is not None else {}))
         record["peak_memory_mb"] = self._peak_memory_mb()
         ranks, self.signal = step_end(time.perf_counter() - started - RECORD.waited,
-                                      self.preemption.signal, self.device)
+                                      self.preemption.pending(), self.device)
         record.update(ranks)
         return record, loads
 
@@ -389,14 +408,15 @@ class Trainer:
                           f"(lm {record['lm_loss']:.4f} mtp {record['mtp_loss']:.4f} aux {record['aux_loss']:.2e}) | "
                           f"lr {record['lr']:.3e} | grad norm {record['grad_norm']:.3f} | "
                           f"MaxVio {record['maxvio_global']:.3f} | {record['tokens_per_s']:.0f} tokens/s", flush=True)
+                if not self.signal and self.validator is not None and (self.step % t.eval_interval == 0 or
+                                                                       self.finished()):
+                    with phase("validation"):
+                        self.validate()  # a signal during it stops it at the next micro-batch
                 if self.signal:
                     self.save(deadline=(time.monotonic() + t.preempt_grace_s,
                                         f"train.preempt_grace_s = {t.preempt_grace_s:g} s"))
                     self.checkpointer.wait()
                     return preemption.name(self.signal)
-                if self.validator is not None and (self.step % t.eval_interval == 0 or self.finished()):
-                    with phase("validation"):
-                        self.validate()
                 if self.step % t.save_interval == 0 or self.finished():
                     self.save()
                 self.checkpointer.poll()
@@ -428,7 +448,13 @@ class Trainer:
                     run_dir.rmdir()
 
     def validate(self) -> None:
-        record = self.validator.run(self.step, self.tokens)
+        """Validation at this step, recorded; one a preemption stopped is not (``self.signal`` says why)."""
+        try:
+            record = self.validator.run(self.step, self.tokens, self.preemption.pending)
+        except Stopped as stopped:
+            self.signal = stopped.cause
+            self._say(f"validation at step {self.step} stopped on {preemption.name(stopped.cause)}; not recorded")
+            return
         if self.logger is not None:
             self.logger.log_eval(record)
         domains = " | ".join(f"{name} loss {v['loss']:.4f} bpb {v['bpb']:.4f}" for name, v in record["val"].items())

@@ -17,6 +17,8 @@ reloads a checkpoint as one whole model: the two agree on the same checkpoint.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 
@@ -26,6 +28,7 @@ from plugins.model.balance import collect_expert_loads, max_violation, reset_exp
 from plugins.parallel.dualpipe import Layout
 from plugins.parallel.pipeline_forward import pipeline_logits
 from plugins.precision.policy import fp8_autocast
+from plugins.progress import waiting
 
 
 def specialization(domain_loads: torch.Tensor) -> torch.Tensor:
@@ -35,6 +38,15 @@ def specialization(domain_loads: torch.Tensor) -> torch.Tensor:
     pooled = loads.sum(0) / loads.sum((0, 2))[:, None].clamp_min(1e-12)
     terms = torch.where(share > 0, share * (share / pooled.clamp_min(1e-300)).log(), torch.zeros_like(share))
     return terms.sum(-1).mean(0)
+
+
+class Stopped(Exception):
+    """A rank had a preemption to act on (``cause``, ``launch.training.preemption``): every rank
+    stopped validating at the same micro-batch."""
+
+    def __init__(self, cause: int):
+        super().__init__(cause)
+        self.cause = cause
 
 
 class Validator:
@@ -69,13 +81,24 @@ class Validator:
             g = self.groups
             return pipeline_logits(self.shard, self.layout, g.pipeline_rank, g.pipeline_peers, g.channels, input_ids)
 
-    def _score(self, dataset, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _stop_agreed(self, pending: Callable[[], int]) -> None:
+        """Raise ``Stopped`` on every rank when any rank has a preemption pending. Collective: every
+        rank scores the same number of micro-batches, so all ask at the same ones."""
+        flag = torch.tensor([float(pending())], dtype=torch.float64, device=self.device)
+        with waiting("validation stop all-reduce"):
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        cause = int(flag.item())
+        if cause:
+            raise Stopped(cause)
+
+    def _score(self, dataset, count: int, pending: Callable[[], int]) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's (nll, tokens, bytes) sums and the loads its blocks counted, over its share."""
         mine = list(range(self.groups.dp_rank, count, self.groups.dp))
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)
         moe_layers = self.model.moe_layers()
         reset_expert_loads(moe_layers)
         for start in range(0, len(mine), self.micro):
+            self._stop_agreed(pending)
             samples = [dataset[i] for i in mine[start:start + self.micro]]
             input_ids = torch.stack([s["input_ids"] for s in samples]).to(self.device)
             labels = torch.stack([s["labels"] for s in samples]).to(self.device)
@@ -88,12 +111,14 @@ class Validator:
             moe.balance_loss = None
         return totals, loads
 
-    def run(self, step: int, tokens: int) -> dict:
-        """The validation record of ``step`` (the same on every rank)."""
+    def run(self, step: int, tokens: int, pending: Callable[[], int]) -> dict:
+        """The validation record of ``step`` (the same on every rank); raises ``Stopped`` at the
+        micro-batch boundary after ``pending()`` (a preemption to act on) is non-zero on any rank."""
         was_training = self.model.training
         self.model.eval()
         try:
-            scored = [self._score(dataset, count) for dataset, count in self.sets.values()]
+            scored = [self._score(dataset, count, pending) for dataset, count in self.sets.values()]
+            self._stop_agreed(pending)  # one that came during the last micro-batch
         finally:
             self.model.train(was_training)
         totals = torch.stack([t for t, _ in scored])
