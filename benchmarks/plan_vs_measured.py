@@ -5,11 +5,13 @@ micro-batch 1, 2 steps and the final save, with each ``train.recompute`` mode as
 at pp 2 x ep 2 is refused by the trainer and left out).
 
     python benchmarks/plan_vs_measured.py [--recompute none selective full] [--fp8 none emulated]
-        [--recipes tiny "scale probe"] [--measured-from JSON] [--out FILE]
+        [--precision fp32 bf16] [--recipes tiny "scale probe"] [--measured-from JSON] [--out FILE]
 
 ``--fp8 emulated`` runs both sides with the emulated FP8 linears and ``train.memory``'s defaults (FP8
 activation storage, the weighted combine, the recomputed SwiGLU, pipeline sends released as they
 complete): real float8 storage on the CPU, so what the planner counts for it is measured.
+``--precision bf16`` runs both sides under ``train.precision: bf16`` (BF16 weights and activations,
+FP32 gradient accumulators), the GPU's recipe, on the CPU.
 
 Measured: the trainer's own ``peak_memory_mb`` of its last step (``ru_maxrss`` of each rank,
 the largest over ranks). Not ``getrusage(RUSAGE_CHILDREN)`` of a wrapper around the launcher:
@@ -74,40 +76,43 @@ def main() -> None:
     parser.add_argument("--recompute", nargs="+", default=["none", "selective", "full"],
                         choices=["none", "selective", "full"], help="train.recompute modes to launch")
     parser.add_argument("--fp8", default="none", choices=["none", "emulated"], help="parallel.fp8 of every case")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="train.precision of every case")
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     args = parser.parse_args()
     modes = args.recompute
-    earlier = {(c["recipe"], c["pp"], c["ep"], c["recompute"], c.get("fp8", "none")): c["measured_mb"]
+    earlier = {(c["recipe"], c["pp"], c["ep"], c["recompute"], c.get("fp8", "none"), c.get("precision", "fp32")):
+               c["measured_mb"]
                for c in json.loads(Path(args.measured_from).read_text())["cases"]} if args.measured_from else {}
     cases = []
     with tempfile.TemporaryDirectory() as tmp:
         port = 29600
         for name in args.recipes:
-            recipe = [*RECIPES[name], "--set", f"parallel.fp8={args.fp8}"]
+            recipe = [*RECIPES[name], "--set", f"parallel.fp8={args.fp8}", "--set", f"train.precision={args.precision}"]
             for pp, ep in LAYOUTS:
                 for mode in modes:
                     if mode == "full" and pp > 1 and ep > 1:
                         continue  # the trainer refuses it (train.recompute: full with --pp > 1 and --ep > 1)
-                    key = (name, pp, ep, mode, args.fp8)
+                    key = (name, pp, ep, mode, args.fp8, args.precision)
                     port += 1
                     measured = earlier[key] if key in earlier else measure(
                         [*recipe, "--set", f"train.recompute={mode}"] if mode != "none" else recipe, pp, ep,
                         Path(tmp) / f"run{port}", port)
                     plan = predict(recipe, pp, ep, mode)
                     cases.append({"recipe": name, "pp": pp, "ep": ep, "ranks": ranks_of(pp, ep), "recompute": mode,
-                                  "fp8": args.fp8,
+                                  "fp8": args.fp8, "precision": args.precision,
                                   "measured_mb": measured, "plan_total_mb": plan["largest_rank_total_bytes"] / 2**20,
                                   "runtime_overhead_mb": plan["runtime_overhead_bytes"] / 2**20})
-                    print(f"{name:12s} pp {pp} ep {ep} {mode:9s} fp8 {args.fp8} measured {measured:7.0f} MB "
+                    print(f"{name:12s} pp {pp} ep {ep} {mode:9s} fp8 {args.fp8} {args.precision} measured {measured:7.0f} MB "
                           f"planned {plan['largest_rank_total_bytes'] / 2**20 + plan['runtime_overhead_bytes'] / 2**20:7.0f} MB",
                           flush=True)
     overhead = cases[0]["runtime_overhead_mb"]
-    rows = ["| recipe | (pp, ep) | ranks | recompute | fp8 | planner (model) | predicted (+ runtime) | measured | error |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| recipe | (pp, ep) | ranks | recompute | fp8 | precision | planner (model) | predicted (+ runtime) | "
+            "measured | error |", "|---|---|---|---|---|---|---|---|---|---|"]
     for c in cases:
         c["predicted_mb"] = c["plan_total_mb"] + c["runtime_overhead_mb"]
         c["error"] = c["predicted_mb"] / c["measured_mb"] - 1
         rows.append(f"| {c['recipe']} | ({c['pp']}, {c['ep']}) | {c['ranks']} | {c['recompute']} | {c['fp8']} | "
+                    f"{c['precision']} | "
                     f"{c['plan_total_mb']:.0f} MB | {c['predicted_mb']:.0f} MB | {c['measured_mb']:.0f} MB | "
                     f"{100 * c['error']:+.1f}% |")
     first = cases[0]
