@@ -31,6 +31,7 @@ from launch.training.watchdog import process_group_timeout
 from plugins.errors import ConfigError, ProjectError
 from plugins.parallel.dualpipe import SCHEDULES
 from plugins.precision.policy import FP8_BACKENDS, resolve_backend
+from plugins.precision.recipe import bound_cpu_gemm_cache
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -98,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     on_gpu = torch.cuda.is_available()
     if on_gpu:
         torch.cuda.set_device(args.local_rank)
+    else:
+        bound_cpu_gemm_cache()
     device = torch.device("cuda", args.local_rank) if on_gpu else torch.device("cpu")
     timeout = process_group_timeout(run.train.hang_timeout_s)
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", **({"timeout": timeout} if timeout else {}))
