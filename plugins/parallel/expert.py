@@ -23,6 +23,7 @@ from ..model.moe import DeepSeekMoE
 from ..model.recompute_state import recomputing
 from ..model.router import Routing
 from ..progress import waiting
+from .streams import communication
 
 
 class _AllToAll(torch.autograd.Function):
@@ -35,8 +36,9 @@ class _AllToAll(torch.autograd.Function):
                 backward_group) -> torch.Tensor:
         ctx.splits, ctx.groups = (send_splits, recv_splits), (group, backward_group)
         out = rows.new_empty(sum(recv_splits), *rows.shape[1:])
-        with waiting("expert all-to-all"):
-            dist.all_to_all_single(out, rows.contiguous(), recv_splits, send_splits, group=group)
+        rows = rows.contiguous()
+        with waiting("expert all-to-all"), communication(rows, out):
+            dist.all_to_all_single(out, rows, recv_splits, send_splits, group=group)
         return out
 
     @staticmethod
@@ -106,9 +108,9 @@ class ExpertExchange:
         """From this rank's rows per global expert [E]: rows sent to / received from each rank and the
         order that turns received rows local-expert-major (exchanges the counts first)."""
         by_rank = counts.view(self.size, self.local_experts)
-        received_counts = torch.empty_like(by_rank)
-        with waiting("expert all-to-all"):
-            dist.all_to_all_single(received_counts, by_rank.contiguous(), group=self.group)
+        received_counts, by_rank = torch.empty_like(by_rank), by_rank.contiguous()
+        with waiting("expert all-to-all"), communication(by_rank, received_counts):
+            dist.all_to_all_single(received_counts, by_rank, group=self.group)
         flat = received_counts.flatten()  # source-major blocks of local experts
         expert = torch.arange(self.local_experts, device=counts.device).repeat(self.size)
         source = torch.arange(self.size, device=counts.device).repeat_interleave(self.local_experts)
@@ -125,9 +127,9 @@ class ExpertExchange:
     def send_quantized(self, tiles: torch.Tensor, plan: ExchangePlan) -> torch.Tensor:
         """``send_rows`` without autograd for E4M3 data (sent as bytes) or their scales."""
         payload = tiles.view(torch.uint8) if tiles.element_size() == 1 else tiles
-        out = payload.new_empty(sum(plan.recv_splits), *payload.shape[1:])
-        with waiting("expert all-to-all"):
-            dist.all_to_all_single(out, payload.contiguous(), plan.recv_splits, plan.send_splits, group=self.group)
+        out, payload = payload.new_empty(sum(plan.recv_splits), *payload.shape[1:]), payload.contiguous()
+        with waiting("expert all-to-all"), communication(payload, out):
+            dist.all_to_all_single(out, payload, plan.recv_splits, plan.send_splits, group=self.group)
         return out[plan.order].view(tiles.dtype)
 
     def return_gradient(self, grad: torch.Tensor, plan: ExchangePlan) -> torch.Tensor:
@@ -135,7 +137,7 @@ class ExpertExchange:
         their expert-sorted order (the backward exchange's group)."""
         source_major = grad[plan.order.argsort()].contiguous()
         out = grad.new_empty(sum(plan.send_splits), *grad.shape[1:])
-        with waiting("expert all-to-all"):
+        with waiting("expert all-to-all"), communication(source_major, out):
             dist.all_to_all_single(out, source_major, plan.send_splits, plan.recv_splits, group=self.backward_group)
         return out
 
