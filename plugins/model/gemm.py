@@ -14,8 +14,10 @@ import torch.nn.functional as F
 
 def _grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     """grouped_mm needs 16-byte aligned rows; it runs on CPU in float32/bf16/fp16 and on CUDA on
-    Hopper-class GPUs in bf16."""
+    Hopper-class GPUs in bf16; under ``torch.compile`` only in bf16 (its meta kernel's one dtype)."""
     if (x.shape[-1] * x.element_size()) % 16 or (w.shape[-1] * w.element_size()) % 16:
+        return False
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
         return False
     if x.device.type == "cpu":
         return x.dtype in (torch.float32, torch.bfloat16, torch.float16)
@@ -25,11 +27,15 @@ def _grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def _padded(x: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Expert-sorted rows [M, D] as [E, max count, D] (zero rows appended), and each row's (expert, slot)."""
-    num_experts, capacity = len(counts), int(counts.max()) if counts.numel() else 0
-    starts = torch.cumsum(counts, 0) - counts
-    expert_of_row = torch.repeat_interleave(torch.arange(num_experts, device=x.device), counts)
-    slot = torch.arange(x.shape[0], device=x.device) - starts[expert_of_row]
+    """Expert-sorted rows [M, D] as [E, capacity, D] (zero rows appended), and each row's (expert, slot).
+    The capacity is the largest count (a host read), under ``torch.compile`` M (no size that depends
+    on the data: the compiled graph has no break, at E times the padded buffer)."""
+    num_experts = len(counts)
+    capacity = x.shape[0] if torch.compiler.is_compiling() else int(counts.max()) if counts.numel() else 0
+    ends = torch.cumsum(counts, 0)
+    rows = torch.arange(x.shape[0], device=x.device)
+    expert_of_row = torch.searchsorted(ends, rows, right=True)
+    slot = rows - (ends - counts)[expert_of_row]
     padded = x.new_zeros(num_experts, capacity, x.shape[-1])
     padded[expert_of_row, slot] = x
     return padded, expert_of_row, slot

@@ -25,6 +25,13 @@ from ..model.router import Routing
 from ..progress import waiting
 from .streams import communication
 
+# The graph breaks an expert-parallel DeepSeekMoE block keeps under torch.compile, and why.
+COMPILE_BREAKS = {
+    "dispatch": "all_to_all_single takes its split sizes as Python ints, read to the host from the exchanged "
+                "per-expert counts; the variable-size rows it returns size the rest of the block",
+    "combine": "the reverse all-to-all, with the same host-read split sizes, back to the tokens' ranks",
+}
+
 
 class _AllToAll(torch.autograd.Function):
     """``all_to_all_single`` with variable splits whose backward is the reverse exchange, issued on
@@ -163,11 +170,15 @@ def distinct_destinations(indices: torch.Tensor, destinations: torch.Tensor) -> 
 
 class AllToAllDispatcher(TokenDispatcher):
     """Local permutation by global expert, then the exchange to the experts' ranks; ``combine``
-    reverses both. One exchange (and its destination statistics) serves every MoE block."""
+    reverses both. One exchange (and its destination statistics) serves every MoE block.
+
+    Under ``torch.compile`` both calls run eagerly: the two graph breaks of an expert-parallel MoE
+    block (``COMPILE_BREAKS``)."""
 
     def __init__(self, exchange: ExpertExchange, num_experts: int):
         self.exchange, self.num_experts = exchange, num_experts
 
+    @torch.compiler.disable
     def dispatch(self, tokens: torch.Tensor, routing: Routing, weighted: bool = False) -> Dispatched:
         perm = permutation(routing.indices, self.num_experts)
         if not recomputing():  # a checkpointed block's forward again (train.recompute: full) is not new traffic
@@ -190,6 +201,7 @@ class AllToAllDispatcher(TokenDispatcher):
 
         return Dispatched(tokens, plan.local_counts, state, weights, quantized, to_tokens)
 
+    @torch.compiler.disable
     def combine(self, expert_output: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
         perm, plan, weights, num_tokens = dispatched.state
         return unpermute(self.exchange.combine(expert_output, plan), weights, perm, num_tokens)
