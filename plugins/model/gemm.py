@@ -58,8 +58,14 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
 def grouped_wgrad(dy: torch.Tensor, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Per expert e, dy_e^T x_e over its rows: [E, N, K], the weight gradient of an expert bank
     [E, N, K] (the values ``grouped_mm``'s autograd computes, in the bank's own layout)."""
-    if _grouped_mm_supported(dy, x) and (dy.shape[0] * dy.element_size()) % 16 == 0:
-        return F.grouped_mm(dy.T, x, offs=torch.cumsum(counts, 0).to(torch.int32))
+    if _grouped_mm_supported(dy, x):
+        # dy^T needs 16-byte aligned rows: zero rows appended to the last expert add nothing to its sum
+        pad = -dy.shape[0] % (16 // dy.element_size())
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        if pad:
+            dy, x = F.pad(dy, (0, 0, 0, pad)), F.pad(x, (0, 0, 0, pad))
+            offs = torch.cat([offs[:-1], offs[-1:] + pad])
+        return F.grouped_mm(dy.T, x, offs=offs)
     return torch.bmm(_padded(dy, counts)[0].transpose(1, 2), _padded(x, counts)[0])
 
 

@@ -122,8 +122,9 @@ class ExpertExchange:
         expert = torch.arange(self.local_experts, device=counts.device).repeat(self.size)
         source = torch.arange(self.size, device=counts.device).repeat_interleave(self.local_experts)
         key = torch.repeat_interleave(expert * self.size + source, flat)
-        return ExchangePlan(by_rank.sum(1).tolist(), received_counts.sum(1).tolist(), key.argsort(stable=True),
-                            received_counts.sum(0))
+        # the split sizes to the host, both in one read: all_to_all_single takes them as Python ints
+        send_splits, recv_splits = torch.stack([by_rank.sum(1), received_counts.sum(1)]).tolist()
+        return ExchangePlan(send_splits, recv_splits, key.argsort(stable=True), received_counts.sum(0))
 
     def dispatch(self, rows: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, ExchangePlan]:
         """``rows`` [M, D] sorted by global expert with ``counts`` [E] -> this rank's experts' rows
