@@ -42,9 +42,10 @@ def blocks_flops_per_token(config: ModelConfig, blocks: int, seq_len: int) -> fl
 
 
 def planned_bytes(config: ModelConfig, layers: nn.ModuleList, tokens: int, fp8: bool) -> float:
-    """Weights and their gradients (BF16) and the activations backward keeps (the planner's bytes per token)."""
-    precision = Precision.of("gpu", "float32", "torch" if fp8 else "none")
-    weights = sum(p.numel() for p in layers.parameters()) * 2 * 2
+    """Weights and their gradients and the activations backward keeps (the planner's bytes per token)."""
+    precision = Precision.of("gpu" if next(layers.parameters()).is_cuda else "cpu", "float32",
+                             "torch" if fp8 else "none")
+    weights = sum(p.numel() * p.element_size() for p in layers.parameters()) * 2
     kept = sum(sum(block_activation_bytes(config, config.is_moe_layer(i), precision, MemoryConfig()).values())
                for i in range(len(layers)))
     return weights + kept * tokens
@@ -59,10 +60,15 @@ def sdpa_backend(step) -> str:
     return ",".join(ran) or ",".join(sorted(names)) or "none seen"
 
 
+def dtype_on(dev: torch.device) -> torch.dtype:
+    """BF16 on a GPU; float32 on CPU (what CPU training runs; CPU BF16 kernels are no measure of a GPU)."""
+    return torch.bfloat16 if dev.type == "cuda" else torch.float32
+
+
 def build(config: ModelConfig, blocks: int, dev: torch.device, fp8: bool, compiled: str | None) -> nn.ModuleList:
     with torch.device("meta"):
         layers = nn.ModuleList(DecoderLayer(config, i) for i in range(blocks))
-    materialize(layers, dev, config.initializer_range, dtype=torch.bfloat16)
+    materialize(layers, dev, config.initializer_range, dtype=dtype_on(dev))
     if fp8:
         convert_to_fp8(layers, "torch")
     set_ffn_memory(layers, MemoryConfig.weighted_combine, MemoryConfig.swiglu_recompute)
@@ -74,8 +80,7 @@ def build(config: ModelConfig, blocks: int, dev: torch.device, fp8: bool, compil
 def measure(config, args, dev, fp8: bool, compiled: str | None) -> dict:
     layers = build(config, args.blocks, dev, fp8, compiled)
     rope = RotaryEmbedding(config).to(dev)(torch.arange(args.seq_len, device=dev))
-    h = torch.randn(args.batch, args.seq_len, config.hidden_size, device=dev, dtype=torch.bfloat16,
-                    requires_grad=True)
+    h = torch.randn(args.batch, args.seq_len, config.hidden_size, device=dev, dtype=dtype_on(dev), requires_grad=True)
 
     def step():
         out = h
@@ -103,7 +108,7 @@ def measure(config, args, dev, fp8: bool, compiled: str | None) -> dict:
     tokens = args.batch * args.seq_len
     seconds = statistics.median(times)
     peak, peak_name = dense_peak()
-    row = {"precision": "fp8" if fp8 else "bf16", "compile": compiled or "off", "step_s": seconds,
+    row = {"precision": "fp8" if fp8 else str(dtype_on(dev)).removeprefix("torch.").replace("bfloat16", "bf16"), "compile": compiled or "off", "step_s": seconds,
            "first_step_s": first, "tokens_per_s": tokens / seconds,
            "flops_per_token": blocks_flops_per_token(config, args.blocks, args.seq_len),
            "sdpa_backend": sdpa_backend(synced), "planned_gib": planned_bytes(config, layers, tokens, fp8) / 2**30}
@@ -147,7 +152,7 @@ def main() -> int:
                   flush=True)
             write("blocks", args.dry_run, {"args": {**vars(args), "backend": backend}, "device": str(dev), "rows": rows})
     for fp8 in precisions:
-        off, on = (next(r for r in rows if r["precision"] == ("fp8" if fp8 else "bf16") and (r["compile"] != "off") == c)
+        off, on = (next(r for r in rows if (r["precision"] == "fp8") == fp8 and (r["compile"] != "off") == c)
                    for c in (False, True))
         print(f"compile speed-up ({off['precision']}, {backend}): {on['tokens_per_s'] / off['tokens_per_s']:.2f}x",
               flush=True)

@@ -14,7 +14,7 @@ import statistics
 import time
 
 import torch
-from blocks import build
+from blocks import build, dtype_on
 from device import ROOT, device, skip, write
 
 from plugins.model.config import ModelConfig
@@ -64,7 +64,7 @@ def main() -> int:
     rounds = args.rounds or (2 if args.dry_run else 5)
     chunks = [build(config, args.blocks, dev, fp8=False, compiled=None) for _ in range(2)]
     rope = RotaryEmbedding(config).to(dev)(torch.arange(seq_len, device=dev))
-    inputs = [torch.randn(1, seq_len, config.hidden_size, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    inputs = [torch.randn(1, seq_len, config.hidden_size, device=dev, dtype=dtype_on(dev), requires_grad=True)
               for _ in range(2)]
     if dev.type == "cuda":
         overlapped, name = StreamOverlap(CudaStreams(dev)), "two CUDA streams"
