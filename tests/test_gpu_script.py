@@ -16,7 +16,7 @@ def test_the_device_script_dry_run_passes_and_says_why_it_skips():
     for old in RESULTS.glob("*.json"):
         old.unlink()
     result = subprocess.run(["bash", "benchmarks/gpu/run_all.sh", "--dry-run"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300)
+                            text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     out = result.stdout
     assert "run_all: 0 step(s) failed" in out
