@@ -32,15 +32,10 @@ from plugins.model.config import ModelConfig
 from plugins.model.deepseek_v3 import DeepSeekV3
 from plugins.parallel.dualpipe import check
 from plugins.parallel.expert import ExpertExchange, apply_expert_parallel
-from plugins.parallel.pipeline_runtime import PipelineRuntime, overlap_threads
+from plugins.parallel.pipeline_runtime import PipelineRuntime
 from plugins.parallel.pipeline_stages import PipelineShard
 from plugins.parallel.replicas import ReplicaSync, stages_of
-
-
-def _sequential(forward, backward) -> None:
-    """The F&B unit without overlap: forward, then backward."""
-    forward()
-    backward()
+from plugins.parallel.streams import Sequential, ThreadOverlap
 
 
 def _port() -> int:
@@ -66,7 +61,7 @@ def _worker(rank, world, port, schedule, args, ep, overlap, results) -> None:
         layout = check(schedule, args.pp, args.micro_batches)
         shard = PipelineShard(model, stages_of(layout, groups.pipeline_rank), layout.stages)
         runtime = PipelineRuntime(layout, groups.pipeline_rank, shard, groups.pipeline_peers, groups.channels,
-                                  overlap=overlap_threads if overlap else _sequential)
+                                  overlap=ThreadOverlap() if overlap else Sequential())
         replicas = ReplicaSync(layout, shard.model, groups.pipeline_rank, groups.replicas)
         g = torch.Generator().manual_seed(groups.dp_rank)
         batches = []

@@ -137,6 +137,7 @@ class TrainConfig:
     # activations recomputed in backward (report 3.2.3): none, selective (RMSNorm and MLA
     # up-projection outputs) or full (every block); plugins.model.recompute
     recompute: str = "none"
+    compile: bool = False  # each decoder block through torch.compile (launch.training.parallelize.compile_blocks)
     optimizer_moments_dtype: str = "float32"  # AdamW's exp_avg/exp_avg_sq: float32 or bfloat16 (report 3.3.1)
     # bf16: BF16 compute, FP32 masters and FP32 gradient accumulation (report 3.3); fp32; auto: bf16 on a GPU
     precision: str = "auto"
@@ -223,6 +224,9 @@ def _validate(run: RunConfig) -> None:
     if t.recompute == "full" and run.model.balance == "batch_aux":
         fail("train.recompute", "full with model.balance: batch_aux cannot run: the recomputed block would "
                                 "all-reduce its expert counts again in backward; use selective")
+    if t.compile and t.recompute != "none":
+        fail("train.compile", f"true with train.recompute: {t.recompute} cannot run: the recomputation's hooks "
+                              "and checkpoints are not traced; use train.recompute: none")
     check_recompute(run)
     if d.seq_len < 2:
         fail("data.seq_len", "must be at least 2")

@@ -41,5 +41,6 @@ def router_bias_stats(moe_layers, num_moe_layers: int, device: torch.device) -> 
         stats[moe.moe_index] = torch.stack([-bias.min(), bias.max(), bias.std(unbiased=False)])
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(stats, op=dist.ReduceOp.MAX)
-    stats = stats.cpu()
-    return {"bias_min": (-stats[:, 0]).tolist(), "bias_max": stats[:, 1].tolist(), "bias_std": stats[:, 2].tolist()}
+    rows = stats.tolist()  # the one host read
+    return {"bias_min": [-row[0] for row in rows], "bias_max": [row[1] for row in rows],
+            "bias_std": [row[2] for row in rows]}

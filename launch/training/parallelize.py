@@ -1,6 +1,7 @@
 """Build the rank's part of the model under the run's layout (TorchTitan's ``parallelize``): expert
 parallelism (report 3.2.2), this rank's pipeline stages (3.2.1), FP8 linears (3.3), activation
-recomputation (3.2.3) and what the routed experts keep for backward (3.3.3). The model's math is untouched; what changes is which parameters a rank
+recomputation (3.2.3), what the routed experts keep for backward (3.3.3) and, with ``train.compile``,
+each decoder block through ``torch.compile``. The model's math is untouched; what changes is which parameters a rank
 holds, how tokens reach the experts, what backward recomputes and, under ``model.balance:
 batch_aux``, over which ranks the balance loss counts its tokens (4.5.3). Nothing outside the
 rank's part is ever allocated."""
@@ -16,6 +17,7 @@ from launch.config.run_config import RunConfig
 from launch.distributed import ds_internals
 from launch.distributed.groups import ParallelGroups
 from plugins.errors import ConfigError
+from plugins.model.block import DecoderLayer
 from plugins.model.deepseek_v3 import DeepSeekV3
 from plugins.model.init import materialize
 from plugins.model.moe import set_ffn_memory
@@ -51,6 +53,18 @@ def check_fp8_policy(run: RunConfig) -> None:
                           "of the model")
 
 
+def compile_blocks(model: torch.nn.Module, backend: str = "inductor") -> int:
+    """``train.compile``: every decoder block (MLA, then the dense FFN or DeepSeekMoE with its
+    dispatcher; the MTP modules' blocks too) compiled in place (``nn.Module.compile``: names,
+    parameters and checkpoints unchanged). A dense or single-process MoE block is one graph; an
+    expert-parallel MoE block breaks at its all-to-alls (``plugins.parallel.expert.COMPILE_BREAKS``).
+    Returns the number of blocks."""
+    blocks = [m for m in model.modules() if isinstance(m, DecoderLayer)]
+    for block in blocks:
+        block.compile(backend=backend)
+    return len(blocks)
+
+
 def parallelize(run: RunConfig, groups: ParallelGroups, device: torch.device, init_from: str | None = None
                 ) -> Parallelized:
     """Build only this rank's part of the model: on the ``meta`` device, keep the rank's experts and
@@ -84,6 +98,8 @@ def parallelize(run: RunConfig, groups: ParallelGroups, device: torch.device, in
         keep_fp8_activations(model, p.fp8_power_of_two_scales)
     if p.fp8 != "none" and memory.fp8_dispatch:
         dispatch_in_fp8(model, p.fp8_power_of_two_scales)
+    if run.train.compile:
+        compile_blocks(model)
     if exchange is not None:
         ds_internals.mark_expert_parameters([param for moe in model.moe_layers() for param in moe.experts.parameters()],
                                             groups.expert_group_name)

@@ -24,8 +24,8 @@ def step_end(busy_seconds: float, signal: int, device: torch.device) -> tuple[di
     table = table.to(device)
     with waiting("end-of-step all-reduce"):
         dist.all_reduce(table)
-    table = table.cpu()
-    seconds = table[:, 0]
-    slowest = int(seconds.argmax())
-    return ({"rank_step_seconds_max": seconds[slowest].item(), "rank_step_seconds_min": seconds.min().item(),
-             "slowest_rank": slowest}, int(table[:, 1].max().item()))
+    rows = table.tolist()  # the one host read
+    seconds = [row[0] for row in rows]
+    slowest = max(range(len(seconds)), key=seconds.__getitem__)
+    return ({"rank_step_seconds_max": seconds[slowest], "rank_step_seconds_min": min(seconds),
+             "slowest_rank": slowest}, int(max(row[1] for row in rows)))

@@ -291,20 +291,30 @@ class Trainer:
         # every micro-batch's losses and loads live on exactly one rank: one sum over the world
         loads = collect_expert_loads(self.moe_layers, self.run.model.num_moe_layers, self.run.model.n_routed_experts,
                                      self.device)
-        reduced = torch.cat([values, loads.double().flatten()])
+        statistics = self.exchange.take_statistics(self.device).double() if self.exchange is not None else None
+        sums = [values, loads.double().flatten()] + ([statistics[[0, 1, 3]]] if statistics is not None else [])
+        reduced = torch.cat(sums)
         with waiting("loss all-reduce"):
             dist.all_reduce(reduced)
-        values = reduced[:3] / (global_batch // t.micro_batch_size)
-        loads = reduced[3:].float().view_as(loads)
-        destinations = self._destinations()
-        if not torch.isfinite(values).all():  # a NaN anywhere reaches every rank through the sum
+            if statistics is not None:
+                maxima = statistics[[2, 4]]
+                dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
+                reduced = torch.cat([reduced, maxima])
+        count = loads.numel()
+        loads = reduced[3:3 + count].float().view_as(loads)  # stays on the device for the bias update
+        # the step's one host read before the optimizer step: losses, loads, MaxVio, destination statistics
+        host = np.array(torch.cat([reduced, max_violation(loads).double()]).tolist())
+        host[:3] /= global_batch // t.micro_batch_size
+        lm, mtp, aux = host[:3].tolist()
+        loads_host = host[3:3 + count].reshape(tuple(loads.shape))
+        destinations = self._destinations(host[3 + count:len(host) - len(loads)])
+        maxvio = host[len(host) - len(loads):].tolist() if count else []
+        if not np.isfinite(host[:3]).all():  # a NaN anywhere reaches every rank through the sum
             raise TrainingStopped(
-                f"step {self.step + 1}: non-finite loss ({self._summary(values)}); MaxVio per MoE block: "
-                f"{np.round(max_violation(loads).tolist(), 3).tolist()}; last good checkpoint: {self._last_good()} "
-                "(resume with --resume)")
+                f"step {self.step + 1}: non-finite loss ({self._summary(host[:3])}); MaxVio per MoE block: "
+                f"{np.round(maxvio, 3).tolist()}; last good checkpoint: {self._last_good()} (resume with --resume)")
         if self.ema is not None:
             self.ema.wait()  # the last update has read the weights this step overwrites
-        lm, mtp, aux = values.tolist()
         with phase("optimizer step"):
             spike, grad_norm = self._optimizer_step(lm + mtp + aux)
         if spike is None:
@@ -314,7 +324,7 @@ class Trainer:
         biases = moe_stats.router_bias_stats(self.moe_layers, self.run.model.num_moe_layers, self.device)
         if not np.isfinite(grad_norm):
             raise TrainingStopped(f"step {self.step + 1}: non-finite gradient norm ({grad_norm}); MaxVio per MoE block: "
-                                  f"{np.round(max_violation(loads).tolist(), 3).tolist()}; last good checkpoint: "
+                                  f"{np.round(maxvio, 3).tolist()}; last good checkpoint: "
                                   f"{self._last_good()} (resume with --resume)")
         if spike is not None and self.run.train.spike.action == "stop":
             raise TrainingStopped(f"step {self.step + 1}: loss spike ({spike}); the step was not applied; last good "
@@ -322,7 +332,6 @@ class Trainer:
         self.step += 1
         self.tokens += global_batch * self.run.data.seq_len
         seconds = time.perf_counter() - started
-        maxvio = max_violation(loads).tolist() if loads.numel() else []
         record = {
             "step": self.step, "tokens": self.tokens, "loss": lm + mtp + aux, "lm_loss": lm, "mtp_loss": mtp,
             "aux_loss": aux, "lr": lr, "grad_norm": grad_norm,
@@ -330,7 +339,7 @@ class Trainer:
             "batch_size": global_batch, "mtp_weight": lam, "bias_update_speed": gamma,
             "maxvio": maxvio, "maxvio_global": float(np.mean(maxvio)) if maxvio else 0.0,
             "mtp_ce": moe_stats.mtp_cross_entropy(mtp, lam, self.run.model.num_nextn_predict_layers),
-            **biases, "starved": moe_stats.starved_experts(loads.cpu()),
+            **biases, "starved": moe_stats.starved_experts(loads_host),
         }
         record.update(destinations)
         record.update(self.sampler.statistics())  # source_tokens/source_epochs of a data.sources mixture
@@ -341,7 +350,7 @@ class Trainer:
         ranks, self.signal = step_end(time.perf_counter() - started - RECORD.waited,
                                       self.preemption.pending(), self.device)
         record.update(ranks)
-        return record, loads
+        return record, loads_host
 
     def _optimizer_step(self, loss: float) -> tuple[str | None, float]:
         """DeepSpeed reduces, clips and applies the gradients; under ``train.spike`` a spike (judged
@@ -367,21 +376,19 @@ class Trainer:
         """The largest rank's peak so far."""
         return memory.largest(memory.peak_mb(self.device), self.device)
 
-    def _destinations(self) -> dict[str, float]:
-        """Mean and max distinct expert-parallel ranks and nodes a token reached, over the whole batch."""
-        if self.exchange is None:
+    @staticmethod
+    def _destinations(reduced: np.ndarray) -> dict[str, float]:
+        """Mean and max distinct expert-parallel ranks and nodes a token reached, over the whole batch,
+        from the reduced [tokens, rank sum, node sum, rank max, node max] (empty without ``--ep``)."""
+        if not reduced.size:
             return {}
-        tokens, rank_sum, rank_max, node_sum, node_max = self.exchange.take_statistics(self.device)
-        sums, maxima = torch.stack([tokens, rank_sum, node_sum]), torch.stack([rank_max, node_max])
-        with waiting("statistics all-reduce"):
-            dist.all_reduce(sums)
-            dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
-        tokens = max(sums[0].item(), 1.0)
-        return {"ep_destinations_mean": sums[1].item() / tokens, "ep_destinations_max": maxima[0].item(),
-                "ep_destination_nodes_mean": sums[2].item() / tokens, "ep_destination_nodes_max": maxima[1].item()}
+        tokens, rank_sum, node_sum, rank_max, node_max = reduced.tolist()
+        tokens = max(tokens, 1.0)
+        return {"ep_destinations_mean": rank_sum / tokens, "ep_destinations_max": rank_max,
+                "ep_destination_nodes_mean": node_sum / tokens, "ep_destination_nodes_max": node_max}
 
     @staticmethod
-    def _summary(values: torch.Tensor) -> str:
+    def _summary(values: np.ndarray) -> str:
         lm, mtp, aux = values.tolist()
         return f"loss={lm + mtp + aux:.4g}, lm={lm:.4g}, mtp={mtp:.4g}, aux={aux:.4g}"
 
@@ -403,7 +410,7 @@ class Trainer:
             while not self.finished():
                 record, loads = self.train_step()
                 if self.logger is not None and self.step % t.log_interval == 0:
-                    self.logger.log(record, loads.cpu().numpy() if loads.numel() else None)
+                    self.logger.log(record, loads if loads.size else None)
                     print(f"step {self.step} | tokens {self.tokens} | loss {record['loss']:.4f} "
                           f"(lm {record['lm_loss']:.4f} mtp {record['mtp_loss']:.4f} aux {record['aux_loss']:.2e}) | "
                           f"lr {record['lr']:.3e} | grad norm {record['grad_norm']:.3f} | "

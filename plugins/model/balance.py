@@ -79,7 +79,7 @@ def batch_balance_loss(scores: torch.Tensor, indices: torch.Tensor, alpha: float
     num_experts, k = scores.shape[-1], indices.shape[-1]
     flat = indices.reshape(-1)
     with torch.no_grad():
-        counts = torch.cat([torch.bincount(flat, minlength=num_experts),
+        counts = torch.cat([expert_load(flat, num_experts),
                             torch.tensor([flat.numel() // k], device=flat.device)])
         if reduce_counts is not None:
             reduce_counts(counts)
@@ -101,8 +101,10 @@ def balance_loss(mode: str, scores: torch.Tensor, indices: torch.Tensor, alpha: 
 
 
 def expert_load(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Tokens routed to each expert (int64 [E]): what the bias update and MaxVio read."""
-    return torch.bincount(indices.flatten(), minlength=num_experts)
+    """Tokens routed to each expert (int64 [E]): what the bias update and MaxVio read. A sum into E
+    slots, not ``bincount``, whose output size depends on the data (a graph break under ``torch.compile``)."""
+    flat = indices.flatten()
+    return torch.zeros(num_experts, dtype=torch.int64, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
 
 
 @torch.no_grad()

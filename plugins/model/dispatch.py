@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .balance import expert_load
 from .router import Routing
 
 
@@ -40,7 +41,7 @@ def permutation(indices: torch.Tensor, num_experts: int) -> Permutation:
     """The expert-sorted order of the (token, slot) pairs of a routing decision [N, k]."""
     flat = indices.flatten()
     slot_order = flat.argsort(stable=True)
-    return Permutation(slot_order // indices.shape[1], slot_order, torch.bincount(flat, minlength=num_experts))
+    return Permutation(slot_order // indices.shape[1], slot_order, expert_load(flat, num_experts))
 
 
 def permute(x: torch.Tensor, perm: Permutation) -> torch.Tensor:

@@ -14,8 +14,10 @@ import torch.nn.functional as F
 
 def _grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     """grouped_mm needs 16-byte aligned rows; it runs on CPU in float32/bf16/fp16 and on CUDA on
-    Hopper-class GPUs in bf16."""
+    Hopper-class GPUs in bf16; under ``torch.compile`` only in bf16 (its meta kernel's one dtype)."""
     if (x.shape[-1] * x.element_size()) % 16 or (w.shape[-1] * w.element_size()) % 16:
+        return False
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
         return False
     if x.device.type == "cpu":
         return x.dtype in (torch.float32, torch.bfloat16, torch.float16)
@@ -25,11 +27,15 @@ def _grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def _padded(x: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Expert-sorted rows [M, D] as [E, max count, D] (zero rows appended), and each row's (expert, slot)."""
-    num_experts, capacity = len(counts), int(counts.max()) if counts.numel() else 0
-    starts = torch.cumsum(counts, 0) - counts
-    expert_of_row = torch.repeat_interleave(torch.arange(num_experts, device=x.device), counts)
-    slot = torch.arange(x.shape[0], device=x.device) - starts[expert_of_row]
+    """Expert-sorted rows [M, D] as [E, capacity, D] (zero rows appended), and each row's (expert, slot).
+    The capacity is the largest count (a host read), under ``torch.compile`` M (no size that depends
+    on the data: the compiled graph has no break, at E times the padded buffer)."""
+    num_experts = len(counts)
+    capacity = x.shape[0] if torch.compiler.is_compiling() else int(counts.max()) if counts.numel() else 0
+    ends = torch.cumsum(counts, 0)
+    rows = torch.arange(x.shape[0], device=x.device)
+    expert_of_row = torch.searchsorted(ends, rows, right=True)
+    slot = rows - (ends - counts)[expert_of_row]
     padded = x.new_zeros(num_experts, capacity, x.shape[-1])
     padded[expert_of_row, slot] = x
     return padded, expert_of_row, slot
@@ -52,8 +58,14 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
 def grouped_wgrad(dy: torch.Tensor, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Per expert e, dy_e^T x_e over its rows: [E, N, K], the weight gradient of an expert bank
     [E, N, K] (the values ``grouped_mm``'s autograd computes, in the bank's own layout)."""
-    if _grouped_mm_supported(dy, x) and (dy.shape[0] * dy.element_size()) % 16 == 0:
-        return F.grouped_mm(dy.T, x, offs=torch.cumsum(counts, 0).to(torch.int32))
+    if _grouped_mm_supported(dy, x):
+        # dy^T needs 16-byte aligned rows: zero rows appended to the last expert add nothing to its sum
+        pad = -dy.shape[0] % (16 // dy.element_size())
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        if pad:
+            dy, x = F.pad(dy, (0, 0, 0, pad)), F.pad(x, (0, 0, 0, pad))
+            offs = torch.cat([offs[:-1], offs[-1:] + pad])
+        return F.grouped_mm(dy.T, x, offs=offs)
     return torch.bmm(_padded(dy, counts)[0].transpose(1, 2), _padded(x, counts)[0])
 
 

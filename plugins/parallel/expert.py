@@ -23,6 +23,14 @@ from ..model.moe import DeepSeekMoE
 from ..model.recompute_state import recomputing
 from ..model.router import Routing
 from ..progress import waiting
+from .streams import communication
+
+# The graph breaks an expert-parallel DeepSeekMoE block keeps under torch.compile, and why.
+COMPILE_BREAKS = {
+    "dispatch": "all_to_all_single takes its split sizes as Python ints, read to the host from the exchanged "
+                "per-expert counts; the variable-size rows it returns size the rest of the block",
+    "combine": "the reverse all-to-all, with the same host-read split sizes, back to the tokens' ranks",
+}
 
 
 class _AllToAll(torch.autograd.Function):
@@ -35,8 +43,9 @@ class _AllToAll(torch.autograd.Function):
                 backward_group) -> torch.Tensor:
         ctx.splits, ctx.groups = (send_splits, recv_splits), (group, backward_group)
         out = rows.new_empty(sum(recv_splits), *rows.shape[1:])
-        with waiting("expert all-to-all"):
-            dist.all_to_all_single(out, rows.contiguous(), recv_splits, send_splits, group=group)
+        rows = rows.contiguous()
+        with waiting("expert all-to-all"), communication(rows, out):
+            dist.all_to_all_single(out, rows, recv_splits, send_splits, group=group)
         return out
 
     @staticmethod
@@ -106,15 +115,16 @@ class ExpertExchange:
         """From this rank's rows per global expert [E]: rows sent to / received from each rank and the
         order that turns received rows local-expert-major (exchanges the counts first)."""
         by_rank = counts.view(self.size, self.local_experts)
-        received_counts = torch.empty_like(by_rank)
-        with waiting("expert all-to-all"):
-            dist.all_to_all_single(received_counts, by_rank.contiguous(), group=self.group)
+        received_counts, by_rank = torch.empty_like(by_rank), by_rank.contiguous()
+        with waiting("expert all-to-all"), communication(by_rank, received_counts):
+            dist.all_to_all_single(received_counts, by_rank, group=self.group)
         flat = received_counts.flatten()  # source-major blocks of local experts
         expert = torch.arange(self.local_experts, device=counts.device).repeat(self.size)
         source = torch.arange(self.size, device=counts.device).repeat_interleave(self.local_experts)
         key = torch.repeat_interleave(expert * self.size + source, flat)
-        return ExchangePlan(by_rank.sum(1).tolist(), received_counts.sum(1).tolist(), key.argsort(stable=True),
-                            received_counts.sum(0))
+        # the split sizes to the host, both in one read: all_to_all_single takes them as Python ints
+        send_splits, recv_splits = torch.stack([by_rank.sum(1), received_counts.sum(1)]).tolist()
+        return ExchangePlan(send_splits, recv_splits, key.argsort(stable=True), received_counts.sum(0))
 
     def dispatch(self, rows: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, ExchangePlan]:
         """``rows`` [M, D] sorted by global expert with ``counts`` [E] -> this rank's experts' rows
@@ -125,9 +135,9 @@ class ExpertExchange:
     def send_quantized(self, tiles: torch.Tensor, plan: ExchangePlan) -> torch.Tensor:
         """``send_rows`` without autograd for E4M3 data (sent as bytes) or their scales."""
         payload = tiles.view(torch.uint8) if tiles.element_size() == 1 else tiles
-        out = payload.new_empty(sum(plan.recv_splits), *payload.shape[1:])
-        with waiting("expert all-to-all"):
-            dist.all_to_all_single(out, payload.contiguous(), plan.recv_splits, plan.send_splits, group=self.group)
+        out, payload = payload.new_empty(sum(plan.recv_splits), *payload.shape[1:]), payload.contiguous()
+        with waiting("expert all-to-all"), communication(payload, out):
+            dist.all_to_all_single(out, payload, plan.recv_splits, plan.send_splits, group=self.group)
         return out[plan.order].view(tiles.dtype)
 
     def return_gradient(self, grad: torch.Tensor, plan: ExchangePlan) -> torch.Tensor:
@@ -135,7 +145,7 @@ class ExpertExchange:
         their expert-sorted order (the backward exchange's group)."""
         source_major = grad[plan.order.argsort()].contiguous()
         out = grad.new_empty(sum(plan.send_splits), *grad.shape[1:])
-        with waiting("expert all-to-all"):
+        with waiting("expert all-to-all"), communication(source_major, out):
             dist.all_to_all_single(out, source_major, plan.send_splits, plan.recv_splits, group=self.backward_group)
         return out
 
@@ -161,11 +171,15 @@ def distinct_destinations(indices: torch.Tensor, destinations: torch.Tensor) -> 
 
 class AllToAllDispatcher(TokenDispatcher):
     """Local permutation by global expert, then the exchange to the experts' ranks; ``combine``
-    reverses both. One exchange (and its destination statistics) serves every MoE block."""
+    reverses both. One exchange (and its destination statistics) serves every MoE block.
+
+    Under ``torch.compile`` both calls run eagerly: the two graph breaks of an expert-parallel MoE
+    block (``COMPILE_BREAKS``)."""
 
     def __init__(self, exchange: ExpertExchange, num_experts: int):
         self.exchange, self.num_experts = exchange, num_experts
 
+    @torch.compiler.disable
     def dispatch(self, tokens: torch.Tensor, routing: Routing, weighted: bool = False) -> Dispatched:
         perm = permutation(routing.indices, self.num_experts)
         if not recomputing():  # a checkpointed block's forward again (train.recompute: full) is not new traffic
@@ -188,6 +202,7 @@ class AllToAllDispatcher(TokenDispatcher):
 
         return Dispatched(tokens, plan.local_counts, state, weights, quantized, to_tokens)
 
+    @torch.compiler.disable
     def combine(self, expert_output: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
         perm, plan, weights, num_tokens = dispatched.state
         return unpermute(self.exchange.combine(expert_output, plan), weights, perm, num_tokens)

@@ -12,8 +12,9 @@ split into an input-gradient part (sent on at once) and a weight-gradient part t
 ``W`` op runs, with ``torch.distributed.pipelining``'s graph splitting.
 
 An ``FB`` op runs the forward of one micro-batch and the backward of another as one unit through
-``overlap`` (report 3.2.1, Figure 4): by default the backward runs on a second thread, and with
-expert parallelism each direction's all-to-all uses its own process group
+``overlap`` (report 3.2.1, Figure 4; ``plugins.parallel.streams``): on CUDA each chunk's work on a
+stream of its own, ordered by events; elsewhere the backward on a second thread. With expert
+parallelism each direction's all-to-all uses its own process group
 (``ExpertExchange(..., backward_group=...)``), so one chunk's dispatch/combine is in flight while
 the other chunk computes.
 """
@@ -32,8 +33,8 @@ from torch.distributed.pipelining._backward import stage_backward_input, stage_b
 from ..progress import waiting
 from .dualpipe import Layout, Op, build_schedule
 from .pipeline_stages import PipelineShard, StageResult
+from .streams import StreamOverlap, ThreadOverlap, overlap_for
 
-_SIDE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline-backward")
 _WAITERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pipeline-send-wait")
 
 
@@ -53,16 +54,6 @@ class _Send:
             self.work.wait()
         else:
             self.waited.result()
-
-
-def overlap_threads(forward: Callable[[], None], backward: Callable[[], None]) -> None:
-    """The default F&B unit: backward on a second thread while the forward runs here; the two
-    chunks' communication (expert all-to-all on separate groups) overlaps the other's compute."""
-    pending = _SIDE.submit(backward)
-    try:
-        forward()
-    finally:
-        pending.result()
 
 
 @dataclass
@@ -87,16 +78,17 @@ class StepTotals:
 
 class PipelineRuntime:
     """``peers[p]``: global rank of pipeline rank p (this data-parallel replica); ``channels``:
-    ("act" | "grad", chunk) -> process group."""
+    ("act" | "grad", chunk) -> process group; ``overlap``: how ops are issued (default: streams on
+    CUDA, a second thread for an FB's backward elsewhere)."""
 
     def __init__(self, layout: Layout, rank: int, shard: PipelineShard, peers: list[int],
                  channels: dict[tuple[str, int], dist.ProcessGroup | None],
-                 overlap: Callable[[Callable[[], None], Callable[[], None]], None] = overlap_threads,
-                 release_sends: bool = True):
+                 overlap: ThreadOverlap | StreamOverlap | None = None, release_sends: bool = True):
         self.layout, self.rank, self.shard, self.peers, self.channels = layout, rank, shard, peers, channels
-        self.overlap, self.release_sends = overlap, release_sends
         self.ops = build_schedule(layout, rank)
         self.weights = list(shard.model.parameters())
+        self.overlap = overlap if overlap is not None else overlap_for(self.weights[0].device)
+        self.release_sends = release_sends
 
     def step(self, batches: list[dict[str, torch.Tensor]], mtp_weight: float) -> StepTotals:
         """Forward and backward of all micro-batches of one optimizer step; gradients accumulate in
@@ -108,7 +100,7 @@ class PipelineRuntime:
         self.totals = StepTotals(torch.zeros(3, dtype=torch.float64, device=device))
         self.saved: dict[tuple[int, int], _Saved] = {}
         self.local: dict[tuple[str, int, int], torch.Tensor] = {}  # hand-offs between chunks of this rank
-        self.deferred: deque[Callable[[], None]] = deque()
+        self.deferred: deque[tuple[int, Callable[[], None]]] = deque()  # (chunk, weight gradient)
         for op in self.ops:
             self._run(op)
             if self.release_sends:  # drop the tensors of completed sends (their memory returns now)
@@ -121,16 +113,17 @@ class PipelineRuntime:
 
     def _run(self, op: Op) -> None:
         if op.kind == "W":
-            self.deferred.popleft()()
+            self.overlap.run(*self.deferred.popleft())
             return
         f_in = self._receive_forward(*op.forward) if op.forward else None
         b_in = self._receive_backward(*op.backward) if op.backward else None
         if op.kind == "FB":
-            self.overlap(lambda: self._forward(*op.forward, f_in), lambda: self._backward(*op.backward, b_in, False))
+            self.overlap.pair((op.forward[0], lambda: self._forward(*op.forward, f_in)),
+                              (op.backward[0], lambda: self._backward(*op.backward, b_in, False)))
         elif op.kind == "F":
-            self._forward(*op.forward, f_in)
+            self.overlap.run(op.forward[0], lambda: self._forward(*op.forward, f_in))
         else:
-            self._backward(*op.backward, b_in, op.kind == "I")
+            self.overlap.run(op.backward[0], lambda: self._backward(*op.backward, b_in, op.kind == "I"))
         if op.forward:
             self._send_forward(*op.forward)
         if op.backward:
@@ -196,10 +189,10 @@ class PipelineRuntime:
             torch.autograd.backward(outputs, grads)
             saved.input_grad = saved.inputs.grad
             if split:
-                self.deferred.append(lambda: None)
+                self.deferred.append((chunk, lambda: None))
             return
         (saved.input_grad,), groups = stage_backward_input(outputs, grads, [saved.inputs], iter(self.weights))
-        self.deferred.append(lambda: stage_backward_weight(iter(self.weights), groups))
+        self.deferred.append((chunk, lambda: stage_backward_weight(iter(self.weights), groups)))
 
     def _send_backward(self, chunk: int, micro: int) -> None:
         stage = self.layout.stage(self.rank, chunk)
