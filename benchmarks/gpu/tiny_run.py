@@ -46,8 +46,7 @@ def pretrain(run_dir: Path, steps: int, *extra: str) -> tuple[subprocess.Complet
 
 
 def summary(run_dir: Path, seconds: float) -> dict:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-               if '"step"' in line and '"loss"' in line]
+    records = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     return {"steps": [records[0]["step"], records[-1]["step"]], "loss_first": records[0]["loss"],
             "loss_last": records[-1]["loss"], "tokens_per_s_median": statistics.median(r["tokens_per_s"] for r in records),
             "peak_memory_mb": records[-1]["peak_memory_mb"], "wall_s": seconds}
