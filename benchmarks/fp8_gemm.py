@@ -22,7 +22,6 @@ import platform
 import statistics
 
 import torch
-import torch.nn.functional as F
 from common import time_interleaved, write_result  # benchmarks/ is the script directory, first on sys.path
 
 from plugins.precision import fp8_torch
@@ -53,8 +52,7 @@ def shape_row(name: str, m: int, k: int, n: int, device: torch.device, kernel, w
     def fp8(xq=None):
         xq = quantize(x, 1) if xq is None else xq
         mat_a, scale_a = fp8_torch.a_operand(xq.data, xq.scale)
-        return kernel(mat_a, mat_b, scale_a, F.ScalingType.BlockWise1x128, scale_b,
-                      F.ScalingType.BlockWise128x128, torch.bfloat16)
+        return kernel(mat_a, mat_b, scale_a, fp8_torch.BLOCK_1x128, scale_b, fp8_torch.BLOCK_128x128, torch.bfloat16)
 
     xq = quantize(x, 1)
     steps = {"bf16": _synced(lambda: x @ w.T, device), "fp8": _synced(lambda: fp8(xq), device),

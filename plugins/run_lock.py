@@ -149,7 +149,7 @@ class DirectoryLock:
     def _heartbeat(self) -> None:
         while not self.stop.wait(HEARTBEAT_S):
             try:
-                os.utime(self.path, follow_symlinks=False)
+                os.utime(self.handle.fileno())
             except OSError:
                 pass
 

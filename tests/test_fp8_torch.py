@@ -288,7 +288,6 @@ def test_auto_prefers_te_then_torch_then_the_emulation(monkeypatch, te, native, 
             assert policy.resolve_backend("auto") == expected
     else:
         assert policy.resolve_backend("auto") == expected
-    assert policy.resolve_backend("torch" if native is None else "emulated") in ("torch", "emulated")
 
 
 def test_the_planner_holds_the_emulations_fp8_bytes_under_torch():

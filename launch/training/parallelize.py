@@ -28,7 +28,7 @@ from plugins.parallel.expert import ExpertExchange, apply_expert_parallel
 from plugins.parallel.pipeline_stages import PipelineShard
 from plugins.parallel.replicas import stages_of
 from plugins.precision.policy import convert_to_fp8, dispatch_in_fp8, fp8_targets, keep_fp8_activations
-from plugins.precision.recipe import WEIGHT_DTYPES
+from plugins.precision.recipe import WEIGHT_DTYPES, resolve_precision
 
 
 @dataclass
@@ -85,7 +85,8 @@ def parallelize(run: RunConfig, groups: ParallelGroups, device: torch.device, in
     if groups.dp > 1:
         install_count_reduction(model, groups.dp_group)
     expert_offset = exchange.local_slice.start if exchange else 0
-    dtype = WEIGHT_DTYPES[run.train.precision]  # BF16 under bf16 (the engine's weights); FP32 masters are ZeRO's
+    # BF16 under bf16 (the engine's weights; FP32 masters are ZeRO's)
+    dtype = WEIGHT_DTYPES[resolve_precision(run.train.precision, device.type == "cuda")]
     materialize(model, device, run.model.initializer_range, run.train.seed, expert_offset, dtype)
     if init_from:
         read_weights(init_from, model, expert_offset)

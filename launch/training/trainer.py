@@ -502,13 +502,13 @@ class Trainer:
         if self.spikes is not None and "spikes" in state:
             self.spikes.load_state_dict(state["spikes"])
         saved = dict(state["layout"])
-        saved_precision = saved.pop("precision", "fp32")  # checkpoints written before train.precision: fp32 runs
+        saved_precision = saved.pop("precision", None)  # None: written before train.precision (unknown)
         now = {key: value for key, value in self.checkpointer.layout.items() if key != "precision"}
         layout = "" if saved == now else \
             f", saved at pp {saved['pp']} ep {saved['ep']} dp {saved['dp']}, resharded on load"
         self._say(f"resumed {self.options.run_dir} from {tag} (step {self.step}, {self.tokens} tokens{layout})"
                   f"{self._added(phase)}")
-        if saved_precision != self.run.train.precision:
+        if saved_precision not in (None, self.run.train.precision):
             self._say(f"note: {tag} was trained under train.precision {saved_precision}; it continues under "
                       f"{self.run.train.precision}: the FP32 master weights and AdamW moments carry over as they are, "
                       f"the weights the GEMMs read are their {self.run.train.precision} copies")

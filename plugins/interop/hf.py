@@ -130,7 +130,8 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype, fp8: bool = False) -> 
         torch_dtype=str(dtype).removeprefix("torch."),
     )
     if config.rope_scaling is not None:
-        out["rope_scaling"] = {"type": "yarn", **{k: v for k, v in vars(config.rope_scaling).items() if v is not None}}
+        out["rope_scaling"] = {"type": "yarn", **{k: v for k, v in vars(config.rope_scaling).items()
+                                                  if v is not None and (k, v) != ("truncate", True)}}  # the default
     if fp8:
         out["quantization_config"] = dict(QUANTIZATION_CONFIG)
     return out
