@@ -149,8 +149,8 @@ class DirectoryLock:
     def _heartbeat(self) -> None:
         while not self.stop.wait(HEARTBEAT_S):
             try:
-                os.utime(self.handle.fileno())
-            except OSError:
+                os.utime(self.handle.fileno())  # the locked file itself, whatever is at the path now
+            except (OSError, ValueError, AttributeError):  # released meanwhile: closed, or gone
                 pass
 
     def _close(self) -> None:
