@@ -17,6 +17,9 @@ from .walk import walk
 # Resident memory of one CPU training process beyond what the planner counts (Python, torch, DeepSpeed,
 # gloo, allocator slack), calibrated once: benchmarks/plan_vs_measured.py, the tiny recipe on one rank.
 CPU_RUNTIME_OVERHEAD = 471 * 2**20
+# What a BF16 run adds to it on a CPU (oneDNN's BF16 GEMM primitives and their scratchpads, bounded by
+# plugins.precision.recipe.bound_cpu_gemm_cache), calibrated the same way under train.precision bf16.
+CPU_BF16_RUNTIME_EXTRA = 224 * 2**20
 GB = 1e9
 
 
@@ -27,9 +30,9 @@ def estimate(run: RunConfig, dp: int, device: str, device_memory_gb: float) -> d
     final = batch_size(t.batch, t.batch.ramp_tokens, grid)
     layout = Layout3D(p.pp, p.ep, dp, t.micro_batch_size, run.data.seq_len, p.pipeline_schedule,
                       final // (t.micro_batch_size * dp), t.recompute, device)
+    precision = resolve_precision(t.precision, device == "gpu")
     ranks = plan_ranks(run.model, layout, Precision.of(device, t.optimizer_moments_dtype, p.fp8, p.fp8_modules,
-                                                            t.precision),
-                       t.memory)
+                                                            precision), t.memory)
     flops = flops_per_token(run.model, run.data.seq_len)
     largest = max(ranks, key=lambda r: r["total_bytes"])
     return {
@@ -38,11 +41,12 @@ def estimate(run: RunConfig, dp: int, device: str, device_memory_gb: float) -> d
                    "seq_len": run.data.seq_len, "pipeline_schedule": p.pipeline_schedule if p.pp > 1 else None,
                    "micro_batches_per_step": layout.micro_batches, "recompute": t.recompute, "fp8": p.fp8,
                    "optimizer_moments_dtype": t.optimizer_moments_dtype,
-                   "precision": resolve_precision(t.precision, device == "gpu")},
+                   "precision": precision},
         "ranks": ranks,
         "largest_rank": largest["pipeline_rank"],
         "largest_rank_total_bytes": largest["total_bytes"],
-        "runtime_overhead_bytes": CPU_RUNTIME_OVERHEAD if device == "cpu" else 0,
+        "runtime_overhead_bytes": (CPU_RUNTIME_OVERHEAD + (CPU_BF16_RUNTIME_EXTRA if precision == "bf16" else 0)
+                                   if device == "cpu" else 0),
         "ema_host_bytes_per_rank": largest["ema_host_bytes"],
         # train.async_save: the host copy a checkpoint is written from (of the EMA too, when kept)
         "save_staging_host_bytes_per_rank": (largest["save_staging_host_bytes"] +

@@ -313,7 +313,8 @@ def plan_ranks(config: ModelConfig, layout: Layout3D, p: Precision, m: MemoryCon
         # the dispatch's send buffer: every token's k rows, E4M3 tiles under FP8 dispatch
         row = fp8_bytes(config.hidden_size) if p.fp8_experts and m.fp8_dispatch else config.hidden_size * p.act
         communication = sends * hidden_message + (config.num_experts_per_tok * tokens * row if layout.ep > 1 else 0)
-        if layout.dp > 1 or layout.device == "gpu":  # ZeRO's flat reduce bucket (a CPU engine skips it at dp 1)
+        # ZeRO's flat reduce bucket (FP32); a CPU engine skips it at dp 1 unless its FP32 accumulators feed it (bf16)
+        if layout.dp > 1 or layout.device == "gpu" or p.act < 4:
             communication += min(REDUCE_BUCKET, params) * 4  # FP32: the reduction is FP32 under either precision
         if sched:  # one bucket of the replicas' (FP32) gradient sum
             communication += min(REPLICA_BUCKET, params * 4)
