@@ -72,7 +72,8 @@ def read_config(args: argparse.Namespace) -> RunConfig:
         raise ConfigError(f"--dp {args.dp}: expected a positive number of data-parallel ranks")
     if not math.isfinite(args.device_memory_gb) or args.device_memory_gb <= 0:
         raise ConfigError(f"--device-memory-gb {args.device_memory_gb}: expected a positive size in GB")
-    check_world(run.parallel.pp, run.parallel.ep, run.parallel.pp * args.dp)
+    if not args.search:  # a search lays out --gpus itself
+        check_world(run.parallel.pp, run.parallel.ep, run.parallel.pp * args.dp)
     return run
 
 
@@ -86,6 +87,8 @@ def check_flags(args: argparse.Namespace) -> None:
         raise ConfigError("--gpus: only with --search (a single layout is --pp and --dp)")
     if args.search and args.walk:
         raise ConfigError("--search: not with --walk")
+    if args.search and args.dp != 1:
+        raise ConfigError(f"--dp {args.dp}: not with --search (the world is --gpus; dp = gpus / pp)")
     if args.top < 1:
         raise ConfigError(f"--top {args.top}: expected a positive number of layouts")
 
@@ -98,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         hardware = load_hardware(args.hardware) if args.hardware is not None else None
         run = read_config(args)
         if args.search:
-            ranked = search(run, args.gpus, hardware, args.device, args.device_memory_gb, args.global_batch)
+            fixed = {"pp": args.pp, "ep": args.ep, "micro_batch": args.micro_batch,
+                     "schedule": args.pipeline_schedule, "recompute": args.recompute}
+            ranked = search(run, args.gpus, hardware, args.device, args.device_memory_gb, fixed,
+                            progress=lambda line: print(line, file=sys.stderr, flush=True))
             print(json.dumps(ranked[:args.top]) if args.json else search_table(ranked, args.top, args.gpus, hardware))
             return 0 if ranked else 1
         if args.walk:

@@ -239,6 +239,7 @@ def calibrate(config: ModelConfig, seq_len: int, ranks: int, device: torch.devic
     gpu = device.type == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float32
     name = "bf16" if gpu else "fp32"
+    load_at_start = background_load(os.cpu_count() or 1) if not gpu else 0.0
     fixed = op_seconds(device)
     progress(f"op fixed cost: {fixed * 1e6:.1f} us")
     dense = gemm_curve(config, device, dtype, fixed, progress)
@@ -272,7 +273,8 @@ def calibrate(config: ModelConfig, seq_len: int, ranks: int, device: torch.devic
         progress(f"host copies: {profile['host']['bandwidth'] / 1e9:.3g} GB/s")
     else:
         profile["cores"] = os.cpu_count() or 1
-        profile["background_load"] = round(background_load(profile["cores"]), 2)
+        # the mean of a sample at the start and one at the end: the load of other work drifts
+        profile["background_load"] = round((load_at_start + background_load(profile["cores"])) / 2, 2)
         progress(f"background load: {profile['background_load']} runnable threads on {profile['cores']} cores")
         if threads != 1:
             progress(f"note: {threads} torch threads a rank; the model takes one a rank (run with OMP_NUM_THREADS=1)")

@@ -1,8 +1,11 @@
 """The fastest layouts of N devices that fit (``launch.plan --search``): every pp x dp = N with ep
 dividing dp (and the routed experts), each pipeline schedule, recompute mode, micro-batch size and
-the FFN offload on or off, planned by the memory planner (``estimate``), those that fit timed by the
-step-time model (``step_time``) and ranked by step seconds. A layout the config validation or a
-schedule refuses (too few blocks for the stages, a batch the schedule cannot split) is skipped.
+the FFN offload on or off — an axis given on the command line (``--pp``, ``--ep``, ``--micro-batch``,
+``--pipeline-schedule``, ``--recompute``) is held at that value — planned by the memory planner
+(``estimate``), those that fit timed by the step-time model (``step_time``) and ranked by step
+seconds. A layout the config validation or a schedule refuses (too few blocks for the stages, a
+batch the schedule cannot split) is skipped, and so is one whose weights and gradients alone
+(a lower bound from the parameter counts) exceed the device, before the planner builds it.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import dataclasses
 
 from launch.config.run_config import RECOMPUTE_MODES, RunConfig, check_recompute, check_world
 from plugins.errors import ProjectError
+from plugins.model.param_count import count_parameters
 from plugins.parallel.dualpipe import SCHEDULES
 
 from .estimate import GB, estimate
@@ -24,17 +28,31 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def candidates(run: RunConfig, gpus: int, device: str):
-    """(run with the layout's keys set, dp) for every layout of ``gpus`` devices to try."""
+def weights_lower_bound(run: RunConfig, pp: int, ep: int, schedule: str, device: str) -> float:
+    """Bytes of weights and gradients a rank holds at least: its share of the non-expert and of the
+    routed-expert parameters (two stages a rank under DualPipe), two bytes each on a GPU, four on a CPU."""
     c = run.model
-    for pp in divisors(gpus):
-        if pp > c.num_hidden_layers:
-            continue
+    experts = (c.num_moe_layers + c.num_nextn_predict_layers) * c.n_routed_experts * 3 * c.hidden_size * \
+        c.moe_intermediate_size
+    total = count_parameters(c)["total"] + count_parameters(c)["mtp"]
+    stages = 2 if pp > 1 and schedule == "dualpipe" else 1
+    return stages * ((total - experts) / pp + experts / (pp * ep)) * 2 * (2 if device == "gpu" else 4)
+
+
+def candidates(run: RunConfig, gpus: int, device: str, fixed: dict):
+    """(run with the layout's keys set, dp) for every layout of ``gpus`` devices to try; ``fixed``:
+    the axes held (``pp``, ``ep``, ``micro_batch``, ``schedule``, ``recompute``; None: enumerated)."""
+    c = run.model
+
+    def axis(name, values):
+        return (fixed[name],) if fixed.get(name) is not None else values
+
+    for pp in axis("pp", [p for p in divisors(gpus) if p <= c.num_hidden_layers]):
         dp = gpus // pp
-        for ep in (e for e in divisors(dp) if c.n_routed_experts % e == 0):
-            for schedule in (SCHEDULES if pp > 1 else (run.parallel.pipeline_schedule,)):
-                for recompute in RECOMPUTE_MODES:
-                    for micro in MICRO_BATCHES:
+        for ep in axis("ep", [e for e in divisors(dp) if c.n_routed_experts % e == 0]):
+            for schedule in (axis("schedule", SCHEDULES) if pp > 1 else (run.parallel.pipeline_schedule,)):
+                for recompute in axis("recompute", RECOMPUTE_MODES):
+                    for micro in axis("micro_batch", MICRO_BATCHES):
                         for offload in ((False, True) if device == "gpu" else (False,)):
                             memory = dataclasses.replace(run.train.memory, offload_ffn=offload)
                             train = dataclasses.replace(run.train, micro_batch_size=micro, recompute=recompute,
@@ -44,10 +62,17 @@ def candidates(run: RunConfig, gpus: int, device: str):
 
 
 def search(run: RunConfig, gpus: int, hw: Hardware, device: str, device_memory_gb: float,
-           global_batch: int | None = None) -> list[dict]:
+           fixed: dict | None = None, progress=None) -> list[dict]:
     """Every candidate that fits, fastest first: its layout, largest-rank memory and timing."""
     found = []
-    for candidate, dp in candidates(run, gpus, device):
+    tried = 0
+    for candidate, dp in candidates(run, gpus, device, fixed or {}):
+        p = candidate.parallel
+        if weights_lower_bound(candidate, p.pp, p.ep, p.pipeline_schedule, device) > device_memory_gb * GB:
+            continue
+        tried += 1
+        if progress is not None and tried % 10 == 0:
+            progress(f"{tried} layouts planned, {len(found)} fit")
         try:
             check_world(candidate.parallel.pp, candidate.parallel.ep, gpus)
             check_recompute(candidate)
@@ -59,8 +84,6 @@ def search(run: RunConfig, gpus: int, hw: Hardware, device: str, device_memory_g
         timing = step_time(candidate, plan, hw)
         found.append({"layout": {**plan["layout"], "offload_ffn": candidate.train.memory.offload_ffn},
                       "largest_rank_total_bytes": plan["largest_rank_total_bytes"], "fits": True, **timing})
-    if global_batch is not None:
-        found = [f for f in found if f["tokens_per_step"] == global_batch * run.data.seq_len]
     return sorted(found, key=lambda f: f["step_seconds"])
 
 
