@@ -4,7 +4,13 @@ each case, calibrate (``python -m launch.calibrate``), predict the step (``launc
 ``step_seconds`` of steps 10-40 — back to back, so the calibration sees the load the run sees. The
 cases: the tiny recipe at 1 rank, DualPipe pp 2, EP 2, pp 2 x ep 2 (global batch 8 sequences of
 128 tokens; the micro-batch each schedule needs). Every rank runs one thread (``OMP_NUM_THREADS=1``),
-as the model assumes; the load average before and after each case is recorded.
+as the model assumes.
+
+The machine is shared: other work's load is the one figure that moves between the calibration and
+the run. So each case is predicted twice: with the calibration's own background load (what
+``launch.plan --hardware FILE`` says), and with the background load during the run (the kernel's
+1-minute load average sampled every 2 s while it runs, less the run's own ranks), every other
+figure the calibration's. Neither reads the run's timings.
 
     python benchmarks/time_vs_measured.py [--cases NAME ...] [--steps 41] [--out FILE]
 """
@@ -21,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
 from common import write_result  # benchmarks/ is the script directory, first on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +40,30 @@ CASES = {  # name: (pp, ep, ranks, micro-batch)
     "EP 2": (1, 2, 2, 4),
     "pp 2 x ep 2": (2, 2, 4, 1),
 }
+
+
+def launch_sampling_load(command: list[str], env: dict, timeout: float = 3600) -> list[float]:
+    """Run ``command``; the 1-minute load average every 2 s while it runs."""
+    samples = []
+    with tempfile.TemporaryFile("w+") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
+        started = time.monotonic()
+        while process.poll() is None:
+            samples.append(os.getloadavg()[0])
+            if time.monotonic() - started > timeout:
+                process.kill()
+                raise SystemExit(f"{' '.join(command)}: timed out")
+            time.sleep(2)
+        if process.returncode:
+            out.seek(0)
+            raise SystemExit(f"{' '.join(command)} failed:\n{out.read()[-4000:]}")
+    return samples
+
+
+def predict(hw: Path, layout: list[str], ranks: int, pp: int, env: dict) -> dict:
+    return json.loads(run([sys.executable, "-m", "launch.plan", "configs/tiny.yaml", "--device", "cpu", "--dp",
+                           str(ranks // pp), "--hardware", str(hw), "--global-batch", str(BATCH), "--json", *layout,
+                           *COMMON], env))
 
 
 def run(command: list[str], env: dict, timeout: float = 3600) -> str:
@@ -50,25 +81,24 @@ def case(name: str, pp: int, ep: int, ranks: int, micro: int, steps: int, work: 
          "--device", "cpu"], env)
     calibrate_s = time.perf_counter() - started
     layout = ["--pp", str(pp), "--ep", str(ep), "--set", f"train.micro_batch_size={micro}"]
-    plan = json.loads(run([sys.executable, "-m", "launch.plan", "configs/tiny.yaml", "--device", "cpu", "--dp",
-                           str(ranks // pp), "--hardware", str(hw), "--global-batch", str(BATCH), "--json", *layout,
-                           *COMMON], env))
+    plan = predict(hw, layout, ranks, pp, env)
     run_dir = work / name.replace(" ", "_").replace(",", "")
-    run(["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), "launch/pretrain.py", "--config",
-         "configs/tiny.yaml", "--run-dir", str(run_dir), "--steps", str(steps), *layout, *COMMON], env)
+    samples = launch_sampling_load(["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port),
+                                    "launch/pretrain.py", "--config", "configs/tiny.yaml", "--run-dir", str(run_dir),
+                                    "--steps", str(steps), *layout, *COMMON], env)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     measured = statistics.median(r["step_seconds"] for r in records if "step_seconds" in r and 10 <= r["step"] <= 40)
-    predicted = plan["step_seconds"]
-    return {"case": name, "pp": pp, "ep": ep, "ranks": ranks, "micro_batch": micro, "predicted_s": predicted,
-            "measured_median_s": measured, "error": predicted / measured - 1, "breakdown": plan["breakdown"],
-            "background_load": plan_hw_load(hw), "load_average_before": load_before,
-            "load_average_after": os.getloadavg()[0], "calibrate_s": calibrate_s}
-
-
-def plan_hw_load(path: Path) -> float:
-    import yaml
-
-    return float(yaml.safe_load(path.read_text()).get("background_load", 0.0))
+    profile = yaml.safe_load(hw.read_text())
+    during = max(0.0, statistics.mean(samples) - ranks)
+    at_run = work / f"hw_{ranks}_during.yaml"
+    at_run.write_text(yaml.safe_dump({**profile, "background_load": round(during, 2)}, sort_keys=False))
+    plan_during = predict(at_run, layout, ranks, pp, env)
+    return {"case": name, "pp": pp, "ep": ep, "ranks": ranks, "micro_batch": micro,
+            "predicted_s": plan["step_seconds"], "predicted_at_run_load_s": plan_during["step_seconds"],
+            "measured_median_s": measured, "error": plan["step_seconds"] / measured - 1,
+            "error_at_run_load": plan_during["step_seconds"] / measured - 1, "breakdown": plan["breakdown"],
+            "background_load_calibrated": profile.get("background_load", 0.0), "background_load_during_run": during,
+            "load_average_before": load_before, "calibrate_s": calibrate_s}
 
 
 def main() -> int:
@@ -83,14 +113,18 @@ def main() -> int:
         for i, name in enumerate(args.cases):
             rows.append(case(name, *CASES[name], args.steps, Path(tmp), 29700 + i, env))
             r = rows[-1]
-            print(f"{name}: predicted {r['predicted_s']:.3f} s, measured {r['measured_median_s']:.3f} s "
-                  f"({100 * r['error']:+.1f}%), background load {r['background_load']}", flush=True)
-    print("\n| case | ranks | micro-batch | predicted | measured (median, steps 10-40) | error | background load | "
-          "load average before / after |\n|---|---|---|---|---|---|---|---|")
+            print(f"{name}: measured {r['measured_median_s']:.3f} s; predicted {r['predicted_s']:.3f} s "
+                  f"({100 * r['error']:+.1f}%, background load {r['background_load_calibrated']:.1f}), "
+                  f"{r['predicted_at_run_load_s']:.3f} s at the run's load ({100 * r['error_at_run_load']:+.1f}%, "
+                  f"{r['background_load_during_run']:.1f})", flush=True)
+    print("\n| case | ranks | micro-batch | measured (median, steps 10-40) | predicted (calibration's load) | error | "
+          "predicted (load during the run) | error | background load: calibration / run |\n"
+          "|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['case']} | {r['ranks']} | {r['micro_batch']} | {r['predicted_s']:.3f} s | "
-              f"{r['measured_median_s']:.3f} s | {100 * r['error']:+.1f}% | {r['background_load']:.1f} | "
-              f"{r['load_average_before']:.1f} / {r['load_average_after']:.1f} |")
+        print(f"| {r['case']} | {r['ranks']} | {r['micro_batch']} | {r['measured_median_s']:.3f} s | "
+              f"{r['predicted_s']:.3f} s | {100 * r['error']:+.1f}% | {r['predicted_at_run_load_s']:.3f} s | "
+              f"{100 * r['error_at_run_load']:+.1f}% | {r['background_load_calibrated']:.1f} / "
+              f"{r['background_load_during_run']:.1f} |")
     write_result(args.out, {"cases": rows, "cpu_count": os.cpu_count()})
     return 0
 
