@@ -170,3 +170,18 @@ def test_a_bad_flag_is_one_line(capfd, argv, message):
     assert plan_main([str(TINY), *argv]) == 2
     err = capfd.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_calibrate_writes_a_profile_the_plan_reads(tmp_path, capsys):
+    """``launch.calibrate`` on this machine (2 gloo ranks, ~20 s), then the tiny recipe's plan on it."""
+    from launch.calibrate import main as calibrate_main
+
+    out = tmp_path / "hw.yaml"
+    assert calibrate_main(["--output", str(out), "--device", "cpu", "--ranks", "2"]) == 0
+    hw = load_hardware(str(out))
+    assert hw.peak("fp32") > 0 and hw.op_seconds > 0 and hw.intra_node.bandwidth > 0 and hw.cores >= 1
+    capsys.readouterr()
+    assert plan_main([str(TINY), "--device", "cpu", "--hardware", str(out), "--global-batch", "8", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["step_seconds"] > 0 and plan["hardware"] == hw.name
