@@ -2,8 +2,8 @@
 format of ``configs/hardware/*.yaml`` with every figure measured, so the step-time model predicts
 this machine's steps.
 
-- the fixed cost of one op (a tiny elementwise op under autograd, forward and backward: launch,
-  dispatch, Python);
+- the fixed cost of one op (launch, dispatch, Python): the model's own forward and backward at toy
+  widths over the ops it runs (``op_count``);
 - GEMM rates at the model's own shapes (the MLA and FFN widths of the config) over a range of rows,
   and the routed experts' grouped GEMM (``plugins.model.gemm.grouped_mm``, the model's own) by rows
   per expert for several expert counts per rank; the peak is the best rate seen, the curves the
@@ -32,9 +32,12 @@ import torch
 import torch.nn.functional as F
 
 from plugins.model.config import ModelConfig
+from plugins.model.deepseek_v3 import DeepSeekV3
 from plugins.model.gemm import grouped_mm
 from plugins.model.norm import RMSNorm
 from plugins.precision.fp8 import quantize
+
+from .op_count import count_ops, toy_config
 
 ROWS = (16, 64, 256, 1024, 4096)
 EXPERTS_PER_RANK = (1, 2, 4, 8)
@@ -69,18 +72,18 @@ def seconds(fn: Callable[[], object], device: torch.device, budget: float = 0.3,
     return statistics.median(times)
 
 
-def op_seconds(device: torch.device) -> float:
-    """Seconds of one tiny op under autograd: forward and backward of a chain, per op."""
-    n = 100
-    w = torch.ones(8, device=device, requires_grad=True)
-
-    def chain():
-        x = w
-        for _ in range(n):
-            x = x * 1.0001
-        x.sum().backward()
-
-    return seconds(chain, device) / (2 * n + 2)
+def op_seconds(config: ModelConfig, device: torch.device) -> float:
+    """Seconds of one op of this project's model, its fixed cost: the model at the config's structure
+    and toy widths (``op_count``), whose forward and backward do next to no arithmetic, over the ops
+    it runs."""
+    toy = toy_config(config)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)
+        model = DeepSeekV3(toy).to(device)
+        ids = torch.randint(0, toy.vocab_size, (1, 16), device=device)
+    ops = count_ops(config)
+    total = sum(n.forward + n.backward for n in (ops.dense, ops.moe, ops.head))
+    return seconds(lambda: model(ids, labels=ids).loss.backward(), device) / total
 
 
 def gemm_curve(config: ModelConfig, device: torch.device, dtype: torch.dtype, fixed: float,
@@ -240,7 +243,7 @@ def calibrate(config: ModelConfig, seq_len: int, ranks: int, device: torch.devic
     dtype = torch.bfloat16 if gpu else torch.float32
     name = "bf16" if gpu else "fp32"
     load_at_start = background_load(os.cpu_count() or 1) if not gpu else 0.0
-    fixed = op_seconds(device)
+    fixed = op_seconds(config, device)
     progress(f"op fixed cost: {fixed * 1e6:.1f} us")
     dense = gemm_curve(config, device, dtype, fixed, progress)
     grouped = grouped_curve(config, device, dtype, fixed, progress)

@@ -50,7 +50,7 @@ class _Counter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _toy(config: ModelConfig) -> ModelConfig:
+def toy_config(config: ModelConfig) -> ModelConfig:
     """The config's structure (one dense block if it has any, one MoE block, MTP, routing) at toy widths."""
     dense = min(config.first_k_dense_replace, 1)
     return dataclasses.replace(
@@ -68,7 +68,7 @@ def count_ops(config: ModelConfig) -> ModelOps:
 
 @functools.lru_cache(maxsize=16)
 def _count(key: str) -> ModelOps:
-    toy = _toy(ModelConfig.from_dict(json.loads(key)))
+    toy = toy_config(ModelConfig.from_dict(json.loads(key)))
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = DeepSeekV3(toy)
