@@ -12,6 +12,7 @@ expert's GEMM has ``tokens x k x ep / E`` rows — the rows the grouped-GEMM cur
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from launch.config.run_config import MemoryConfig
@@ -23,8 +24,9 @@ from .rank_memory import Precision
 @dataclass(frozen=True)
 class Work:
     """One op's forward work on one micro-batch. ``kind``: gemm, grouped (per-expert GEMMs, ``rows``
-    per expert), sdpa, memory (``bytes`` moved). ``recompute``: which recomputation runs it again in
-    backward (selective: RMSNorms and the MLA up-projections, report 3.2.3; full: every op)."""
+    per expert), sdpa, memory (``bytes`` moved), cross_entropy (``bytes`` of float32 logits through
+    log-softmax). ``selective``: run again in backward under selective recomputation (RMSNorms and the
+    MLA up-projections, report 3.2.3); full recomputation runs every op of a block again."""
 
     name: str
     kind: str
@@ -33,6 +35,7 @@ class Work:
     rows: float = 0.0
     dtype: str = "bf16"
     selective: bool = False
+    always: bool = False  # recomputed in backward whatever train.recompute says (the chunked loss's logits)
 
 
 def dtypes(p: Precision, device: str) -> tuple[str, str]:
@@ -125,12 +128,15 @@ def embedding_work(c: ModelConfig, tokens: int, p: Precision) -> list[Work]:
 
 def head_work(c: ModelConfig, tokens: int, seq_len: int, ep: int, p: Precision, device: str,
               m: MemoryConfig) -> list[Work]:
-    """The last stage's: final norm, output head and cross-entropy (float32 logits), and per MTP depth
+    """The last stage's: final norm, output head and cross-entropy (log-softmax of float32 logits,
+    its backward as long), and per MTP depth
     the embedding, two norms, the projection, one block, its norm, the shared head again (report 2.2)."""
     act, _ = dtypes(p, device)
     h, v = c.hidden_size, c.vocab_size
-    head = [_memory("final norm", tokens, 1.5 * h, p.act), _gemm("lm_head", tokens, h, v, act),
-            _memory("cross-entropy", tokens, 3 * v, 4)]
+    chunked = m.loss_chunk_tokens > 0  # the chunked cross-entropy recomputes its logits in backward
+    head = [_memory("final norm", tokens, 1.5 * h, p.act),
+            dataclasses.replace(_gemm("lm_head", tokens, h, v, act), always=chunked),
+            Work("cross-entropy", "cross_entropy", bytes=tokens * v * 4.0)]
     work = list(head)
     for depth in range(c.num_nextn_predict_layers):
         layer = c.num_hidden_layers + depth

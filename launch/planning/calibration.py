@@ -9,7 +9,8 @@ this machine's steps.
   per expert for several expert counts per rank; the peak is the best rate seen, the curves the
   fractions of it (the op's fixed cost taken out first);
 - SDPA (causal, the model's head sizes) as a fraction of that peak;
-- memory-bound kernels (RMSNorm, SwiGLU, FP8 quantization): bytes moved per second;
+- memory-bound kernels (RMSNorm, SwiGLU, FP8 quantization): bytes moved per second; and the
+  log-softmax of the cross-entropy at the config's vocabulary (on a CPU its exponentials bound it);
 - host<->device copies of pinned memory on a GPU;
 - collectives between ``ranks`` local processes (gloo on a CPU, NCCL on GPUs): all-to-all,
   send/receive, all-reduce and reduce-scatter at a small and a large size, giving a latency and a
@@ -153,6 +154,14 @@ def memory_rate(config: ModelConfig, device: torch.device, dtype: torch.dtype, f
     return statistics.median(rates)
 
 
+def cross_entropy_rate(config: ModelConfig, rows: int, device: torch.device, fixed: float) -> float:
+    """Bytes/s of float32 logits [rows, vocab] through log-softmax, forward and backward (two passes)."""
+    logits = torch.randn(rows, config.vocab_size, device=device, requires_grad=True)
+    grad = torch.randn_like(logits)
+    t = seconds(lambda: torch.log_softmax(logits, -1).backward(grad), device, budget=0.1)
+    return 2 * logits.numel() * 4 / max(t - 2 * fixed, t * 0.05)
+
+
 def host_rate(device: torch.device) -> float:
     """Bytes/s of a pinned host -> device copy (and back), 256 MB, the mean of the two directions."""
     host = torch.empty(2**28, dtype=torch.uint8, pin_memory=True)
@@ -251,6 +260,8 @@ def calibrate(config: ModelConfig, seq_len: int, ranks: int, device: torch.devic
     sdpa = sdpa_rate(config, seq_len, device, dtype, fixed)
     progress(f"sdpa: {sdpa / 1e9:.3g} GFLOP/s")
     memory = memory_rate(config, device, dtype, fixed, progress)
+    softmax = cross_entropy_rate(config, min(seq_len, 1024), device, fixed)
+    progress(f"log-softmax: {softmax / 1e9:.3g} GB/s of float32 logits")
     comm = collectives(ranks, device)
     a2a = comm["all_to_all"]
     progress("collectives: " + ", ".join(f"{k} {v['bandwidth'] / 1e9:.3g} GB/s, {v['latency'] * 1e6:.0f} us"
@@ -266,6 +277,7 @@ def calibrate(config: ModelConfig, seq_len: int, ranks: int, device: torch.devic
         "grouped_gemm_curve": [[rows, round(rate / peak, 4)] for rows, rate in grouped],
         "sdpa_efficiency": min(1.0, sdpa / peak),
         "memory": {"bandwidth": memory, "efficiency": 1.0},
+        "cross_entropy": {"bandwidth": softmax, "efficiency": 1.0},
         "intra_node": link, "inter_node": dict(link),
         "op_seconds": fixed,
         "collective_latency": a2a["latency"],

@@ -56,6 +56,9 @@ class Hardware:
     collective_latency: float  # seconds, per collective call
     sdpa_efficiency: float = 1.0  # attention's fraction of the matmul peak
     host: Link | None = None  # PCIe to pinned host memory (the offload), GPUs only
+    # float32 logits through log-softmax per second, one pass (absent: the memory rate; on a CPU the
+    # exponentials, not the bytes, bound it)
+    cross_entropy: Link | None = None
     sms: int = 0  # streaming multiprocessors (0: not a GPU)
     communication_sms: int = 0  # SMs given to the all-to-all kernels (report 3.2.2: 20 of 132)
     cores: int = 0  # a CPU machine's cores, shared by its ranks (0: a GPU's, each rank its own device)
@@ -107,8 +110,9 @@ def _check(hw: Hardware) -> Hardware:
     src = hw.source
     positive = {"gpus_per_node": hw.gpus_per_node, "memory.bandwidth": hw.memory.bandwidth,
                 "intra_node.bandwidth": hw.intra_node.bandwidth, "inter_node.bandwidth": hw.inter_node.bandwidth}
-    if hw.host is not None:
-        positive["host.bandwidth"] = hw.host.bandwidth
+    for key in ("host", "cross_entropy"):
+        if getattr(hw, key) is not None:
+            positive[f"{key}.bandwidth"] = getattr(hw, key).bandwidth
     for dtype in DTYPES:
         if getattr(hw.flops, dtype) is not None:
             positive[f"flops.{dtype}"] = getattr(hw.flops, dtype)

@@ -51,14 +51,16 @@ def work_seconds(work: Work, hw: Hardware) -> float:
         return work.flops / hw.gemm_rate(work.dtype, work.rows, grouped=work.kind == "grouped")
     if work.kind == "sdpa":
         return work.flops / (hw.peak(work.dtype) * hw.sdpa_efficiency)
+    if work.kind == "cross_entropy" and hw.cross_entropy is not None:
+        return work.bytes / hw.cross_entropy.rate
     return work.bytes / hw.memory.rate
 
 
 def _compute(works: list[Work], ops_forward: int, ops_backward: int, recompute: str,
              hw: Hardware) -> tuple[float, float, float]:
     """(F, I, W) seconds of a list of ops: a GEMM's input and weight gradients each cost its forward,
-    attention's backward twice its forward, a memory-bound op's backward twice its forward; what
-    recomputation repeats is added to I; the fixed costs: forward ops to F, one per weight GEMM to W,
+    attention's backward twice its forward, a memory-bound op's backward twice its forward (the
+    log-softmax's as long as its forward); what recomputation repeats is added to I; the fixed costs: forward ops to F, one per weight GEMM to W,
     the other backward ops (and the recomputed ones) to I."""
     f = i = w = 0.0
     weight_ops = sum(x.kind in ("gemm", "grouped") for x in works)
@@ -69,11 +71,11 @@ def _compute(works: list[Work], ops_forward: int, ops_backward: int, recompute: 
             i += s
             w += s
         else:
-            i += 2 * s
-        if recompute == "full" or (recompute == "selective" and x.selective):
+            i += s if x.kind == "cross_entropy" else 2 * s
+        if x.always or recompute == "full" or (recompute == "selective" and x.selective):
             i += s
     recomputed = ops_forward if recompute == "full" else (
-        sum(x.selective for x in works) if recompute == "selective" else 0)
+        sum(x.selective or x.always for x in works) if recompute == "selective" else sum(x.always for x in works))
     op = hw.op_seconds
     return (f + ops_forward * op, i + (max(ops_backward - weight_ops, 0) + recomputed) * op,
             w + min(weight_ops, ops_backward) * op)
