@@ -154,7 +154,7 @@ def pipeline_time(layout: Layout, times: list[StageTimes], sm: float = 1.0) -> d
     totals = [(sum(c for c, _ in p), sum(m for _, m in p)) for p in parts]
     busiest = max(range(layout.ranks), key=lambda r: sum(totals[r]))
     compute, comm = totals[busiest]
-    return {"seconds": end, "compute": compute, "communication": comm, "bubble": end - compute - comm,
+    return {"seconds": end, "compute": compute, "communication": comm, "bubble": max(0.0, end - compute - comm),
             "rank": busiest, "bubbles": bubbles(layout, intervals)}
 
 
