@@ -35,7 +35,7 @@ class Work:
     rows: float = 0.0
     dtype: str = "bf16"
     selective: bool = False
-    always: bool = False  # recomputed in backward whatever train.recompute says (the chunked loss's logits)
+    always: bool = False  # recomputed in backward whatever train.recompute says (SwiGLUs, the chunked loss's logits)
 
 
 def dtypes(p: Precision, device: str) -> tuple[str, str]:
@@ -51,9 +51,9 @@ def _gemm(name, tokens, d_in, d_out, dtype, selective=False, grouped_rows=None) 
                 selective=selective)
 
 
-def _memory(name, tokens, values, a, selective=False) -> Work:
+def _memory(name, tokens, values, a, selective=False, always=False) -> Work:
     """An elementwise op reading and writing ``values`` per token of ``a`` bytes each."""
-    return Work(name, "memory", bytes=2.0 * tokens * values * a, selective=selective)
+    return Work(name, "memory", bytes=2.0 * tokens * values * a, selective=selective, always=always)
 
 
 def _quantize(name, tokens, width, p: Precision) -> list[Work]:
@@ -89,11 +89,12 @@ def ffn_work(c: ModelConfig, moe: bool, tokens: int, ep: int, p: Precision, devi
     grouped GEMMs, the shared experts, the combine (report 2.1.2)."""
     act, lin = dtypes(p, device)
     a, h = p.act, c.hidden_size
+    again = m.swiglu_recompute  # every SwiGLU's output recomputed in backward (train.memory)
     work = [_memory("ffn norm", tokens, 1.5 * h, a, selective=True)]
     if not moe:
         i = c.intermediate_size
         return work + _quantize("ffn", tokens, h, p) + [
-            _gemm("gate_up", tokens, h, 2 * i, lin), _memory("swiglu", tokens, 1.5 * i, a),
+            _gemm("gate_up", tokens, h, 2 * i, lin), _memory("swiglu", tokens, 1.5 * i, a, always=again),
             *_quantize("down", tokens, i, p), _gemm("down", tokens, i, h, lin),
             _memory("residual add", tokens, 1.5 * h, a)]
     k, f, experts = c.num_experts_per_tok, c.moe_intermediate_size, c.n_routed_experts
@@ -105,14 +106,14 @@ def ffn_work(c: ModelConfig, moe: bool, tokens: int, ep: int, p: Precision, devi
              _memory("dispatch permute", rows, h, a)]
     work += _quantize("experts gate_up", rows, h, p) if p.fp8_experts else []
     work += [_gemm("experts gate_up", rows, h, 2 * f, expert_dtype, grouped_rows=per_expert),
-             _memory("experts swiglu", rows, 1.5 * f, a)]
+             _memory("experts swiglu", rows, 1.5 * f, a, always=again)]
     work += _quantize("experts down", rows, f, p) if p.fp8_experts else []
     work += [_gemm("experts down", rows, f, h, expert_dtype, grouped_rows=per_expert),
              _memory("combine", rows, h, a)]
     if c.n_shared_experts:
         s = f * c.n_shared_experts
         work += _quantize("shared", tokens, h, p) + [
-            _gemm("shared gate_up", tokens, h, 2 * s, lin), _memory("shared swiglu", tokens, 1.5 * s, a),
+            _gemm("shared gate_up", tokens, h, 2 * s, lin), _memory("shared swiglu", tokens, 1.5 * s, a, always=again),
             *_quantize("shared down", tokens, s, p), _gemm("shared down", tokens, s, h, lin)]
     return work + [_memory("residual add", tokens, 1.5 * h, a)]
 
