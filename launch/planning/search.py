@@ -84,6 +84,8 @@ def search(run: RunConfig, gpus: int, hw: Hardware, device: str, device_memory_g
         timing = step_time(candidate, plan, hw)
         found.append({"layout": {**plan["layout"], "offload_ffn": candidate.train.memory.offload_ffn},
                       "largest_rank_total_bytes": plan["largest_rank_total_bytes"], "fits": True, **timing})
+    if progress is not None:
+        progress(f"{tried} layouts planned, {len(found)} fit")
     return sorted(found, key=lambda f: f["step_seconds"])
 
 
