@@ -40,6 +40,8 @@ selective``) drops those outputs; ``full`` keeps each block's input and recomput
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 from dataclasses import dataclass
 
 from launch.config.run_config import MemoryConfig
@@ -53,6 +55,15 @@ from plugins.parallel.replicas import BUCKET as REPLICA_BUCKET
 from plugins.precision.policy import fp8_targets
 from plugins.precision.recipe import resolve_precision
 
+
+@functools.lru_cache(maxsize=512)
+def _rank_model(config_json: str, pp: int, ep: int, schedule: str, rank: int):
+    """``rank_model``, built once per layout and rank in a process (``launch.plan --search`` plans
+    one layout many times over); only read here."""
+    return rank_model(ModelConfig.from_dict(json.loads(config_json)), pp, ep, schedule, rank)
+
+
+_sends_in_flight = functools.lru_cache(maxsize=64)(sends_in_flight)  # a pure function of the (frozen) Layout
 REDUCE_BUCKET = 500_000_000  # DeepSpeed's default ZeRO reduce_bucket_size (elements)
 def fp8_bytes(width: int) -> int:
     """One row of ``width`` values in E4M3 1x128 tiles: zero-padded to whole tiles, one FP32 scale each."""
@@ -284,7 +295,7 @@ def plan_ranks(config: ModelConfig, layout: Layout3D, p: Precision, m: MemoryCon
     tokens = layout.micro_batch * layout.seq_len
     pipelined = layout.pp > 1
     sched = check(layout.schedule, layout.pp, layout.micro_batches) if pipelined else None
-    in_flight_sends = sends_in_flight(sched) if sched else []
+    in_flight_sends = _sends_in_flight(sched) if sched else []
     stages = sched.stages if sched else 1
     per_stage = [stage_activation_bytes(config, s, stages, p, layout.recompute, m) * tokens for s in range(stages)]
     per_stage_host = [stage_offload_bytes(config, s, stages, p, layout.recompute, m) * tokens for s in range(stages)]
@@ -293,7 +304,7 @@ def plan_ranks(config: ModelConfig, layout: Layout3D, p: Precision, m: MemoryCon
     hidden_message = tokens * config.hidden_size * p.act
     ranks = []
     for rank in range(layout.pp):
-        model = rank_model(config, layout.pp, layout.ep, layout.schedule, rank)
+        model = _rank_model(json.dumps(config.to_dict(), sort_keys=True), layout.pp, layout.ep, layout.schedule, rank)
         experts = sum(t.numel() for m in model.modules() if isinstance(m, RoutedExperts) for t in m.parameters())
         params = sum(t.numel() for t in model.parameters())
         shard = (params - experts) / layout.dp + experts / max(1, layout.dp // layout.ep)

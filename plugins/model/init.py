@@ -41,6 +41,8 @@ def init_weights(root: nn.Module, std: float, seed: int | None = None, prefix: s
         seed = int(torch.randint(0, 2**62, (), device="cpu"))
     for module_name, module in root.named_modules():
         name = f"{prefix}{module_name}." if module_name else prefix
+        if any(p.is_meta for p in module.parameters(recurse=False)):
+            continue  # nothing to draw on ``meta`` (the planner's models): skip the generators too
         if isinstance(module, (nn.Linear, nn.Embedding, Router)):
             _normal_(module.weight, std, _generator(seed, name + "weight"))
         elif isinstance(module, RoutedExperts):

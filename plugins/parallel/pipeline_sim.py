@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,8 +50,10 @@ def formula(schedule: str, ranks: int, costs: Costs) -> float:
     return (pp / 2 - 1) * (costs.fb + costs.b - 3 * costs.w)
 
 
-def simulate(layout: Layout, costs: Costs) -> list[Interval]:
-    """Executes every rank's ops; raises ScheduleError on a deadlock (an input never produced)."""
+def simulate(layout: Layout, costs: Costs | Callable[[int, Op], float]) -> list[Interval]:
+    """Executes every rank's ops; raises ScheduleError on a deadlock (an input never produced).
+    ``costs``: one cost per op kind, or a function of (rank, op) (per-stage durations)."""
+    cost = costs if callable(costs) else (lambda rank, op: costs.of(op))
     programs = [build_schedule(layout, r) for r in range(layout.ranks)]
     last_stage = layout.stages - 1
     done: dict[tuple[str, int, int], float] = {}  # ("F" | "B", stage, micro) -> finish time
@@ -84,7 +87,7 @@ def simulate(layout: Layout, costs: Costs) -> list[Interval]:
                 if op.kind == "W" and not deferred[rank]:
                     raise ScheduleError(f"rank {rank}: W with no deferred weight gradient (op {cursor[rank]})")
                 start = max([clock[rank], *(done[key] for key in needed)])
-                end = start + costs.of(op)
+                end = start + cost(rank, op)
                 clock[rank] = end
                 deferred[rank] += (op.kind == "I") - (op.kind == "W")
                 if op.forward is not None:
