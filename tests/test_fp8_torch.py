@@ -313,18 +313,27 @@ def test_unavailable_reasons(monkeypatch):
 # ---- the real kernel (SM90 only) ------------------------------------------------------------------
 
 @pytest.mark.skipif(fp8_torch.unavailable_reason() is not None, reason="block-wise torch._scaled_mm needs SM90")
+def _tiled(shape: tuple[int, ...], rows: int) -> torch.Tensor:
+    """Gaussian values whose every ``rows`` x 128 tile has its own power-of-two magnitude (2^-6..2^6),
+    so each tile's scale differs and a scale read for the wrong tile shows in the result."""
+    *lead, r, c = shape
+    exponents = torch.randint(-6, 7, (*lead, -(-r // rows), -(-c // 128)), device="cuda").float()
+    factor = (2 ** exponents).repeat_interleave(rows, -2)[..., :r, :].repeat_interleave(128, -1)[..., :c]
+    return torch.randn(shape, device="cuda") * factor
+
+
 def test_scaled_mm_on_the_gpu_matches_the_emulation():
     torch.manual_seed(7)
     counts = torch.tensor([100, 0, 300, 17], device="cuda")
-    x = torch.randn(2, 333, 896, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    w = (torch.randn(640, 896, device="cuda") / 30).to(torch.bfloat16).requires_grad_()
-    xe = torch.randn(int(counts.sum()), 896, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    we = (torch.randn(4, 640, 896, device="cuda") / 30).to(torch.bfloat16).requires_grad_()
+    x = _tiled((2, 333, 896), 1).to(torch.bfloat16).requires_grad_()
+    w = (_tiled((640, 896), 128) / 30).to(torch.bfloat16).requires_grad_()
+    xe = _tiled((int(counts.sum()), 896), 1).to(torch.bfloat16).requires_grad_()
+    we = (_tiled((4, 640, 896), 128) / 30).to(torch.bfloat16).requires_grad_()
     for ours_fn, emulated_fn, inputs in ((fp8_torch.torch_fp8_linear, fp8_linear, (x, w)),
                                          (lambda a, b: fp8_torch.torch_fp8_grouped_linear(a, b, counts),
                                           lambda a, b: fp8_grouped_linear(a, b, counts), (xe, we))):
         ours = ours_fn(*inputs)
-        g = torch.randn_like(ours)
+        g = _tiled(tuple(ours.shape), 1).to(ours.dtype)
         got = (ours, *torch.autograd.grad(ours, inputs, g))
         emulated = emulated_fn(*inputs)
         want = (emulated, *torch.autograd.grad(emulated, inputs, g))
