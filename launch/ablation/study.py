@@ -149,19 +149,31 @@ def reached(study: Study, variant: Variant) -> tuple[int, bool]:
 
 
 def run_child(argv: list[str], stdout, stderr, env: dict[str, str]) -> subprocess.CompletedProcess:
-    """``subprocess.run`` that stops the child when interrupted (Ctrl-C): SIGTERM (the ``deepspeed``
-    command dies of it; its ranks, finding their launcher gone, save and exit), then SIGKILL after
-    ``STOP_GRACE_S`` or at a second Ctrl-C; the interrupt then goes on."""
+    """``subprocess.run`` that stops the child when interrupted (Ctrl-C): SIGTERM to the ``deepspeed``
+    command, which dies of it at once; its ranks, finding their launcher gone, save and exit, and
+    this waits for them (so the run dir's lock is free when the interrupt goes on), up to
+    ``STOP_GRACE_S`` or a second Ctrl-C, then SIGKILL to whatever is left of the tree."""
+    import psutil
+
     child = subprocess.Popen(argv, stdout=stdout, stderr=stderr, env=env)
     try:
         return subprocess.CompletedProcess(argv, child.wait())
     except BaseException:
+        try:
+            tree = [psutil.Process(child.pid), *psutil.Process(child.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            tree = []
         child.terminate()
         try:
-            child.wait(STOP_GRACE_S)
-        except (subprocess.TimeoutExpired, KeyboardInterrupt):
-            child.kill()
-            child.wait()
+            _, alive = psutil.wait_procs(tree, timeout=STOP_GRACE_S)
+        except KeyboardInterrupt:
+            alive = tree
+        for process in alive:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        child.wait()
         raise
 
 
