@@ -29,6 +29,7 @@ from plugins.model.flops import flops_per_token
 from plugins.model.init import materialize
 from plugins.model.moe import set_ffn_memory
 from plugins.model.rope import RotaryEmbedding
+from plugins.precision import fp8_torch
 from plugins.precision.policy import FP8_BACKENDS, convert_to_fp8
 
 SDPA_OPS = ("flash", "efficient", "cudnn", "math")
@@ -65,12 +66,17 @@ def dtype_on(dev: torch.device) -> torch.dtype:
     return torch.bfloat16 if dev.type == "cuda" else torch.float32
 
 
+def fp8_backend() -> str:
+    """``torch`` (the GPU's block-scaled GEMMs) where it runs, else the emulation in its place (the dry run)."""
+    return "torch" if fp8_torch.unavailable_reason() is None else "emulated"
+
+
 def build(config: ModelConfig, blocks: int, dev: torch.device, fp8: bool, compiled: str | None) -> nn.ModuleList:
     with torch.device("meta"):
         layers = nn.ModuleList(DecoderLayer(config, i) for i in range(blocks))
     materialize(layers, dev, config.initializer_range, dtype=dtype_on(dev))
     if fp8:
-        convert_to_fp8(layers, "torch")
+        convert_to_fp8(layers, fp8_backend())
     set_ffn_memory(layers, MemoryConfig.weighted_combine, MemoryConfig.swiglu_recompute)
     if compiled:
         compile_blocks(layers, backend=compiled)
@@ -138,6 +144,8 @@ def main() -> int:
     precisions = [False] + ([True] if "torch" in FP8_BACKENDS else [])
     if "torch" not in FP8_BACKENDS:
         skip("blocks FP8", "the --fp8 torch backend is not present (plugins.precision.policy.FP8_BACKENDS)")
+    elif fp8_backend() != "torch":
+        skip("blocks FP8 through --fp8 torch", f"{fp8_torch.unavailable_reason()}; the emulated FP8 runs in its place")
     rows = []
     for fp8 in precisions:
         for compiled in (None, backend):
