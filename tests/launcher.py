@@ -98,18 +98,22 @@ LAYOUT_RTOL = {"loss": 1e-4, "lm_loss": 1e-4, "mtp_loss": 1e-4, "grad_norm": 1e-
 # 6 tiny steps); the losses average thousands of tokens' BF16-rounded log-probabilities whose
 # rounding errors cancel, bound 2^-12 (measured 5.1e-5).
 BF16_LAYOUT_RTOL = {"loss": 2**-12, "lm_loss": 2**-12, "mtp_loss": 2**-12, "grad_norm": 2**-8}
+# and the router sees hidden states a BF16 rounding apart, so more affinity ties break the other way
+# (measured: 0.25% of a block's routed tokens at ep 2, step 3); bound 1%.
+BF16_LOADS_MOVED = 0.01
 WEIGHTS_DIFFERING = 0.1  # entries of a tensor more than 5e-5 apart; measured 1.3% after a tie break, 0 without
 
 
-def assert_same_run(reference: list[dict], other: list[dict], context, keys=("loss",), rtol=None) -> None:
+def assert_same_run(reference: list[dict], other: list[dict], context, keys=("loss",), rtol=None,
+                    moved: float = 0.002) -> None:
     """The steps two layouts of one run both logged: each of ``keys`` within ``rtol`` (default
-    ``LAYOUT_RTOL``) of the reference, relative, and the expert loads alike."""
+    ``LAYOUT_RTOL``) of the reference, relative, and the expert loads alike (``assert_loads_match``)."""
     rtol = rtol or LAYOUT_RTOL
     for a, b in zip(reference, other):
         assert a["step"] == b["step"], (context, a["step"], b["step"])
         for key in keys:
             assert abs(a[key] - b[key]) <= rtol[key] * abs(a[key]), (context, a["step"], key, a[key], b[key])
-        assert_loads_match(a["expert_load"], b["expert_load"], (context, a["step"]))
+        assert_loads_match(a["expert_load"], b["expert_load"], (context, a["step"]), moved)
 
 
 def assert_same_weights(ours: dict, theirs: dict, records: list[dict], context) -> None:

@@ -53,7 +53,12 @@ else
 fi
 step "16B-shaped blocks at 4096: bf16/fp8 x compile off/on" 180 $py benchmarks/gpu/blocks.py $dry
 step "F&B on two streams vs F then B" 60 $py benchmarks/gpu/fb_streams.py $dry
-optional "launch.calibrate: step-time model vs measured" "$py -c 'import launch.calibrate'" \
-  "launch.calibrate not present" 60 $py -m launch.calibrate $dry
+if [ -n "$dry" ]; then
+  step "launch.calibrate (CPU, 2 gloo ranks)" 120 $py -m launch.calibrate --device cpu \
+    --output benchmarks/gpu/results/dry-run/calibrate.yaml
+else
+  optional "launch.calibrate" "$py -c 'import torch; assert torch.cuda.device_count() >= 2'" \
+    "its collectives need 2 GPUs on this machine" 120 $py -m launch.calibrate --output benchmarks/gpu/results/calibrate.yaml
+fi
 echo "run_all: $failed step(s) failed; results under benchmarks/gpu/results/${dry:+dry-run/}"
 exit $failed

@@ -105,6 +105,11 @@ class Engine(DeepSpeedEngine):
 
 def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict, mpu=None) -> DeepSpeedEngine:
     """``deepspeed.initialize`` for our model (``Engine``); ``mpu``: the pipeline grid under pipelining."""
+    from deepspeed import comm
+    from deepspeed.accelerator import get_accelerator
+
+    # what deepspeed.initialize does first: DeepSpeed's comm on the process group already made
+    comm.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     config_class = DeepSpeedConfig(config, mpu)
     set_optimizer_flags(config_class, model)
     engine = Engine(args=None, model=model, optimizer=optimizer, config=config, config_class=config_class, mpu=mpu)

@@ -13,26 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_MM_OUT_DTYPE: dict[torch.device, bool] = {}
-
-
-def _mm_has_float32_output(device: torch.device) -> bool:
-    """Whether ``torch.mm(..., out_dtype=torch.float32)`` takes BF16 operands on ``device`` (cuBLAS
-    does; torch's CPU build has no such kernel): asked once per device."""
-    if device not in _MM_OUT_DTYPE:
-        probe = torch.ones(16, 16, dtype=torch.bfloat16, device=device)
-        try:
-            _MM_OUT_DTYPE[device] = torch.mm(probe, probe, out_dtype=torch.float32).dtype == torch.float32
-        except (RuntimeError, NotImplementedError, TypeError):
-            _MM_OUT_DTYPE[device] = False
-    return _MM_OUT_DTYPE[device]
-
 
 def float32_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` [m, n] in float32. The products of BF16 values are exact in float32, so the result
-    is the float32 sum either way: one GEMM with BF16 operands and a float32 output where the device
-    has it (no float32 copy of a [vocab, hidden] head), else on float32 copies."""
-    if a.dtype == b.dtype == torch.bfloat16 and _mm_has_float32_output(a.device):
+    is the float32 sum either way: on a GPU one GEMM with BF16 operands and a float32 output (cuBLAS,
+    ``torch.mm``'s ``out_dtype``: no float32 copy of a [vocab, hidden] head); elsewhere (torch's CPU
+    build has no such kernel) on float32 copies."""
+    if a.dtype == b.dtype == torch.bfloat16 and a.is_cuda:
         return torch.mm(a, b, out_dtype=torch.float32)
     return a.float().mm(b.float())
 
