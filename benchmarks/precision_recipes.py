@@ -64,9 +64,7 @@ def main() -> None:
     for recipe, row in rows.items():
         print(f"| {recipe} | {row['loss_last10']:.5f} | {row['gap_to_fp32']:+.3%} | {row['gap_to_bf16']:+.3%} | "
               f"{row['step_seconds_median']:.3f} | {row['time_vs_fp32']:.2f}x |")
-    path = write_result(args.output, {"steps": args.steps, "lr": args.lr, "threads": torch.get_num_threads(),
-                                      "recipes": rows})
-    print(f"wrote {path}")
+    write_result(args.output, {"steps": args.steps, "lr": args.lr, "threads": torch.get_num_threads(), "recipes": rows})
 
 
 if __name__ == "__main__":
