@@ -98,9 +98,10 @@ LAYOUT_RTOL = {"loss": 1e-4, "lm_loss": 1e-4, "mtp_loss": 1e-4, "grad_norm": 1e-
 # 6 tiny steps); the losses average thousands of tokens' BF16-rounded log-probabilities whose
 # rounding errors cancel, bound 2^-12 (measured 5.1e-5).
 BF16_LAYOUT_RTOL = {"loss": 2**-12, "lm_loss": 2**-12, "mtp_loss": 2**-12, "grad_norm": 2**-8}
-# and the router sees hidden states a BF16 rounding apart, so more affinity ties break the other way
-# (measured: 0.25% of a block's routed tokens at ep 2, step 3); bound 1%.
-BF16_LOADS_MOVED = 0.01
+# and the router sees hidden states a BF16 rounding apart, so more affinity ties break the other way,
+# more with every step the weights drift (measured at ep 2: 0.25% of a block's routed tokens at
+# step 3, 1.1% at step 6); bound 3%.
+BF16_LOADS_MOVED = 0.03
 WEIGHTS_DIFFERING = 0.1  # entries of a tensor more than 5e-5 apart; measured 1.3% after a tie break, 0 without
 
 
