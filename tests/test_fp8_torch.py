@@ -312,7 +312,6 @@ def test_unavailable_reasons(monkeypatch):
 
 # ---- the real kernel (SM90 only) ------------------------------------------------------------------
 
-@pytest.mark.skipif(fp8_torch.unavailable_reason() is not None, reason="block-wise torch._scaled_mm needs SM90")
 def _tiled(shape: tuple[int, ...], rows: int) -> torch.Tensor:
     """Gaussian values whose every ``rows`` x 128 tile has its own power-of-two magnitude (2^-6..2^6),
     so each tile's scale differs and a scale read for the wrong tile shows in the result."""
@@ -322,6 +321,7 @@ def _tiled(shape: tuple[int, ...], rows: int) -> torch.Tensor:
     return torch.randn(shape, device="cuda") * factor
 
 
+@pytest.mark.skipif(fp8_torch.unavailable_reason() is not None, reason="block-wise torch._scaled_mm needs SM90")
 def test_scaled_mm_on_the_gpu_matches_the_emulation():
     torch.manual_seed(7)
     counts = torch.tensor([100, 0, 300, 17], device="cuda")
